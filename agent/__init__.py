@@ -1,0 +1,3 @@
+"""logitwatch.agent: what runs inside the training process (needs torch, never the service)."""
+
+__all__: list[str] = []

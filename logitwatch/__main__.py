@@ -1,0 +1,5 @@
+import sys
+
+from logitwatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""The metric catalogue: every metric the agent reports, its labels, unit and meaning.
+
+The service uses it to name Prometheus gauges and to aggregate per-head series for
+exposition; the agent uses it to name what it reports; rules and dashboards refer to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["CATALOGUE", "LABEL_KEYS", "MetricSpec", "prometheus_name", "spec"]
+
+#: The label keys the catalogue uses. User metrics may add others (see protocol.py).
+LABEL_KEYS = ("layer", "head", "group", "rank")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    name: str
+    labels: tuple[str, ...]
+    unit: str
+    help: str
+    #: Labels dropped for Prometheus exposition (aggregated with max) to keep cardinality bounded.
+    prom_drop: tuple[str, ...] = ()
+
+
+_SPECS = [
+    MetricSpec("loss", (), "nats", "training loss (cross-entropy plus z-loss when on)"),
+    MetricSpec("loss.ce", (), "nats", "cross-entropy part of the training loss"),
+    MetricSpec("loss.z", (), "nats", "z-loss term coef*mean(logsumexp(logits)^2)"),
+    MetricSpec("lr", ("group",), "1", "learning rate of each optimizer param group"),
+    MetricSpec("logits.max_abs", (), "1", "max |logit| of the output logits before soft-capping"),
+    MetricSpec("logits.rms", (), "1", "RMS of the output logits before soft-capping"),
+    MetricSpec("logits.mean", (), "1", "mean of the output logits before soft-capping"),
+    MetricSpec("logz.mean", (), "nats", "mean over tokens of log Z = logsumexp(logits)"),
+    MetricSpec("logz.std", (), "nats", "std over tokens of log Z"),
+    MetricSpec("logz.max", (), "nats", "max over tokens of log Z"),
+    MetricSpec("logz.min", (), "nats", "min over tokens of log Z"),
+    MetricSpec(
+        "attn.logit_max",
+        ("layer", "head"),
+        "1",
+        "max q.k/sqrt(d) over sampled query rows (causal), before soft-capping",
+        prom_drop=("head",),
+    ),
+    MetricSpec("attn.entropy_min", ("layer",), "nats", "min attention entropy over heads and rows"),
+    MetricSpec("attn.entropy_mean", ("layer",), "nats", "mean attention entropy"),
+    MetricSpec(
+        "attn.entropy_frac",
+        ("layer",),
+        "1",
+        "mean attention entropy as a fraction of log(number of keys)",
+    ),
+    MetricSpec("attn.q_norm", ("layer",), "1", "RMS of the queries fed to the dot product"),
+    MetricSpec("attn.k_norm", ("layer",), "1", "RMS of the keys fed to the dot product"),
+    MetricSpec("grad.norm", ("layer",), "1", "gradient L2 norm before clipping (no label: global)"),
+    MetricSpec("param.norm", ("layer",), "1", "parameter L2 norm (no label: global)"),
+    MetricSpec("update.ratio", ("layer",), "1", "||w_t - w_{t-1}|| / ||w_{t-1}|| of the last step"),
+    MetricSpec("act.rms", ("layer",), "1", "residual-stream RMS after each block"),
+    MetricSpec("nonfinite.count", (), "1", "NaN/Inf values seen in loss, logits or gradients"),
+    MetricSpec("throughput.tokens_per_s", (), "tokens/s", "training throughput"),
+]
+
+CATALOGUE: dict[str, MetricSpec] = {s.name: s for s in _SPECS}
+
+
+def spec(name: str) -> MetricSpec | None:
+    return CATALOGUE.get(name)
+
+
+def prometheus_name(metric: str) -> str:
+    """'attn.logit_max' -> 'logitwatch_attn_logit_max' (STYLE.md: logitwatch_ prefix)."""
+    return "logitwatch_" + metric.replace(".", "_")

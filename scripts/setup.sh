@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up everything logitwatch needs on a fresh Debian machine: a virtual environment in
+# .venv with torch 2.13.0 (CPU build) installed first, the package with all extras, and
+# Debian's prometheus (for the Prometheus tests). Safe to run again: it skips what is done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "setup: installing Debian's prometheus" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+        # Debian starts a system prometheus on :9090; the tests run their own.
+        (service prometheus stop || pkill -x prometheus || true) >/dev/null 2>&1
+    else
+        echo "setup: prometheus not found and not root; Prometheus tests will fail" >&2
+    fi
+fi
+
+# PostgreSQL: started before sessions and CI; start it if it is down.
+if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    if [ "$(id -u)" = 0 ] && [ -d /etc/postgresql ]; then
+        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start || true
+    fi
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=".venv/.logitwatch-setup"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing torch 2.13.0 and logitwatch[all] into .venv" >&2
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    # torch first, pinned: a looser requirement can pull a multi-GB CUDA build.
+    .venv/bin/python -m pip install -q torch==2.13.0
+    .venv/bin/python -m pip install -q -e '.[all]'
+    echo "$want" > "$stamp"
+fi
