@@ -1,0 +1,276 @@
+"""``logitwatch demo``: the service on embedded SQLite, two training runs streaming into it.
+
+One healthy run (the llama2-style preset: QK-norm, z-loss, warmup + cosine) and the same
+model without QK-norm at a high learning rate train side by side on the CPU; a live view
+shows their loss, attention max logit, log Z and the alerts as they fire. At the end a
+summary table and a PNG chart, then the service keeps running until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+__all__ = ["add_arguments", "run"]
+
+HEALTHY = "demo-healthy"
+UNSTABLE = "demo-no-qknorm"
+
+
+@dataclass
+class RunView:
+    name: str
+    label: str
+    step: int = 0
+    loss: float = math.nan
+    attn_max: float = math.nan
+    logz: float = math.nan
+    alerts: list[dict] = field(default_factory=list)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=150, help="training steps per run (default 150)")
+    p.add_argument(
+        "--port", type=int, default=8000, help="service port (default 8000; a free one if busy)"
+    )
+    p.add_argument("--db", help="database URL (default: an SQLite file under --out)")
+    p.add_argument("--out", default=".logitwatch/demo", help="where the database and chart go")
+    p.add_argument("--server", help="use an existing service at this URL instead of starting one")
+    p.add_argument("--no-serve", action="store_true", help="stop the service at the end")
+    p.add_argument("--lr-unstable", type=float, default=3e-2, help="LR of the run without QK-norm")
+
+
+def _free_port(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+def _start_service(db: str, port: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "logitwatch", "serve", "--db", db, "--port", str(port)]
+    return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the service exited with status {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"the service at {url} did not become ready in {timeout:.0f} s")
+
+
+def _start_trainer(url: str, run: str, steps: int, extra: list[str], log: Path) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "logitwatch", "train", "--preset", "llama2", "--steps", str(steps),
+        "--server", url, "--run", run, "--seed", "0", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGITWATCH_PROGRESS": "0"}
+    return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+
+
+def _last(client: httpx.Client, url: str, run: str, metric: str, **labels) -> tuple[int, float]:
+    r = client.get(f"{url}/api/v1/runs/{run}/metrics/{metric}", params={**labels, "max_points": 1})
+    if r.status_code != 200:
+        return 0, math.nan
+    pts = r.json().get("points") or r.json().get("buckets") or []
+    if not pts:
+        return 0, math.nan
+    p = pts[-1]
+    v = p.get("last", p.get("value"))
+    return int(p.get("step", p.get("last_step", 0))), _num(v)
+
+
+def _num(v) -> float:
+    if isinstance(v, str):
+        return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}.get(v, math.nan)
+    return math.nan if v is None else float(v)
+
+
+def _max_attn(client: httpx.Client, url: str, run: str) -> float:
+    r = client.get(f"{url}/api/v1/runs/{run}/series")
+    if r.status_code != 200:
+        return math.nan
+    vals = [
+        _num(s.get("last_value"))
+        for s in r.json().get("series", [])
+        if s.get("metric") == "attn.logit_max"
+    ]
+    vals = [v for v in vals if not math.isnan(v)]
+    return max(vals) if vals else math.nan
+
+
+def _poll(client: httpx.Client, url: str, view: RunView) -> None:
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        view.step, view.loss = _last(client, url, view.name, "loss")
+        view.logz = _last(client, url, view.name, "logz.mean")[1]
+        view.attn_max = _max_attn(client, url, view.name)
+        r = client.get(f"{url}/api/v1/alerts", params={"run": view.name})
+        if r.status_code == 200:
+            body = r.json()
+            view.alerts = body.get("alerts", body) if isinstance(body, dict) else body
+
+
+def _table(views: list[RunView], steps: int) -> Group:
+    t = Table(title="logitwatch demo — two runs, live", expand=False)
+    for col in ("run", "what", "step", "loss", "attn max logit", "log Z mean", "alerts"):
+        t.add_column(col, justify="right" if col in ("step", "loss") else "left")
+    for v in views:
+        firing = [a for a in v.alerts if a.get("state") in ("firing", "pending")]
+        t.add_row(
+            v.name, v.label, f"{v.step}/{steps}", f"{v.loss:.3f}", f"{v.attn_max:.1f}",
+            f"{v.logz:.2f}", str(len(firing)),
+        )  # fmt: skip
+    hints = Table(title="alerts (newest first)", show_header=True)
+    for col in ("run", "severity", "rule", "where", "step", "hint"):
+        hints.add_column(col)
+    rows = []
+    for v in views:
+        for a in v.alerts:
+            labels = a.get("labels") or {}
+            where = " ".join(f"{k}={val}" for k, val in sorted(labels.items())) or a.get(
+                "metric", ""
+            )
+            rows.append((a.get("first_step", 0), v.name, a, where))
+    for _, name, a, where in sorted(rows, key=lambda r: -int(r[0] or 0))[:8]:
+        hints.add_row(
+            name, str(a.get("severity")), str(a.get("rule")), where,
+            str(a.get("first_step")), str(a.get("hint", ""))[:90],
+        )  # fmt: skip
+    return Group(t, hints)
+
+
+def _chart(client: httpx.Client, url: str, views: list[RunView], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = [("loss", "loss"), ("attn.logit_max", "attention max logit (max over layers, heads)"),
+              ("logz.mean", "log Z mean"), ("lr", "learning rate")]  # fmt: skip
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 10), sharex=True)
+    for ax, (metric, title) in zip(axes, panels, strict=True):
+        for v in views:
+            steps, vals = _series_points(client, url, v.name, metric)
+            if steps:
+                ax.plot(steps, vals, label=v.name)
+            for a in v.alerts:
+                if a.get("metric") == metric and a.get("first_step") is not None:
+                    ax.axvline(int(a["first_step"]), color="red", alpha=0.3, lw=1)
+        ax.set_title(title, fontsize=10)
+        if metric == "attn.logit_max":
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    axes[-1].set_xlabel("step (red lines: alerts)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _series_points(client: httpx.Client, url: str, run: str, metric: str):
+    """Per step, the max over all of the metric's series (layers, heads, groups)."""
+    r = client.get(f"{url}/api/v1/runs/{run}/series")
+    if r.status_code != 200:
+        return [], []
+    best: dict[int, float] = {}
+    for s in r.json().get("series", []):
+        if s.get("metric") != metric:
+            continue
+        q = client.get(f"{url}/api/v1/runs/{run}/metrics/{metric}", params=s.get("labels") or {})
+        for p in q.json().get("points", []) if q.status_code == 200 else []:
+            step, val = int(p["step"]), _num(p.get("value"))
+            if not math.isnan(val):
+                best[step] = max(best.get(step, -math.inf), val)
+    steps = sorted(best)
+    return steps, [best[s] for s in steps]
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    service = None
+    if args.server:
+        url = args.server.rstrip("/")
+    else:
+        db = args.db or f"sqlite:///{(out / 'logitwatch.db').resolve()}"
+        port = _free_port(args.port)
+        url = f"http://127.0.0.1:{port}"
+        console.print(f"starting the service on {url} ({db})")
+        service = _start_service(db, port, out / "service.log")
+    trainers: list[subprocess.Popen] = []
+    try:
+        _wait_ready(url, service)
+        views = [
+            RunView(HEALTHY, "QK-norm + z-loss 1e-4, warmup + cosine"),
+            RunView(UNSTABLE, f"no QK-norm, no z-loss, LR {args.lr_unstable:g}"),
+        ]
+        logs = Path(tempfile.mkdtemp(prefix="logitwatch-demo-"))
+        trainers = [
+            _start_trainer(url, HEALTHY, args.steps, [], logs / "healthy.log"),
+            _start_trainer(
+                url, UNSTABLE, args.steps,
+                ["--no-qk-norm", "--z-loss", "0", "--lr", str(args.lr_unstable), "--warmup", "10"],
+                logs / "unstable.log",
+            ),
+        ]  # fmt: skip
+        with httpx.Client(timeout=5) as client, Live(console=console, refresh_per_second=2) as live:
+            while any(t.poll() is None for t in trainers):
+                for v in views:
+                    _poll(client, url, v)
+                live.update(_table(views, args.steps))
+                time.sleep(1.0)
+            time.sleep(1.5)  # the senders' last batches
+            for v in views:
+                _poll(client, url, v)
+            live.update(_table(views, args.steps))
+        for t, name in zip(trainers, ("healthy", "unstable"), strict=True):
+            if t.returncode != 0:
+                console.print(
+                    f"[red]the {name} trainer exited with {t.returncode}; see {logs}[/red]"
+                )
+        with httpx.Client(timeout=30) as client:
+            chart = _chart(client, url, views, out / "demo.png")
+        if chart:
+            console.print(f"chart: {chart}")
+        console.print(f"REST: {url}/api/v1/runs   metrics: {url}/metrics   docs: {url}/docs")
+        if service is not None and not args.no_serve:
+            console.print("the service keeps running; Ctrl-C to stop")
+            service.wait()
+        return 0 if all(t.returncode == 0 for t in trainers) else 1
+    finally:
+        for t in trainers:
+            if t.poll() is None:
+                t.terminate()
+        if service is not None and service.poll() is None:
+            service.send_signal(signal.SIGINT)
+            try:
+                service.wait(10)
+            except subprocess.TimeoutExpired:
+                service.kill()
