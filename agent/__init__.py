@@ -1,3 +1,5 @@
 """logitwatch.agent: what runs inside the training process (needs torch, never the service)."""
 
-__all__: list[str] = []
+from logitwatch.agent.decoder import Decoder, DecoderConfig, HookPoint, loss_fn
+
+__all__ = ["Decoder", "DecoderConfig", "HookPoint", "loss_fn"]
