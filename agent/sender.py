@@ -155,7 +155,7 @@ class HttpSink(BatchingSink):
         """Choose the segment: the run's current one, or a new one when resuming."""
         local = read_state(self.spool_dir)
         if isinstance(local.get("max_segment"), int):
-            self.segment = local["max_segment"]  # in case the service never answers
+            self.segment = max(0, local["max_segment"])  # in case the service never answers
         remote = self._poster.run_info()
         if remote is None:
             self.once("unreachable", "service unreachable at start; using local run state")
@@ -164,7 +164,7 @@ class HttpSink(BatchingSink):
         steps = [s.get("last_step") for s in (local, remote)]
         segs = [s for s in segs if isinstance(s, int)]
         steps = [s for s in steps if isinstance(s, int)]
-        self.segment = max(segs, default=0)
+        self.segment = max([0, *segs])  # the service says -1 before the first point
         if self.resume_from_step is not None and steps and max(steps) >= self.resume_from_step:
             self.segment += 1
             log.info(
