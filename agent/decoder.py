@@ -84,7 +84,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.softcap = cfg.softcap_attn
+        self.cap = cfg.softcap_attn
         self.dropout_attn = cfg.dropout_attn
         # sdpa cannot soft-cap the logits, so a cap forces the explicit path.
         self.use_sdpa = cfg.attn_impl == "sdpa" or (
@@ -94,7 +94,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
-        # QK-norm: one RMSNorm gain over head_dim, shared by all heads (as in OLMo 2 / Gemma 3).
+        # QK-norm: RMSNorm over each head's head_dim, one gain shared by the heads (as in Gemma 3).
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.rope = cfg.pos == "rope"
@@ -128,8 +128,8 @@ class Attention(nn.Module):
             k = k.repeat_interleave(group, dim=1)  # (B, nh, T, hs)
             v = v.repeat_interleave(group, dim=1)  # (B, nh, T, hs)
             att = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, T)
-            if self.softcap:
-                att = softcap(att, self.softcap)
+            if self.cap:
+                att = softcap(att, self.cap)
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             att = att.masked_fill(~causal, float("-inf"))
             att = self.attn_drop(F.softmax(att.float(), dim=-1).type_as(v))
@@ -353,9 +353,8 @@ class Decoder(nn.Module):
             )
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(
-                torch.arange(seq_len, device=idx.device)
-            )  # (T, C) broadcast over B
+            pos = torch.arange(seq_len, device=idx.device)  # (T,)
+            x = x + self.pos_emb(pos)  # (T, C) broadcast over B
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, self.rope_cos, self.rope_sin)  # (B, T, C)
@@ -373,7 +372,9 @@ def loss_fn(
 
     Returned apart so that both can be reported; train on ``ce + z``. z is 0 when z_loss is 0.
     """
-    logits = logits.float().flatten(0, -2)  # (B*T, V): fp32, exp overflows bf16 first
+    logits = logits.float().flatten(
+        0, -2
+    )  # (B*T, V): bf16's 8-bit mantissa is too coarse for log Z
     targets = targets.flatten()  # (B*T,)
     ce = F.cross_entropy(logits, targets, ignore_index=ignore_index)
     if not z_loss:
