@@ -1,0 +1,306 @@
+"""A plain training loop for the reference decoder on the stdlib corpus, CPU or CUDA.
+
+sample -> forward (optional bf16 autocast) -> ce + z-loss -> backward -> AdamW step (clips
+inside) -> LR step. The host reads the loss only every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from logitwatch.agent.data import BatchSampler, build_corpus
+from logitwatch.agent.decoder import Decoder, loss_fn
+from logitwatch.agent.optim import build_optimizer
+from logitwatch.agent.schedule import build_scheduler
+from logitwatch.agent.train_config import TrainConfig
+from logitwatch.schedules import ScheduleConfig
+
+__all__ = ["StepInfo", "TrainConfig", "TrainResult", "latest_checkpoint", "train"]
+
+
+@dataclass
+class StepInfo:
+    """What a callback sees after each optimizer step (tensors stay on the device)."""
+
+    step: int
+    loss: torch.Tensor
+    loss_z: torch.Tensor
+    lr: float
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass
+class TrainResult:
+    start_step: int  # 0, or the checkpoint's step on resume
+    end_step: int  # steps completed in total
+    losses: list[float]  # train loss (ce + z) of each step run here
+    lrs: list[float]
+    val_loss: float | None
+    tokens_per_s: float
+    seconds: float
+    checkpoint: str | None  # the last checkpoint written
+    model: torch.nn.Module = field(repr=False)
+
+
+class _NullMonitor:
+    def step(self, step: int, **values: Any) -> None:
+        pass
+
+    def close(self, timeout: float | None = None) -> None:
+        pass
+
+
+def _monitor(
+    cfg: TrainConfig, factory: Callable[..., Any] | None, model, optimizer, run_config, start
+) -> Any:
+    if not (cfg.server or cfg.run or cfg.spool):
+        return _NullMonitor()
+    if factory is None:
+        try:
+            from logitwatch.agent.monitor import Monitor as factory
+        except ImportError as exc:
+            print(f"logitwatch: warning: monitoring is off ({exc}); training on", file=sys.stderr)
+            return _NullMonitor()
+    extra = {"spool": cfg.spool} if cfg.spool else {}
+    return factory(
+        model,
+        optimizer,
+        run=cfg.run,
+        server=cfg.server,
+        every=cfg.every,
+        run_config=run_config,
+        start_step=start,
+        **extra,
+    )
+
+
+def latest_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself if a file, else the highest-step ``step_*.pt`` in that directory."""
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(p.glob("step_*.pt"))
+        if not found:
+            raise ValueError(f"resume: no step_*.pt checkpoint in {str(p)!r}.")
+        return found[-1]
+    if not p.is_file():
+        raise ValueError(f"resume: no checkpoint at {str(p)!r}.")
+    return p
+
+
+def _save(path: Path, step: int, cfg: TrainConfig, model, optimizer, scheduler, sampler) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,  # optimizer steps completed: the resumed run's first step
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "sampler": sampler.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        "config": asdict(cfg),
+        "decoder": model.config.to_dict(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint behind
+    return str(path)
+
+
+def _resume(path: str, model, optimizer, scheduler, sampler) -> int:
+    state = torch.load(latest_checkpoint(path), map_location="cpu", weights_only=True)
+    for key, value in state["decoder"].items():
+        if getattr(model.config, key) != value:
+            raise ValueError(
+                f"resume: the checkpoint has {key}={value!r}, this run asks for "
+                f"{getattr(model.config, key)!r}; use the checkpoint's settings."
+            )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])  # the checkpoint's schedule, LR for LR
+    sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"])
+
+
+@torch.no_grad()
+def _evaluate(model, data, cfg: TrainConfig, device, autocast) -> float | None:
+    if not cfg.eval_batches:
+        return None
+    model.eval()
+    sampler = BatchSampler(
+        data, cfg.batch_size, min(cfg.seq_len, len(data) - 1), seed=1234, device=device
+    )
+    total = torch.zeros((), device=device)
+    for _ in range(cfg.eval_batches):
+        x, y = sampler.sample()
+        with autocast():
+            total += loss_fn(model(x), y, 0.0)[0]
+    model.train()
+    return float(total) / cfg.eval_batches
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    monitor_factory: Callable[..., Any] | None = None,
+    callbacks: Iterable[Callable[[StepInfo], Any]] = (),
+) -> TrainResult:
+    """Train ``cfg``'s decoder; a callback returning True stops the run after that step.
+
+    >>> result = train(TrainConfig(steps=2, batch_size=2, seq_len=16, progress=False,
+    ...                            eval_batches=0, corpus_bytes=20_000))
+    >>> result.end_step, len(result.losses)
+    (2, 2)
+    """
+    device = torch.device(
+        cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    torch.manual_seed(cfg.seed)
+    model_cfg = cfg.decoder_config()
+    model = Decoder(model_cfg).to(device)
+    optimizer = build_optimizer(
+        model,
+        cfg.lr,
+        cfg.weight_decay,
+        decay_embeddings=cfg.decay_embeddings,
+        clip_grad_norm=cfg.clip_grad_norm,
+    )
+    scheduler = build_scheduler(optimizer, cfg.schedule_config())
+    corpus = build_corpus(cfg.corpus_bytes)
+    sampler = BatchSampler(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed, device)
+    start = _resume(cfg.resume, model, optimizer, scheduler, sampler) if cfg.resume else 0
+    if start >= cfg.steps:
+        raise ValueError(
+            f"steps ({cfg.steps}) must exceed the checkpoint's step ({start}) to continue."
+        )
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
+    schedule = ScheduleConfig.from_dict(
+        {**scheduler.shape.to_dict(), "peak_lr": scheduler.base_lrs[0]}
+    )
+    run_config = {
+        "decoder": model_cfg.to_dict(),
+        "optimizer": {
+            "name": "adamw",
+            "lr": cfg.lr,
+            "betas": [0.9, 0.95],
+            "weight_decay": cfg.weight_decay,
+            "decay_embeddings": cfg.decay_embeddings,
+            "clip_grad_norm": cfg.clip_grad_norm,
+        },
+        "schedule": schedule.to_dict(),
+        "train": {
+            "preset": cfg.preset,
+            "full": cfg.full,
+            "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "seq_len": cfg.seq_len,
+            "bf16": cfg.bf16,
+            "seed": cfg.seed,
+            "device": str(device),
+        },
+    }
+    tokens = cfg.batch_size * cfg.seq_len
+    metrics = open(cfg.metrics_out, "a" if start else "w") if cfg.metrics_out else None  # noqa: SIM115
+    bar = _progress(cfg, start)
+    losses: list[float] = []
+    lrs: list[float] = []
+    pending: list[torch.Tensor] = []  # (loss, z, grad norm) per step since the last host sync
+    checkpoint, t_start, t_last, step = None, time.perf_counter(), time.perf_counter(), start
+    monitor = _monitor(cfg, monitor_factory, model, optimizer, run_config, start)
+    with contextlib.closing(metrics) if metrics else contextlib.nullcontext(), _closing(monitor):
+        for step in range(start, cfg.steps):
+            x, y = sampler.sample()
+            with autocast():
+                logits = model(x)  # (B, T, V)
+            ce, z = loss_fn(logits, y, model_cfg.z_loss)
+            loss = ce + z
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            monitor.step(step, loss=loss.detach(), loss_z=z.detach(), tokens=tokens)
+            lrs.append(lr)
+            norm = (
+                optimizer.last_grad_norm
+                if optimizer.last_grad_norm is not None
+                else torch.zeros(())
+            )
+            pending.append(torch.stack([loss.detach(), z.detach(), norm.to(loss.device)]))
+            stop = any(
+                cb(StepInfo(step, loss.detach(), z.detach(), lr, model, optimizer))
+                for cb in callbacks
+            )
+            last = stop or step + 1 == cfg.steps
+            if (step + 1 - start) % cfg.log_every == 0 or last:
+                now = time.perf_counter()
+                rows = torch.stack(pending).tolist()  # the one host sync per interval
+                speed = tokens * len(rows) / max(now - t_last, 1e-9)
+                first = step + 1 - len(rows)
+                for i, (lv, lz, gn) in enumerate(rows):
+                    losses.append(lv)
+                    if metrics:
+                        line = {
+                            "step": first + i,
+                            "loss": lv,
+                            "loss_z": lz,
+                            "lr": lrs[first + i - start],
+                            "grad_norm": gn,
+                            "tokens_per_s": speed,
+                        }
+                        metrics.write(json.dumps(line) + "\n")
+                if metrics:
+                    metrics.flush()
+                bar.update(len(rows))
+                bar.set_postfix(loss=f"{rows[-1][0]:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
+                pending, t_last = [], now
+            if cfg.save_every and ((step + 1) % cfg.save_every == 0 or last):
+                path = Path(cfg.save_dir) / f"step_{step + 1:06d}.pt"
+                checkpoint = _save(path, step + 1, cfg, model, optimizer, scheduler, sampler)
+            if stop:
+                break
+    bar.close()
+    seconds = time.perf_counter() - t_start
+    val = _evaluate(model, corpus.val, cfg, device, autocast)
+    return TrainResult(
+        start,
+        step + 1,
+        losses,
+        lrs,
+        val,
+        tokens * len(losses) / max(seconds, 1e-9),
+        seconds,
+        checkpoint,
+        model,
+    )
+
+
+@contextlib.contextmanager
+def _closing(monitor: Any):
+    try:
+        yield monitor
+    finally:
+        monitor.close(timeout=10)  # the sender flushes what it holds, bounded
+
+
+def _progress(cfg: TrainConfig, start: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", dynamic_ncols=True
+    )
