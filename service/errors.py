@@ -1,0 +1,69 @@
+"""JSON errors {"error": code, "detail": ...} with the right status for every failure."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from logitwatch.protocol import ProtocolError
+
+from .store_ingest import LimitError
+
+__all__ = ["ApiError", "install_error_handlers"]
+
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+class ApiError(HTTPException):
+    """An HTTP error with a short code: ``raise ApiError(404, "not_found", "run 'x' ...")``."""
+
+    def __init__(self, status: int, code: str, detail, headers: dict | None = None) -> None:
+        super().__init__(status_code=status, detail=detail, headers=headers)
+        self.code = code
+
+
+def _body(status: int, code: str | None, detail) -> dict:
+    return {"error": code or _CODES.get(status, "error"), "detail": detail}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            _body(exc.status_code, getattr(exc, "code", None), exc.detail),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
+        ]
+        return JSONResponse(_body(422, "invalid", detail), status_code=422)
+
+    @app.exception_handler(ProtocolError)
+    async def _protocol(_req: Request, exc: ProtocolError) -> JSONResponse:
+        # Bytes that are not msgpack/JSON at all are 400; a well-formed batch with a bad
+        # field is 422 and names the field.
+        status = 400 if exc.field in ("body", "content-type") else 422
+        detail = [{"field": exc.field, "message": exc.message}]
+        return JSONResponse(_body(status, None, detail), status_code=status)
+
+    @app.exception_handler(LimitError)
+    async def _limit(_req: Request, exc: LimitError) -> JSONResponse:
+        detail = [{"field": exc.field, "message": exc.message}]
+        return JSONResponse(_body(422, "limit", detail), status_code=422)

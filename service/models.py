@@ -1,0 +1,129 @@
+"""SQLAlchemy 2.0 models: runs, series, chunks of points, latest values, batches, tokens.
+
+Points live in chunks, one row per (series, segment, step range) holding packed arrays:
+PostgreSQL int8[]/float8[] (Grafana's SQL can unnest them), SQLite bytes (see codec.py).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["Base", "Batch", "Chunk", "Latest", "Run", "Series", "Token", "utcnow"]
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets bigint identities.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+Json = JSON().with_variant(postgresql.JSONB(), "postgresql")
+Steps = LargeBinary().with_variant(postgresql.ARRAY(BigInteger()), "postgresql")
+Floats = LargeBinary().with_variant(postgresql.ARRAY(Double()), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    config: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)
+    tags: Mapped[Any] = mapped_column(Json, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Series(Base):
+    __tablename__ = "series"
+    __table_args__ = (UniqueConstraint("run_id", "metric", "labels_key", name="uq_series_key"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    metric: Mapped[str] = mapped_column(String(128))
+    labels: Mapped[dict[str, str]] = mapped_column(Json, default=dict)
+    #: Canonical 'head=3,layer=0' (keys sorted): the unique key and the label filter.
+    labels_key: Mapped[str] = mapped_column(String(1200))
+    layer: Mapped[int | None] = mapped_column(Integer)
+    head: Mapped[int | None] = mapped_column(Integer)
+
+
+class Chunk(Base):
+    __tablename__ = "chunks"
+    __table_args__ = (Index("ix_chunks_series", "series_id", "segment", "step_min"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"))
+    segment: Mapped[int] = mapped_column(Integer)
+    step_min: Mapped[int] = mapped_column(BigInteger)
+    step_max: Mapped[int] = mapped_column(BigInteger)
+    n: Mapped[int] = mapped_column(Integer)
+    #: Steps ascending and unique within a chunk; equal steps in two chunks of one segment
+    #: resolve to the chunk with the larger id (the later write).
+    steps: Mapped[Any] = mapped_column(Steps)
+    values: Mapped[Any] = mapped_column(Floats)
+    #: Unix seconds, or empty when the client sent none.
+    times: Mapped[Any] = mapped_column(Floats)
+
+
+class Latest(Base):
+    """Each series' newest point: the largest (segment, step). Read by /metrics and overviews.
+
+    ``value`` is NULL for NaN on SQLite (SQLite stores a NaN REAL as NULL); read NULL as NaN.
+    """
+
+    __tablename__ = "latest"
+
+    series_id: Mapped[int] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    )
+    segment: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(BigInteger)
+    value: Mapped[float | None] = mapped_column(Double)
+    time: Mapped[float | None] = mapped_column(Double)
+    #: Points received (every segment, counting a step rewritten by a later batch again).
+    n_points: Mapped[int] = mapped_column(BigInteger)
+    first_step: Mapped[int] = mapped_column(BigInteger)
+
+
+class Batch(Base):
+    """Idempotency record: a (run, client, seq) already stored is acknowledged, not stored again."""
+
+    __tablename__ = "batches"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    client: Mapped[str] = mapped_column(String(128), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    n_points: Mapped[int] = mapped_column(BigInteger)
+
+
+class Token(Base):
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    token_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    run_pattern: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

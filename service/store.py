@@ -1,0 +1,37 @@
+"""Data access for the service: keyword-only functions that take a Session (one module per concern).
+
+Runs and series live in store_runs.py, batch ingest in store_ingest.py, reads in
+store_read.py, background chunk compaction in store_compact.py; this module is the facade.
+"""
+
+from __future__ import annotations
+
+from .store_ingest import IngestResult, LimitError, ingest_batch
+from .store_read import Buckets, Points, ReadResult, bucketize, read_points
+from .store_runs import (
+    RunInfo,
+    SeriesInfo,
+    ensure_run_id,
+    get_run,
+    list_runs,
+    list_series,
+    upsert_run,
+)
+
+__all__ = [
+    "Buckets",
+    "IngestResult",
+    "LimitError",
+    "Points",
+    "ReadResult",
+    "RunInfo",
+    "SeriesInfo",
+    "bucketize",
+    "ensure_run_id",
+    "get_run",
+    "ingest_batch",
+    "list_runs",
+    "list_series",
+    "read_points",
+    "upsert_run",
+]

@@ -1,0 +1,47 @@
+"""`logitwatch serve` as a real process: migrates at start, prints the SQLite path, serves."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from helpers.server import live_server
+
+from logitwatch.protocol import Batch, encode_batch, series_from_columns
+
+
+def test_serve_sqlite_default_location(tmp_path):
+    home = tmp_path / "home"
+    env = {"LOGITWATCH_HOME": str(home)}
+    db = home / "logitwatch.db"
+    # no --db: the documented default file under $LOGITWATCH_HOME
+    with live_server(None, env=env) as server, server.client() as c:
+        body = encode_batch(Batch("c", 1, 0, [series_from_columns("loss", {}, [1, 2], [3.0, 2.0])]))
+        r = c.post(
+            "/api/v1/runs/r/points", content=body, headers={"content-type": "application/msgpack"}
+        )
+        assert r.json()["accepted"] == 2
+    assert f"SQLite file {db}" in server.log()
+    assert db.exists()
+
+
+def test_db_upgrade_and_bad_settings(tmp_path):
+    db = tmp_path / "x.db"
+    cmd = [sys.executable, "-m", "logitwatch", "db", "upgrade", "--db", f"sqlite:///{db}"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "newest schema" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "logitwatch", "serve", "--db", "mysql://x/y"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert "db_url" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "logitwatch", "serve"],
+        capture_output=True,
+        text=True,
+        env={"LOGITWATCH_PORT": "http", "PATH": "/usr/bin"},
+    )
+    assert bad.returncode == 2 and "LOGITWATCH_PORT" in bad.stderr
