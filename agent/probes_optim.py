@@ -1,0 +1,106 @@
+"""Gradient, parameter and update norms, global and per layer, reduced on the device.
+
+Per-tensor norms come from one fused ``torch._foreach_norm`` call; squares are summed per
+layer with ``index_add_``, so the cost is a few kernels whatever the number of parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["ParamStats", "layer_of_param"]
+
+
+def layer_of_param(prefixes: dict[str, int]) -> Callable[[str], int | None]:
+    """Map a parameter name to its layer by the longest matching module prefix ("blocks.3")."""
+    ordered = sorted(prefixes.items(), key=lambda kv: -len(kv[0]))
+
+    def layer(name: str) -> int | None:
+        for prefix, i in ordered:
+            if name.startswith(prefix + "."):
+                return i
+        return None
+
+    return layer
+
+
+class ParamStats:
+    """Norm reductions over a model's trainable parameters, grouped into its layers.
+
+    Outputs put the global value first, then one per layer in ``self.layers`` order.
+    """
+
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, nn.Parameter]],
+        layer_of: Callable[[str], int | None],
+        device: torch.device,
+    ) -> None:
+        self.params: list[nn.Parameter] = []
+        owners: list[int | None] = []
+        seen: set[int] = set()
+        for name, p in named_params:
+            if p.requires_grad and id(p) not in seen:  # tied weights count once
+                seen.add(id(p))
+                self.params.append(p)
+                owners.append(layer_of(name))
+        self.layers: list[int] = sorted({i for i in owners if i is not None})
+        slot = {layer: j for j, layer in enumerate(self.layers)}
+        # Parameters outside any layer go to a spill slot that only the global sum sees.
+        self.index = torch.tensor(
+            [slot.get(i, len(self.layers)) if i is not None else len(self.layers) for i in owners],
+            dtype=torch.long,
+            device=device,
+        )
+        self.device = device
+        self._prev: list[torch.Tensor] | None = None
+        self._prev_sq: torch.Tensor | None = None
+
+    def _sq_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        norms = torch._foreach_norm(tensors)
+        return torch.stack([n.to(self.device, torch.float32) for n in norms]).square()
+
+    def _grouped(self, sq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        per = torch.zeros(len(self.layers) + 1, device=self.device).index_add_(0, index, sq)
+        return torch.cat([sq.sum().reshape(1), per[:-1]])  # squared: global, per layer
+
+    @torch.no_grad()
+    def grads(self, norms: list[torch.Tensor | None] | None = None) -> torch.Tensor | None:
+        """(global, *per layer) gradient L2 norms, then the number of gradient tensors holding
+        a NaN or Inf; None when no parameter has a gradient. ``norms``: per-parameter norms
+        already taken (during backward) instead of reading ``p.grad`` now."""
+        if norms is None:
+            norms = [p.grad for p in self.params]
+            have = [j for j, g in enumerate(norms) if g is not None]
+            sq = self._sq_norms([norms[j] for j in have]) if have else None
+        else:
+            have = [j for j, n in enumerate(norms) if n is not None]
+            sq = torch.stack([norms[j].to(self.device) for j in have]).square() if have else None
+        if sq is None:
+            return None
+        index = self.index if len(have) == len(self.params) else self.index[have]
+        nonfinite = (~torch.isfinite(sq)).sum().float().reshape(1)
+        return torch.cat([self._grouped(sq, index).sqrt(), nonfinite])
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Keep a copy of the weights (before an optimizer step) for the update ratio."""
+        self._prev = torch._foreach_mul([p.detach() for p in self.params], 1.0)
+        self._prev_sq = self._sq_norms(self._prev)
+
+    @torch.no_grad()
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(global, *per layer) weight norms, and ||w - w_prev|| / ||w_prev|| when a snapshot
+        was taken (then released)."""
+        cur = [p.detach() for p in self.params]
+        norms = self._grouped(self._sq_norms(cur), self.index).sqrt()
+        if self._prev is None or self._prev_sq is None:
+            return norms, None
+        torch._foreach_sub_(self._prev, cur)  # in place: w_prev - w, no extra copy
+        delta = self._grouped(self._sq_norms(self._prev), self.index)
+        ratio = (delta / self._grouped(self._prev_sq, self.index).clamp_min(1e-30)).sqrt()
+        self._prev = self._prev_sq = None
+        return norms, ratio
