@@ -1,0 +1,187 @@
+"""``logitwatch runs|series|query|alerts``: read a running service over HTTP, as tables or JSON.
+
+The server is ``--server`` (or LOGITWATCH_SERVER, default http://127.0.0.1:8000); the token,
+when the server wants one, is ``--token`` (or LOGITWATCH_TOKEN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["add_arguments", "run"]
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
+class ServerError(Exception):
+    """The server answered with an error, or could not be reached: one line for the user."""
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "—"
+
+
+def _label_arg(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--label wants KEY=VALUE, not {text!r}")
+    return key, value
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str = "runs") -> None:
+    parser.add_argument("--server", default=None, metavar="URL",
+                        help=f"service URL (default: LOGITWATCH_SERVER or {DEFAULT_SERVER})")  # fmt: skip
+    parser.add_argument("--token", default=None, help="API token (default: LOGITWATCH_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    if command == "series":
+        parser.add_argument("run")
+        parser.add_argument("--metric", help="only this metric")
+    elif command == "query":
+        parser.add_argument("run")
+        parser.add_argument("metric", help="for example loss or attn.logit_max")
+        parser.add_argument("--layer", help="only this layer")
+        parser.add_argument("--head", help="only this head")
+        parser.add_argument("--label", type=_label_arg, action="append", default=[],
+                            metavar="KEY=VALUE", help="any other label filter (repeatable)")  # fmt: skip
+        parser.add_argument("--start", type=int, help="first step (inclusive)")
+        parser.add_argument("--end", type=int, help="last step (inclusive)")
+        parser.add_argument("--max-points", type=int,
+                            help="cut the range into at most N buckets (first step, min, max, last)")  # fmt: skip
+        parser.add_argument("--segments", choices=("newest", "all"), default="newest",
+                            help="'all' also returns steps overwritten by a resumed run")  # fmt: skip
+    elif command == "alerts":
+        parser.add_argument("--run", help="only this run")
+        parser.add_argument("--state", choices=("pending", "firing", "resolved"))
+
+
+def _get(http: httpx.Client, path: str, params: dict[str, Any] | None = None) -> Any:
+    try:
+        r = http.get(path, params={k: v for k, v in (params or {}).items() if v is not None})
+    except httpx.TransportError as exc:
+        raise ServerError(f"cannot reach the service at {http.base_url} ({exc})") from None
+    if r.status_code >= 400:
+        try:
+            body = r.json()
+            detail = body.get("detail", body)
+        except ValueError:
+            detail = r.text[:200]
+        if isinstance(detail, list):
+            detail = "; ".join(f"{d.get('field')}: {d.get('message')}" for d in detail)
+        raise ServerError(f"{r.status_code} from {r.request.url.path}: {detail}")
+    return r.json()
+
+
+def _runs(http: httpx.Client, args: argparse.Namespace, console: Console) -> Any:
+    doc = _get(http, "/api/v1/runs")
+    if args.json:
+        return doc
+    table = Table("run", "series", "segment", "last step", "last seen (UTC)", "tags")
+    for r in doc["runs"]:
+        seen = (r.get("last_seen_at") or "")[:19].replace("T", " ")
+        tags = r.get("tags")
+        table.add_row(r["name"], str(r["n_series"]), str(r["max_segment"]),
+                      str(r["last_step"] if r["last_step"] is not None else "—"), seen,
+                      json.dumps(tags) if tags else "")  # fmt: skip
+    console.print(table)
+    return None
+
+
+def _series(http: httpx.Client, args: argparse.Namespace, console: Console) -> Any:
+    doc = _get(http, f"/api/v1/runs/{args.run}/series", {"metric": args.metric})
+    if args.json:
+        return doc
+    table = Table("metric", "labels", "points", "first step", "last step", "last value",
+                  title=f"run {args.run}")  # fmt: skip
+    for s in doc["series"]:
+        table.add_row(s["metric"], _labels(s["labels"]), f"{s['n_points']:,}",
+                      str(s["first_step"]), str(s["last_step"]), str(s["last_value"]))  # fmt: skip
+    console.print(table)
+    return None
+
+
+def _query(http: httpx.Client, args: argparse.Namespace, console: Console) -> Any:
+    params: dict[str, Any] = {
+        "start": args.start, "end": args.end, "max_points": args.max_points,
+        "segments": args.segments, "layer": args.layer, "head": args.head, **dict(args.label),
+    }  # fmt: skip
+    merged: dict[str, dict] = {}
+    doc: dict = {}
+    cursor = None
+    while True:  # every page; series of one page continue those of the last
+        doc = _get(
+            http, f"/api/v1/runs/{args.run}/metrics/{args.metric}", {**params, "cursor": cursor}
+        )
+        for s in doc["series"]:
+            key = json.dumps([s["labels"], s["segment"]], sort_keys=True)
+            if key not in merged:
+                merged[key] = s
+            else:
+                for col, vals in s.items():
+                    if isinstance(vals, list):
+                        merged[key][col].extend(vals)
+        cursor = doc.get("next_cursor")
+        if not cursor:
+            break
+    doc = {**doc, "next_cursor": None, "series": list(merged.values())}
+    if args.json:
+        return doc
+    bucketed = args.max_points is not None
+    cols = (["first step", "last step", "count", "min", "max", "last", "NaN"] if bucketed
+            else ["step", "value", "time"])  # fmt: skip
+    for s in doc["series"]:
+        title = f"{args.run} {args.metric} {_labels(s['labels'])}"
+        if s.get("segment") is not None:
+            title += f" segment {s['segment']}"
+        table = Table(*cols, title=title)
+        if bucketed:
+            names = ("steps", "last_steps", "count", "min", "max", "last", "nan")
+        else:
+            names = ("steps", "values", "times")
+        n = len(s["steps"])
+        for i in range(n):
+            table.add_row(*(str(s[c][i]) if s.get(c) else "" for c in names))
+        console.print(table)
+    if not doc["series"]:
+        console.print(f"no series of {args.metric} in run {args.run} match")
+    return None
+
+
+def _alerts(http: httpx.Client, args: argparse.Namespace, console: Console) -> Any:
+    doc = _get(http, "/api/v1/alerts", {"run": args.run, "state": args.state})
+    if args.json:
+        return doc
+    table = Table(
+        "id", "run", "rule", "severity", "state", "metric", "labels", "step", "value", "hint"
+    )
+    for a in doc["alerts"]:
+        table.add_row(str(a["id"]), a["run"], a["rule"], a["severity"], a["state"], a["metric"],
+                      _labels(a.get("labels") or {}), str(a.get("last_step")), str(a.get("value")),
+                      a.get("hint") or "")  # fmt: skip
+    console.print(table)
+    return None
+
+
+_COMMANDS = {"runs": _runs, "series": _series, "query": _query, "alerts": _alerts}
+
+
+def run(args: argparse.Namespace) -> int:
+    server = (args.server or os.environ.get("LOGITWATCH_SERVER") or DEFAULT_SERVER).rstrip("/")
+    token = args.token or os.environ.get("LOGITWATCH_TOKEN")
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    console = Console()
+    try:
+        with httpx.Client(base_url=server, headers=headers, timeout=60) as http:
+            doc = _COMMANDS[args._command](http, args, console)
+    except ServerError as exc:
+        console.print(f"logitwatch: error: {exc}", style="red", highlight=False, markup=False)
+        return 1
+    if doc is not None:
+        print(json.dumps(doc, indent=2))
+    return 0
