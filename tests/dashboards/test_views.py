@@ -1,0 +1,98 @@
+"""Migration 0003_views: logitwatch_points() and logitwatch_alerts on PostgreSQL, nothing on SQLite."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+from helpers.pg import fresh_database
+from sqlalchemy import inspect, text
+
+from logitwatch.protocol import Batch, series_from_columns
+from logitwatch.service.db import make_engine, make_sessionmaker, upgrade
+from logitwatch.service.store import ingest_batch
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with fresh_database("lwtest_views") as url:
+        yield url
+
+
+def ingest(url: str, run: str, segment: int, seq: int, series: list) -> None:
+    engine = make_engine(url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            ingest_batch(session, run=run, batch=Batch("c", seq, segment, series))
+    finally:
+        engine.dispose()
+
+
+def query(url: str, sql: str) -> list[tuple]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+def test_points_unnest_newest_segment_and_keep_spikes_and_nan(pg_url):
+    upgrade(pg_url)
+    steps = list(range(10))
+    loss = [float(s) for s in steps]
+    loss[6] = math.nan
+    ingest(
+        pg_url,
+        "r",
+        0,
+        1,
+        [
+            series_from_columns("loss", {}, steps, loss, [1e9 + s for s in steps]),
+            series_from_columns("attn.logit_max", {"layer": 0, "head": 0}, steps, [1.0] * 10),
+            series_from_columns("attn.logit_max", {"layer": 0, "head": 1}, steps, [2.0] * 10),
+            series_from_columns("attn.logit_max", {"layer": 1, "head": 0}, steps, [3.0] * 10),
+        ],
+    )
+    # A resume from step 8 opens segment 1: its values replace segment 0's from there on.
+    ingest(pg_url, "r", 1, 2, [series_from_columns("loss", {}, [8, 9, 10], [80.0, 90.0, 100.0])])
+
+    rows = query(pg_url, "SELECT step, value FROM logitwatch_points('r', 'loss') ORDER BY step")
+    assert [s for s, _ in rows] == list(range(11))
+    assert [v for s, v in rows if s >= 8] == [80.0, 90.0, 100.0]
+    assert math.isnan(dict(rows)[6])
+
+    # Three buckets of 4 steps: min, max (NaN sorts above numbers) and last per bucket.
+    rows = query(
+        pg_url,
+        "SELECT step, value, value_min, value_max, n "
+        "FROM logitwatch_points('r', 'loss', '', '', 3)",
+    )
+    assert [r[0] for r in rows] == [0, 4, 8]
+    assert rows[0][1:] == (3.0, 0.0, 3.0, 4)
+    assert math.isnan(rows[1][3]) and rows[1][2] == 4.0
+    assert rows[2][1:] == (100.0, 80.0, 100.0, 3)
+
+    rows = query(pg_url, "SELECT step FROM logitwatch_points('r', 'loss', '3', '5')")
+    assert [r[0] for r in rows] == [3, 4, 5]
+
+    rows = query(
+        pg_url,
+        "SELECT layer, max(value_max) FROM logitwatch_points('r', 'attn.logit_max') "
+        "GROUP BY layer ORDER BY layer",
+    )
+    assert rows == [(0, 2.0), (1, 3.0)]
+    assert query(pg_url, "SELECT count(*) FROM logitwatch_points('nope', 'loss')") == [(0,)]
+    assert query(pg_url, "SELECT count(*) FROM logitwatch_alerts") == [(0,)]
+
+
+def test_sqlite_gets_no_views(tmp_path):
+    url = f"sqlite:///{tmp_path / 'lw.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        assert "logitwatch_alerts" not in inspect(engine).get_view_names()
+        assert "runs" in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
