@@ -131,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("checkpoint", result.checkpoint))
     if cfg.metrics_out:
         rows.append(("metrics", cfg.metrics_out))
+    if cfg.server or cfg.run or cfg.spool:
+        where = cfg.server or cfg.spool
+        rows.append(("monitored run", result.run + (f" → {where}" if where else "")))
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)

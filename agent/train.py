@@ -47,9 +47,10 @@ class TrainResult:
     losses: list[float]  # train loss (ce + z) of each step run here
     lrs: list[float]
     val_loss: float | None
-    tokens_per_s: float
+    tokens_per_s: float  # steady state: after the first log interval when there is more
     seconds: float
     checkpoint: str | None  # the last checkpoint written
+    run: str  # the name the monitor reports under (given, the checkpoint's, or made up)
     model: torch.nn.Module = field(repr=False)
 
 
@@ -62,7 +63,7 @@ class _NullMonitor:
 
 
 def _monitor(
-    cfg: TrainConfig, factory: Callable[..., Any] | None, model, optimizer, run_config, start
+    cfg: TrainConfig, factory: Callable[..., Any] | None, model, optimizer, run, run_config, start
 ) -> Any:
     if not (cfg.server or cfg.run or cfg.spool):
         return _NullMonitor()
@@ -72,11 +73,11 @@ def _monitor(
         except ImportError as exc:
             print(f"logitwatch: warning: monitoring is off ({exc}); training on", file=sys.stderr)
             return _NullMonitor()
-    extra = {"spool": cfg.spool} if cfg.spool else {}
+    extra = {"spool_dir": cfg.spool} if cfg.spool else {}
     return factory(
         model,
         optimizer,
-        run=cfg.run,
+        run=run,
         server=cfg.server,
         every=cfg.every,
         run_config=run_config,
@@ -98,7 +99,9 @@ def latest_checkpoint(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def _save(path: Path, step: int, cfg: TrainConfig, model, optimizer, scheduler, sampler) -> str:
+def _save(
+    path: Path, step: int, cfg: TrainConfig, run: str, model, optimizer, scheduler, sampler
+) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,  # optimizer steps completed: the resumed run's first step
@@ -111,6 +114,7 @@ def _save(path: Path, step: int, cfg: TrainConfig, model, optimizer, scheduler, 
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
         "config": asdict(cfg),
+        "run": run,  # a resumed run reports under the same name unless told otherwise
         "decoder": model.config.to_dict(),
     }
     tmp = path.with_suffix(".tmp")
@@ -119,7 +123,7 @@ def _save(path: Path, step: int, cfg: TrainConfig, model, optimizer, scheduler, 
     return str(path)
 
 
-def _resume(path: str, model, optimizer, scheduler, sampler) -> int:
+def _resume(path: str, model, optimizer, scheduler, sampler) -> tuple[int, str | None]:
     state = torch.load(latest_checkpoint(path), map_location="cpu", weights_only=True)
     for key, value in state["decoder"].items():
         if getattr(model.config, key) != value:
@@ -134,7 +138,7 @@ def _resume(path: str, model, optimizer, scheduler, sampler) -> int:
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["step"])
+    return int(state["step"]), state.get("run")
 
 
 @torch.no_grad()
@@ -183,7 +187,10 @@ def train(
     scheduler = build_scheduler(optimizer, cfg.schedule_config())
     corpus = build_corpus(cfg.corpus_bytes)
     sampler = BatchSampler(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed, device)
-    start = _resume(cfg.resume, model, optimizer, scheduler, sampler) if cfg.resume else 0
+    start, run = (
+        _resume(cfg.resume, model, optimizer, scheduler, sampler) if cfg.resume else (0, None)
+    )
+    run = cfg.run or run or f"{cfg.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
     if start >= cfg.steps:
         raise ValueError(
             f"steps ({cfg.steps}) must exceed the checkpoint's step ({start}) to continue."
@@ -221,7 +228,8 @@ def train(
     lrs: list[float] = []
     pending: list[torch.Tensor] = []  # (loss, z, grad norm) per step since the last host sync
     checkpoint, t_start, t_last, step = None, time.perf_counter(), time.perf_counter(), start
-    monitor = _monitor(cfg, monitor_factory, model, optimizer, run_config, start)
+    steady: tuple[float, int] | None = None  # (time, steps) at the first host sync
+    monitor = _monitor(cfg, monitor_factory, model, optimizer, run, run_config, start)
     with contextlib.closing(metrics) if metrics else contextlib.nullcontext(), _closing(monitor):
         for step in range(start, cfg.steps):
             x, y = sampler.sample()
@@ -233,8 +241,9 @@ def train(
             loss.backward()
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
-            scheduler.step()
+            # Before scheduler.step(): the monitor reads the LR this step used, lr_at(schedule, step).
             monitor.step(step, loss=loss.detach(), loss_z=z.detach(), tokens=tokens)
+            scheduler.step()
             lrs.append(lr)
             norm = (
                 optimizer.last_grad_norm
@@ -268,14 +277,20 @@ def train(
                     metrics.flush()
                 bar.update(len(rows))
                 bar.set_postfix(loss=f"{rows[-1][0]:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
+                if steady is None:  # the first interval pays for lazy imports and warm-up
+                    steady = (now, len(losses))
                 pending, t_last = [], now
             if cfg.save_every and ((step + 1) % cfg.save_every == 0 or last):
                 path = Path(cfg.save_dir) / f"step_{step + 1:06d}.pt"
-                checkpoint = _save(path, step + 1, cfg, model, optimizer, scheduler, sampler)
+                checkpoint = _save(path, step + 1, cfg, run, model, optimizer, scheduler, sampler)
             if stop:
                 break
     bar.close()
-    seconds = time.perf_counter() - t_start
+    t_end = time.perf_counter()
+    seconds = t_end - t_start
+    if steady is None or steady[1] == len(losses):
+        steady = (t_start, 0)
+    speed = tokens * (len(losses) - steady[1]) / max(t_end - steady[0], 1e-9)
     val = _evaluate(model, corpus.val, cfg, device, autocast)
     return TrainResult(
         start,
@@ -283,9 +298,10 @@ def train(
         losses,
         lrs,
         val,
-        tokens * len(losses) / max(seconds, 1e-9),
+        speed,
         seconds,
         checkpoint,
+        run,
         model,
     )
 

@@ -76,26 +76,40 @@ def test_resume_from_directory_and_mismatch_is_named(tmp_path):
         train(_cfg(resume=str(tmp_path / "missing.pt")))
 
 
-def test_monitor_gets_every_step_and_is_closed():
+def test_monitor_gets_every_step_and_is_closed(tmp_path):
     calls = []
 
     class Recorder:  # a stand-in for logitwatch.agent.monitor.Monitor in this unit test
         def __init__(self, model, optimizer, **kw):
             calls.append(("init", kw))
+            self.optimizer = optimizer
 
         def step(self, step, **values):
-            calls.append(("step", step, sorted(values)))
+            # The LR the monitor reads is the one this step used.
+            calls.append(("step", step, sorted(values), self.optimizer.param_groups[0]["lr"]))
 
         def close(self, timeout=None):
             calls.append(("close", timeout))
 
-    train(_cfg(steps=3, run="r1", every=2, eval_batches=0), monitor_factory=Recorder)
+    result = train(_cfg(steps=3, run="r1", every=2, eval_batches=0), monitor_factory=Recorder)
     init = calls[0][1]
-    assert init["run"] == "r1" and init["every"] == 2 and init["start_step"] == 0
+    assert init["run"] == "r1" == result.run and init["every"] == 2 and init["start_step"] == 0
     assert init["run_config"]["schedule"]["kind"] == "cosine"
     assert init["run_config"]["decoder"]["d_model"] == 64
-    assert calls[1:4] == [("step", s, ["loss", "loss_z", "tokens"]) for s in range(3)]
+    keys = ["loss", "loss_z", "tokens"]
+    assert calls[1:4] == [("step", s, keys, lr) for s, lr in enumerate(result.lrs)]
     assert calls[-1] == ("close", 10)
+
+    # A spool alone turns monitoring on, under a made-up run name that a resume keeps.
+    calls.clear()
+    ck = tmp_path / "ck"
+    first = train(_cfg(steps=2, spool=str(tmp_path / "sp"), save_every=2, save_dir=str(ck),
+                       eval_batches=0), monitor_factory=Recorder)  # fmt: skip
+    assert calls[0][1]["spool_dir"] == str(tmp_path / "sp") and first.run.startswith("llama2-")
+    calls.clear()
+    again = train(_cfg(steps=3, spool=str(tmp_path / "sp"), resume=str(ck), eval_batches=0),
+                  monitor_factory=Recorder)  # fmt: skip
+    assert again.run == first.run and calls[0][1]["start_step"] == 2
 
 
 def test_no_monitor_without_server_run_or_spool():
