@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from . import api_health, api_points, api_runs, prom
+from . import api_alerts, api_health, api_points, api_rules, api_runs, prom
 from .db import WRITE, is_postgres, make_engine, make_sessionmaker
 from .errors import install_error_handlers
-from .rules_hook import NoRules
+from .evaluator import RuleEngine
+from .notify import Notifier
 from .settings import Settings, load_settings
 from .store_compact import Compactor
 
@@ -27,7 +28,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.compactor.start()
+        app.state.rules.start()
         yield
+        app.state.rules.close()
         app.state.compactor.close()
         engine.dispose()
 
@@ -46,7 +49,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine.execution_options(**{WRITE: True}), cache=app.state.sessionmaker.kw["info"]["cache"]
     )
     app.state.write_lock = contextlib.nullcontext() if is_postgres(engine) else threading.Lock()
-    app.state.rules = NoRules()
+    app.state.rules = RuleEngine(
+        app.state.write_sessionmaker,
+        notifier=Notifier(
+            app.state.write_sessionmaker,
+            urls=settings.webhook_urls,
+            dashboard_url=settings.dashboard_url,
+        ),
+    )
     app.state.compactor = Compactor(app.state.write_sessionmaker, app.state.write_lock)
 
     install_error_handlers(app)
@@ -60,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_health.router)
     app.include_router(api_runs.router)
     app.include_router(api_points.router)
+    app.include_router(api_alerts.router)
+    app.include_router(api_rules.router)
     prom.install(app, settings)
     return app
 

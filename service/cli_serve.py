@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
     where = f"SQLite file {path}" if path else settings.db_url.split("@")[-1]
     print(f"logitwatch: database {where}", flush=True)
     upgrade(settings.db_url)
+    if settings.rules_file:  # a bad file stops here with one line naming the field
+        from .rules_store import install_rules_file
+
+        install_rules_file(settings.db_url, settings.rules_file)
     # Build the app once here so that a bad setting (a rules file that does not parse, ...)
     # is one clear error now, not a traceback in each worker.
     from .app import create_app

@@ -1,0 +1,145 @@
+"""Alerts and silences: GET /api/v1/alerts, POST /api/v1/alerts/{id}/ack, /api/v1/silences CRUD."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy.orm import Session
+
+from . import alerts as al
+from .auth import require
+from .deps import SessionDep
+from .errors import ApiError
+from .models import utcnow
+from .models_rules import Silence
+
+__all__ = ["router", "write_session"]
+
+router = APIRouter(prefix="/api/v1", tags=["alerts"])
+
+
+@contextmanager
+def write_session(request: Request) -> Iterator[Session]:
+    """A write transaction the way ingest takes one (one writer per process on SQLite)."""
+    state = request.app.state
+    with state.write_lock, state.write_sessionmaker() as session:
+        yield session
+
+
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, "invalid", [{"field": field, "message": message}])
+
+
+@router.get("/alerts", dependencies=[Depends(require("read"))], summary="List alerts")
+def list_alerts(
+    session: SessionDep,
+    run: str | None = None,
+    state: str | None = None,
+    severity: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
+) -> dict:
+    """Newest first, filtered by run, state (pending|firing|resolved) and severity."""
+    if state is not None and state not in al.ALERT_STATES:
+        raise _invalid("state", f"must be one of {', '.join(al.ALERT_STATES)}")
+    if severity is not None and severity not in al.SEVERITIES:
+        raise _invalid("severity", f"must be one of {', '.join(al.SEVERITIES)}")
+    rows = al.list_alerts(session, run=run, state=state, severity=severity, limit=limit)
+    return {"alerts": rows}
+
+
+@router.get("/alerts/{alert_id}", dependencies=[Depends(require("read"))], summary="One alert")
+def get_alert(alert_id: int, session: SessionDep) -> dict:
+    for a in al.list_alerts(session, alert_id=alert_id):
+        return a
+    raise ApiError(404, "not_found", f"no alert {alert_id}")
+
+
+class AckBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    by: str | None = Field(default=None, max_length=128)
+
+
+@router.post(
+    "/alerts/{alert_id}/ack", dependencies=[Depends(require("read"))], summary="Acknowledge"
+)
+def ack(alert_id: int, request: Request, body: AckBody | None = None) -> dict:
+    """Mark an alert as seen; it keeps its state (and resolves on its own)."""
+    with write_session(request) as session:
+        out = al.ack_alert(session, alert_id=alert_id, by=body.by if body else None)
+        if out is None:
+            raise ApiError(404, "not_found", f"no alert {alert_id}")
+        session.commit()
+    return out
+
+
+class SilenceBody(BaseModel):
+    """Match by run, rule and/or labels (all given must match), until a time or for a while."""
+
+    model_config = ConfigDict(extra="forbid")
+    run: str | None = Field(default=None, max_length=128)
+    rule: str | None = Field(default=None, max_length=64)
+    labels: dict[str, str] = Field(default_factory=dict)
+    until: datetime | None = None
+    duration_s: float | None = Field(default=None, gt=0)
+    comment: str = Field(default="", max_length=1000)
+    created_by: str | None = Field(default=None, max_length=128)
+
+    @model_validator(mode="after")
+    def _check(self) -> SilenceBody:
+        if self.run is None and self.rule is None and not self.labels:
+            raise ValueError("a silence needs a run, a rule or labels to match")
+        if (self.until is None) == (self.duration_s is None):
+            raise ValueError("give exactly one of until (a time) or duration_s")
+        if self.until is not None and self.until.tzinfo is None:
+            raise ValueError("until needs a time zone, e.g. 2026-01-01T12:00:00Z")
+        return self
+
+
+@router.get("/silences", dependencies=[Depends(require("read"))], summary="List silences")
+def list_silences(session: SessionDep, active: bool = False) -> dict:
+    return {"silences": [al.silence_dict(s) for s in al.list_silences(session, active_only=active)]}
+
+
+@router.post(
+    "/silences",
+    dependencies=[Depends(require("admin"))],
+    status_code=201,
+    summary="Create a silence",
+)
+def create_silence(body: SilenceBody, request: Request) -> dict:
+    until = body.until or utcnow() + timedelta(seconds=body.duration_s or 0)
+    with write_session(request) as session:
+        s = al.create_silence(
+            session,
+            until=until,
+            run=body.run,
+            rule=body.rule,
+            labels=body.labels,
+            comment=body.comment,
+            created_by=body.created_by,
+        )
+        out = al.silence_dict(s)
+        session.commit()
+    return out
+
+
+@router.get("/silences/{silence_id}", dependencies=[Depends(require("read"))])
+def get_silence(silence_id: int, session: SessionDep) -> dict:
+    s = session.get(Silence, silence_id)
+    if s is not None:
+        return al.silence_dict(s)
+    raise ApiError(404, "not_found", f"no silence {silence_id}")
+
+
+@router.delete("/silences/{silence_id}", dependencies=[Depends(require("admin"))])
+def delete_silence(silence_id: int, request: Request) -> dict:
+    with write_session(request) as session:
+        if not al.delete_silence(session, silence_id=silence_id):
+            raise ApiError(404, "not_found", f"no silence {silence_id}")
+        session.commit()
+    return {"deleted": silence_id}
