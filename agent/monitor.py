@@ -87,15 +87,12 @@ class Monitor:
             self._reporter = Reporter(self.sink, self.label, cfg.max_pending)
             return
         self.sink = (
-            sink
-            if sink is not None
-            else self._default_sink(server, token, spool_dir, run_config, start_step)
+            sink if sink is not None else self._default_sink(server, token, spool_dir, start_step)
         )
-        if sink is not None or server is None:
-            try:
-                self.sink.register_run(run, config=dict(run_config or {}))
-            except Exception as e:
-                log.warning("logitwatch: could not register run %r (%s)", run, e)
+        try:
+            self.sink.register_run(run, config=dict(run_config or {}))
+        except Exception as e:
+            log.warning("logitwatch: could not register run %r (%s)", run, e)
         self._reporter = Reporter(self.sink, self.label, cfg.max_pending)
         param = next(model.parameters(), None)
         self.slots = Slots(param.device if param is not None else "cpu")
@@ -104,15 +101,15 @@ class Monitor:
             self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._post_step))
 
-    def _default_sink(self, server, token, spool_dir, run_config, start_step) -> Sink:
+    def _default_sink(self, server, token, spool_dir, start_step) -> Sink:
         try:
             if server is not None:
                 from logitwatch.agent.sender import HttpSink
 
                 return HttpSink(
-                    server, self.run, token=token, spool_dir=spool_dir,
-                    resume_from_step=start_step, config=dict(run_config or {}),
-                )  # fmt: skip
+                    server, self.run, token=token, spool_dir=spool_dir, resume_from_step=start_step
+                )
+
             from logitwatch.agent.filesink import FileSink
 
             directory = Path(".logitwatch") / "runs" / self.run
@@ -127,6 +124,8 @@ class Monitor:
 
     def use_sites(self, sites: Sites) -> None:
         """Replace the model probes (``attach`` calls this)."""
+        if not self.active:
+            return
         armed = self._probes.armed if self._probes is not None else True  # first step reports
         if self._probes is not None:
             self._probes.close()

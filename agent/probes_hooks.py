@@ -86,7 +86,13 @@ class ProbeSet:
                 h = site.module.register_forward_hook(self._qk_hook(site), with_kwargs=True)
                 self._removers.append(h.remove)
             for install in sites.installers:
-                self._removers.append(install(self))
+                try:
+                    self._removers.append(install(self))
+                except Exception as e:  # a model we cannot probe still trains
+                    self.disabled.add("attn")
+                    log.warning(
+                        "logitwatch: attention probes are off (%s: %s)", type(e).__name__, e
+                    )
         if "logits" in on and sites.logits is not None:
             h = sites.logits.register_forward_hook(self._logits_hook)
             self._removers.append(h.remove)
