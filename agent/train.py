@@ -141,6 +141,22 @@ def _resume(path: str, model, optimizer, scheduler, sampler) -> tuple[int, str |
     return int(state["step"]), state.get("run")
 
 
+def _check_fits(model_cfg, device: torch.device) -> None:
+    """Refuse, in one line, a model whose weights, gradients and AdamW moments cannot fit."""
+    from logitwatch.agent.presets import preset_params
+
+    need = 16 * preset_params(model_cfg)  # fp32 weights + grads + two moments, 4 bytes each
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(
+            f"model: training needs about {need / 2**30:,.0f} GiB for weights, gradients and "
+            f"AdamW state, and {device.type} has {have / 2**30:,.0f} GiB; drop --full or shrink it."
+        )
+
+
 @torch.no_grad()
 def _evaluate(model, data, cfg: TrainConfig, device, autocast) -> float | None:
     if not cfg.eval_batches:
@@ -176,6 +192,7 @@ def train(
     )
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.decoder_config()
+    _check_fits(model_cfg, device)
     model = Decoder(model_cfg).to(device)
     optimizer = build_optimizer(
         model,
@@ -275,8 +292,10 @@ def train(
                         metrics.write(json.dumps(line) + "\n")
                 if metrics:
                     metrics.flush()
+                bar.set_postfix(
+                    loss=f"{rows[-1][0]:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False
+                )
                 bar.update(len(rows))
-                bar.set_postfix(loss=f"{rows[-1][0]:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
                 if steady is None:  # the first interval pays for lazy imports and warm-up
                     steady = (now, len(losses))
                 pending, t_last = [], now

@@ -76,6 +76,11 @@ def test_resume_from_directory_and_mismatch_is_named(tmp_path):
         train(_cfg(resume=str(tmp_path / "missing.pt")))
 
 
+def test_published_size_is_refused_before_allocating():
+    with pytest.raises(ValueError, match=r"model: training needs about [\d,]+ GiB"):
+        train(_cfg(preset="gpt3", full=True, model={}))
+
+
 def test_monitor_gets_every_step_and_is_closed(tmp_path):
     calls = []
 
