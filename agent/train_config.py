@@ -87,6 +87,10 @@ class TrainConfig:
         for name in ("warmup", "t0"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 0 if name == "warmup" else 1)
+        for name in ("full", "bf16", "progress", "decay_embeddings", "qk_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "qk_norm" and value is None):
+                raise ValueError(f"{name} must be true or false; got {value!r}.")
         _check_number("lr", self.lr, positive=True)
         _check_number("weight_decay", self.weight_decay)
         _check_number("min_lr_ratio", self.min_lr_ratio, upper=1.0)

@@ -171,6 +171,7 @@ def test_config_file_toml_and_json_with_flags_winning(tmp_path):
         ("stepz = 3\n", "unknown config key 'stepz'"),
         ("[model]\nd_model = -4\n", "d_model must be an integer"),
         ("steps = [\n", "not valid TOML"),
+        ('bf16 = "yes"\n', "bf16 must be true or false"),
     ],
 )
 def test_bad_config_file_named(tmp_path, content, message):
