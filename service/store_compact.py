@@ -1,27 +1,236 @@
-"""Background compaction: small raw chunks written by ingest become large compressed ones."""
+"""Compaction: the small raw chunks that ingest writes become large compressed ones.
+
+Ingest writes one uncompressed chunk per series per batch (cheap, ~1M points/s). When a
+(series, segment) has piled up MERGE_CHUNKS small chunks, the Compactor merges them in
+the background once ingest pauses (or every max_wait_s under constant load) into chunks
+of TARGET..2*TARGET points that codec.py compresses (SQLite) or PostgreSQL TOASTs; the
+tail below TARGET stays one small chunk until more points arrive. Reads are correct either way; compaction only
+makes them faster and the file smaller.
+
+Concurrency: the merge reads outside the write transaction, then deletes exactly the
+chunks it read and inserts the merged ones; if any of them is gone (another process
+compacted first) it rolls back. The merged chunks take the largest ids of the chunks they
+replace, so "the later write wins" between equal steps keeps its meaning.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import logging
 import threading
+import time
 from collections.abc import Iterable
 
+import numpy as np
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["Compactor"]
+from .codec import decode_floats, decode_steps, encode_floats, encode_steps
+from .models import Chunk, Run, Series
+from .store_read import merge_parts
+from .store_sql import is_pg
+
+__all__ = ["MERGE_CHUNKS", "TARGET", "Compactor", "compact_all", "compact_series"]
+
+log = logging.getLogger(__name__)
+
+#: Chunks of at least TARGET points are final; smaller ones get merged.
+TARGET = 32_768
+#: A (series, segment) is due for compaction once it has this many small chunks.
+MERGE_CHUNKS = 16
+_C = Chunk.__table__.c
+
+
+def _suffix(session: Session, series_id: int, segment: int) -> list:
+    """The small chunks written after the series-segment's last final chunk, oldest first."""
+    last_final = session.scalar(
+        select(func.max(_C.id)).where(
+            _C.series_id == series_id, _C.segment == segment, _C.n >= TARGET
+        )
+    )
+    q = select(_C.id, _C.step_min, _C.n, _C.steps, _C["values"], _C.times).where(
+        _C.series_id == series_id, _C.segment == segment, _C.n < TARGET
+    )
+    if last_final is not None:
+        q = q.where(_C.id > last_final)
+    return session.execute(q.order_by(_C.id)).all()
+
+
+def _decode(session: Session, rows: list) -> list:
+    if is_pg(session):
+        return [
+            (
+                0,
+                np.array(r.steps, np.int64),
+                np.array(r.values, np.float64),
+                np.array(r.times, np.float64),
+            )
+            for r in rows
+        ]
+    return [
+        (
+            0,
+            decode_steps(r.steps, r.step_min, r.n),
+            decode_floats(r.values, r.n),
+            decode_floats(r.times, r.n),
+        )
+        for r in rows
+    ]
+
+
+def _encode(pg: bool, steps: np.ndarray, values: np.ndarray, times: np.ndarray) -> dict:
+    if pg:
+        return {"steps": steps.tolist(), "values": values.tolist(), "times": times.tolist()}
+    return {
+        "steps": encode_steps(steps),
+        "values": encode_floats(values),
+        "times": encode_floats(times),
+    }
+
+
+def compact_series(
+    sessions: sessionmaker[Session],
+    *,
+    series_id: int,
+    segment: int,
+    min_chunks: int = MERGE_CHUNKS,
+    lock: contextlib.AbstractContextManager | None = None,
+) -> int:
+    """Merge the series-segment's small chunks if there are at least min_chunks; returns how many."""
+    with sessions() as session:
+        rows = _suffix(session, series_id, segment)
+        if len(rows) < max(2, min_chunks):
+            return 0
+        pg = is_pg(session)
+        steps, values, times = merge_parts(_decode(session, rows))
+    ids = [r.id for r in rows]
+    pieces = max(1, len(steps) // TARGET)  # pieces of TARGET..2*TARGET points
+    bounds = np.linspace(0, len(steps), pieces + 1).astype(int)
+    new = []
+    for k, (a, b) in enumerate(itertools.pairwise(bounds)):
+        st = steps[a:b]
+        new.append(
+            {
+                "id": ids[len(ids) - pieces + k],
+                "series_id": series_id,
+                "segment": segment,
+                "step_min": int(st[0]),
+                "step_max": int(st[-1]),
+                "n": len(st),
+                **_encode(pg, st, values[a:b], times[a:b] if len(times) else times),
+            }
+        )
+    with lock or contextlib.nullcontext(), sessions() as session:
+        gone = session.execute(delete(Chunk).where(_C.id.in_(ids))).rowcount
+        if gone != len(ids):
+            session.rollback()  # someone else compacted these meanwhile
+            return 0
+        session.execute(Chunk.__table__.insert(), new)
+        session.commit()
+    return len(ids)
+
+
+def compact_all(
+    sessions: sessionmaker[Session], *, run: str | None = None, min_chunks: int = 2, lock=None
+) -> int:
+    """Compact every series-segment (of `run`, or of all runs) with min_chunks small chunks."""
+    q = (
+        select(_C.series_id, _C.segment)
+        .where(_C.n < TARGET)
+        .group_by(_C.series_id, _C.segment)
+        .having(func.count() >= min_chunks)
+    )
+    if run is not None:
+        q = q.join(Series, Series.id == _C.series_id).join(Run).where(Run.name == run)
+    with sessions() as session:
+        keys = session.execute(q).all()
+    return sum(
+        compact_series(sessions, series_id=s, segment=g, min_chunks=min_chunks, lock=lock)
+        for s, g in keys
+    )
 
 
 class Compactor:
-    """Collects series touched by ingest and merges their small chunks on a worker thread."""
+    """Counts the chunks ingest writes per (series, segment) and merges them in the background.
 
-    def __init__(self, sessions: sessionmaker[Session], lock: threading.Lock) -> None:
+    It works when ingest has been quiet for `idle_s` (compression is CPU the ingest path
+    would otherwise compete for) or when `max_wait_s` has passed since the first due work.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        lock: contextlib.AbstractContextManager,
+        *,
+        idle_s: float = 1.0,
+        max_wait_s: float = 30.0,
+    ) -> None:
         self._sessions = sessions
         self._lock = lock
+        self._idle_s = idle_s
+        self._max_wait_s = max_wait_s
+        self._counts: dict[tuple[int, int], int] = {}
+        self._due: set[tuple[int, int]] = set()
+        self._mutex = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._last_ingest = 0.0
+        self._due_since: float | None = None
+        self._thread: threading.Thread | None = None
 
     def touch(self, series_ids: Iterable[int], segment: int) -> None:
-        pass
+        """Ingest wrote one chunk for each of series_ids in segment."""
+        now = time.monotonic()
+        with self._mutex:
+            self._last_ingest = now
+            for sid in series_ids:
+                key = (sid, segment)
+                n = self._counts.get(key, 0) + 1
+                if n >= MERGE_CHUNKS:
+                    self._due.add(key)
+                    n = 0
+                    if self._due_since is None:
+                        self._due_since = now
+                        self._wake.set()
+                self._counts[key] = n
 
     def start(self) -> None:
-        pass
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._loop, name="logitwatch-compactor", daemon=True
+            )
+            self._thread.start()
 
     def close(self) -> None:
-        pass
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _take(self) -> list[tuple[int, int]] | None:
+        """The due work if it is time to do it, else None."""
+        with self._mutex:
+            self._wake.clear()  # wake again on new work; else look every idle_s
+            if not self._due:
+                return None
+            now = time.monotonic()
+            quiet = now - self._last_ingest >= self._idle_s
+            overdue = self._due_since is not None and now - self._due_since >= self._max_wait_s
+            if not (quiet or overdue):
+                return None
+            work, self._due, self._due_since = sorted(self._due), set(), None
+            return work
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=self._idle_s)
+            work = self._take()
+            for sid, seg in work or ():
+                if self._stop.is_set():
+                    break
+                try:
+                    compact_series(self._sessions, series_id=sid, segment=seg, lock=self._lock)
+                except Exception:  # a failed merge leaves the chunks as they were
+                    log.exception("compaction of series %s segment %s failed", sid, seg)

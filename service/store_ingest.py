@@ -7,6 +7,7 @@ changes nothing. Core bulk statements, not ORM objects: ingest runs at ~1M point
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import numpy as np
 from sqlalchemy import and_, case, func, or_, select, update
@@ -139,54 +140,92 @@ def ingest_batch(
     if marked is None:
         return IngestResult(duplicate=True, n_points=n_points)
     ids = _series_ids(session, run_id, batch.series, max_series)
-    pg = is_pg(session)
+    if is_pg(session):
+        _write_pg(session, ids, batch)
+    else:
+        _write_sqlite(session, ids, batch)
+    _seen(session, run_id)
+    return IngestResult(duplicate=False, n_points=n_points, series_ids=ids)
+
+
+def _seen(session: Session, run_id: int) -> None:
+    # At most one write a second per run: concurrent batches of one run would otherwise
+    # queue on this row's lock, one commit after another.
+    now = utcnow()
+    session.execute(
+        update(Run)
+        .where(Run.id == run_id)
+        .where(or_(Run.last_seen_at.is_(None), Run.last_seen_at < now - timedelta(seconds=1)))
+        .values(last_seen_at=now)
+    )
+
+
+def _rows(ids: list[int], batch: Batch, pack) -> tuple[list, list]:
+    """(chunk rows, latest rows) as tuples in column order, latest sorted by series id
+    so that concurrent writers lock latest rows in one order and never deadlock."""
     seg = batch.segment
     chunks, latest = [], []
     for sid, s in zip(ids, batch.series, strict=True):
         if not len(s.steps):
             continue
         steps, values, times = _columns(s)
-        lo, hi = int(steps[0]), int(steps[-1])
-        if pg:
-            payload = {"steps": steps.tolist(), "values": values.tolist(), "times": times.tolist()}
-        else:
-            payload = {
-                "steps": raw_steps(steps),
-                "values": raw_floats(values),
-                "times": raw_floats(times),
-            }
-        chunks.append(
-            {
-                "series_id": sid,
-                "segment": seg,
-                "step_min": lo,
-                "step_max": hi,
-                "n": len(steps),
-                **payload,
-            }
-        )
-        latest.append(
-            {
-                "series_id": sid,
-                "segment": seg,
-                "step": hi,
-                "value": float(values[-1]),
-                "time": float(times[-1]) if len(times) else None,
-                "n_points": len(steps),
-                "first_step": lo,
-            }
-        )
+        lo, hi, n = int(steps[0]), int(steps[-1]), len(steps)
+        chunks.append((sid, seg, lo, hi, n, *pack(steps, values, times)))
+        last_time = float(times[-1]) if len(times) else None
+        latest.append((sid, seg, hi, float(values[-1]), last_time, n, lo))
+    latest.sort()
+    return chunks, latest
+
+
+def _pack_sqlite(steps, values, times) -> tuple:
+    return raw_steps(steps), raw_floats(values), raw_floats(times)
+
+
+def _pack_pg(steps, values, times) -> tuple:
+    return steps.tolist(), values.tolist(), times.tolist()
+
+
+_CHUNK_COLS = ("series_id", "segment", "step_min", "step_max", "n", "steps", "values", "times")
+_LATEST_COLS = ("series_id", "segment", "step", "value", "time", "n_points", "first_step")
+# Newest point = largest (segment, step); NULL value means NaN on SQLite (see models.Latest).
+_NEWER = "(excluded.segment > latest.segment OR (excluded.segment = latest.segment AND excluded.step >= latest.step))"
+_SQLITE_CHUNKS = (
+    'INSERT INTO chunks (series_id, segment, step_min, step_max, n, steps, "values", times) '
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SQLITE_LATEST = (
+    "INSERT INTO latest (series_id, segment, step, value, time, n_points, first_step) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (series_id) DO UPDATE SET "
+    + ", ".join(
+        f"{c} = CASE WHEN {_NEWER} THEN excluded.{c} ELSE latest.{c} END"
+        for c in ("segment", "step", "value", "time")
+    )
+    + ", n_points = latest.n_points + excluded.n_points"
+    ", first_step = min(latest.first_step, excluded.first_step)"
+)
+
+
+def _write_sqlite(session: Session, ids: list[int], batch: Batch) -> None:
+    # The hot path goes straight to sqlite3's executemany: SQLAlchemy's per-row parameter
+    # processing would cost more than the inserts themselves. Same connection, same transaction.
+    chunks, latest = _rows(ids, batch, _pack_sqlite)
     if chunks:
-        session.execute(_CHUNKS.insert(), chunks)
-        # sorted: concurrent writers lock latest rows in one order and never deadlock
-        latest.sort(key=lambda r: r["series_id"])
-        session.execute(_latest_upsert(session), latest)
-    session.execute(update(Run).where(Run.id == run_id).values(last_seen_at=utcnow()))
-    return IngestResult(duplicate=False, n_points=n_points, series_ids=ids)
+        raw = session.connection().connection.driver_connection
+        raw.executemany(_SQLITE_CHUNKS, chunks)
+        raw.executemany(_SQLITE_LATEST, latest)
 
 
-def _latest_upsert(session: Session):
-    stmt = insert(session, _LATEST)
+def _write_pg(session: Session, ids: list[int], batch: Batch) -> None:
+    chunks, latest = _rows(ids, batch, _pack_pg)
+    if chunks:
+        session.execute(_CHUNKS.insert(), [dict(zip(_CHUNK_COLS, r, strict=True)) for r in chunks])
+        session.execute(_PG_LATEST, [dict(zip(_LATEST_COLS, r, strict=True)) for r in latest])
+
+
+def _pg_latest_upsert():
+    from sqlalchemy.dialects import postgresql
+
+    stmt = postgresql.insert(_LATEST)
     ex, t = stmt.excluded, _LATEST.c
     newer = or_(ex.segment > t.segment, and_(ex.segment == t.segment, ex.step >= t.step))
     return stmt.on_conflict_do_update(
@@ -197,6 +236,9 @@ def _latest_upsert(session: Session):
             "value": case((newer, ex.value), else_=t.value),
             "time": case((newer, ex.time), else_=t.time),
             "n_points": t.n_points + ex.n_points,
-            "first_step": case((ex.first_step < t.first_step, ex.first_step), else_=t.first_step),
+            "first_step": func.least(t.first_step, ex.first_step),
         },
     )
+
+
+_PG_LATEST = _pg_latest_upsert()

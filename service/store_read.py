@@ -19,7 +19,7 @@ from .codec import decode_floats, decode_steps
 from .models import Chunk, Run, Series
 from .store_sql import is_pg
 
-__all__ = ["Buckets", "Points", "ReadResult", "bucketize", "read_points"]
+__all__ = ["Buckets", "Points", "ReadResult", "bucketize", "merge_parts", "read_points"]
 
 DEFAULT_LIMIT = 100_000
 _EMPTY_I = np.empty(0, dtype=np.int64)
@@ -126,13 +126,18 @@ def _chunks(session: Session, sid: int, start: int | None, end: int | None, want
     return out
 
 
-def _merge(parts: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One value per step; among equal steps the last part in `parts` wins."""
+def merge_parts(parts: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One value per step from [(segment, steps, values, times)]; among equal steps the
+    last part in `parts` wins. Times are NaN where a part had none (if any part had some)."""
     if not parts:
         return _EMPTY_I, _EMPTY_F, _EMPTY_F
     if len(parts) == 1:
         return parts[0][1], parts[0][2], parts[0][3]
-    has_times = all(len(p[3]) == len(p[1]) for p in parts)
+    if any(len(p[3]) for p in parts) and not all(len(p[3]) == len(p[1]) for p in parts):
+        parts = [
+            p if len(p[3]) == len(p[1]) else (*p[:3], np.full(len(p[1]), np.nan)) for p in parts
+        ]
+    has_times = len(parts[0][3]) > 0
     by_start = sorted(parts, key=lambda p: p[1][0])
     # Fast path: chunks that do not overlap are concatenated in step order.
     if all(a[1][-1] < b[1][0] for a, b in itertools.pairwise(by_start)):
@@ -208,7 +213,7 @@ def read_points(
             key = -1 if seg is None else seg
             if after and (sid, key) < after[:2]:
                 continue
-            st, va, ti = _clip(*_merge(group), start, end)
+            st, va, ti = _clip(*merge_parts(group), start, end)
             if max_points is not None:
                 b = bucketize(st, va, max_points, start, end)
                 result.series.append(Buckets(sid, metric, lab, seg, **b))

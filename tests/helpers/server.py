@@ -17,7 +17,14 @@ from typing import Any
 
 import httpx
 
-__all__ = ["LiveServer", "free_port", "live_server", "thread_server", "wait_ready"]
+__all__ = [
+    "LiveServer",
+    "free_port",
+    "live_server",
+    "live_servers",
+    "thread_server",
+    "wait_ready",
+]
 
 
 def free_port() -> int:
@@ -59,19 +66,7 @@ def wait_ready(url: str, timeout: float = 30.0, process: subprocess.Popen | None
     raise TimeoutError(f"{url}/readyz did not answer within {timeout} s")
 
 
-@contextlib.contextmanager
-def live_server(
-    db_url: str | None,
-    *,
-    workers: int = 1,
-    args: tuple[str, ...] = (),
-    env: dict[str, str] | None = None,
-    timeout: float = 60.0,
-) -> Iterator[LiveServer]:
-    """`python -m logitwatch serve --db URL --port FREE ...` as a real process, stopped on exit.
-
-    db_url None leaves out --db (the default SQLite file, or LOGITWATCH_DB_URL in `env`).
-    """
+def _spawn(db_url, workers, args, env) -> LiveServer:
     port = free_port()
     cmd = [
         sys.executable, "-m", "logitwatch", "serve",
@@ -83,22 +78,53 @@ def live_server(
     with tempfile.NamedTemporaryFile("w+b", prefix="lwserver-", suffix=".log", delete=False) as log:
         log_path = Path(log.name)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-    server = LiveServer(f"http://127.0.0.1:{port}", port, db_url or "", proc, log_path)
+    return LiveServer(f"http://127.0.0.1:{port}", port, db_url or "", proc, log_path)
+
+
+def _stop(server: LiveServer) -> None:
+    proc = server.process
+    proc.terminate()
     try:
-        try:
-            wait_ready(server.url, timeout, proc)
-        except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{exc}; server log:\n{server.log()}") from None
-        yield server
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    server.final_log = server.log()
+    server.log_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def live_servers(
+    db_url: str | None,
+    n: int = 1,
+    *,
+    workers: int = 1,
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Iterator[list[LiveServer]]:
+    """n `python -m logitwatch serve` processes started together (one database), stopped on exit.
+
+    db_url None leaves out --db (the default SQLite file, or LOGITWATCH_DB_URL in `env`).
+    """
+    servers = [_spawn(db_url, workers, args, env) for _ in range(n)]
+    try:
+        for server in servers:
+            try:
+                wait_ready(server.url, timeout, server.process)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"{exc}; server log:\n{server.log()}") from None
+        yield servers
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        server.final_log = server.log()
-        log_path.unlink(missing_ok=True)
+        for server in servers:
+            _stop(server)
+
+
+@contextlib.contextmanager
+def live_server(db_url: str | None, **kwargs: Any) -> Iterator[LiveServer]:
+    """One real `logitwatch serve` process on a free port (see live_servers)."""
+    with live_servers(db_url, 1, **kwargs) as (server,):
+        yield server
 
 
 @contextlib.contextmanager

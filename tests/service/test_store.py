@@ -1,0 +1,161 @@
+"""The store on SQLite and PostgreSQL: ingest, segments, idempotency, buckets, pages, compaction."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from logitwatch.protocol import Batch, series_from_columns
+from logitwatch.service import store
+from logitwatch.service.models import Chunk
+from logitwatch.service.store_compact import compact_all
+
+
+def ingest(sessions, run, batch, **kw):
+    with sessions() as s:
+        result = store.ingest_batch(s, run=run, batch=batch, **kw)
+        s.commit()
+    return result
+
+
+def read(sessions, run, metric, **kw):
+    with sessions() as s:
+        return store.read_points(s, run=run, metric=metric, **kw)
+
+
+def one(batch_series, client="c", seq=0, segment=0):
+    return Batch(client, seq, segment, batch_series)
+
+
+def test_out_of_order_steps_over_several_batches(sessions, run_name):
+    rng = np.random.default_rng(1)
+    steps = rng.permutation(300)
+    values = steps * 0.5
+    for i, part in enumerate(np.array_split(np.arange(300), 5)):
+        s = series_from_columns("loss", {}, steps[part], values[part], steps[part] + 1e9)
+        ingest(sessions, run_name, one([s], seq=i))
+    (got,) = read(sessions, run_name, "loss").series
+    assert got.steps.tolist() == list(range(300))
+    assert got.values.tolist() == [x * 0.5 for x in range(300)]
+    assert got.times.tolist() == [x + 1e9 for x in range(300)]
+
+
+def test_segments_newest_wins_and_late_batches_stay_in_their_segment(sessions, run_name):
+    ingest(
+        sessions, run_name, one([series_from_columns("loss", {}, range(100), [0.0] * 100)], seq=1)
+    )
+    # resumed from the checkpoint at step 50: segment 1
+    ingest(
+        sessions,
+        run_name,
+        one([series_from_columns("loss", {}, range(50, 150), [1.0] * 100)], seq=2, segment=1),
+    )
+    # a late batch of segment 0 (a replayed spool) must not shadow segment 1
+    ingest(
+        sessions,
+        run_name,
+        one([series_from_columns("loss", {}, range(100, 120), [9.0] * 20)], seq=3, segment=0),
+    )
+    (got,) = read(sessions, run_name, "loss").series
+    assert got.segment is None
+    assert got.steps.tolist() == list(range(150))
+    assert got.values.tolist() == [0.0] * 50 + [1.0] * 100
+    every = read(sessions, run_name, "loss", segments_all=True).series
+    assert [(e.segment, len(e.steps)) for e in every] == [(0, 120), (1, 100)]
+    with sessions() as s:
+        info = store.get_run(s, name=run_name)
+        (series,) = store.list_series(s, run=run_name)
+    assert (info.max_segment, info.last_step) == (1, 149)
+    assert (series.last_segment, series.last_step, series.last_value) == (1, 149, 1.0)
+    assert series.n_points == 220 and series.first_step == 0
+
+
+def test_client_seq_makes_a_batch_idempotent(sessions, run_name):
+    batch = one([series_from_columns("loss", {}, range(10), range(10))], client="a", seq=5)
+    assert not ingest(sessions, run_name, batch).duplicate
+    assert ingest(sessions, run_name, batch).duplicate
+    other = one([series_from_columns("loss", {}, range(10, 20), range(10))], client="b", seq=5)
+    assert not ingest(sessions, run_name, other).duplicate
+    (got,) = read(sessions, run_name, "loss").series
+    assert len(got.steps) == 20
+    with sessions() as s:
+        assert store.list_series(s, run=run_name)[0].n_points == 20
+
+
+def test_buckets_keep_spikes_and_nan(sessions, run_name):
+    values = np.ones(1000)
+    values[123] = 1e6  # one-step spike
+    values[456] = math.nan
+    values[789] = -math.inf
+    s = series_from_columns("grad.norm", {}, range(1000), values)
+    ingest(sessions, run_name, one([s]))
+    (b,) = read(sessions, run_name, "grad.norm", max_points=10).series
+    assert b.steps.tolist() == list(range(0, 1000, 100))
+    assert b.last_steps.tolist() == list(range(99, 1000, 100))
+    assert b.count.tolist() == [100] * 10
+    assert b.max[1] == 1e6 and b.min[1] == 1.0
+    assert b.nan.tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0]
+    assert b.min[4] == 1.0 and b.max[4] == 1.0  # min/max skip NaN; nan says it was there
+    assert b.min[7] == -math.inf
+    # a step range and uneven widths
+    (b,) = read(sessions, run_name, "grad.norm", max_points=3, start=100, end=199).series
+    assert b.steps.tolist() == [100, 134, 168] and b.count.sum() == 100
+
+
+def test_label_filters_and_pages(sessions, run_name):
+    series = [
+        series_from_columns("attn.logit_max", {"layer": layer, "head": head}, range(25), range(25))
+        for layer in range(2)
+        for head in range(2)
+    ]
+    ingest(sessions, run_name, one(series))
+    assert len(read(sessions, run_name, "attn.logit_max", labels={"layer": "1"}).series) == 2
+    assert (
+        len(read(sessions, run_name, "attn.logit_max", labels={"layer": 1, "head": 0}).series) == 1
+    )
+    pages, cursor = [], None
+    while True:
+        page = read(sessions, run_name, "attn.logit_max", limit=30, cursor=cursor)
+        pages.append(page)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    got = [(e.series_id, int(st)) for p in pages for e in p.series for st in e.steps]
+    assert len(pages) == 4 and len(got) == 100 and len(set(got)) == 100
+    with pytest.raises(ValueError, match="cursor"):
+        read(sessions, run_name, "attn.logit_max", cursor="nonsense")
+
+
+def test_series_limit_rejects_the_whole_batch(sessions, run_name):
+    batch = one([series_from_columns(f"m{i}", {}, [1], [1.0]) for i in range(4)])
+    with sessions() as s, pytest.raises(store.LimitError, match="max_series_per_run=3"):
+        store.ingest_batch(s, run=run_name, batch=batch, max_series=3)
+    with sessions() as s:
+        assert store.get_run(s, name=run_name) is None  # rolled back: nothing stored
+
+
+def test_compaction_keeps_every_point_and_the_later_write(sessions, run_name):
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=400)
+    values[20] = math.nan
+    for i in range(40):
+        steps = np.arange(i * 10, i * 10 + 10)
+        s = series_from_columns("loss", {}, steps, values[steps], 1.7e9 + steps * 0.25)
+        ingest(sessions, run_name, one([s], seq=i))
+    # a rewrite of steps 5..14 in the same segment: the later write wins, before and after
+    s = series_from_columns("loss", {}, range(5, 15), [42.0] * 10, [0.0] * 10)
+    ingest(sessions, run_name, one([s], seq=99))
+    before = read(sessions, run_name, "loss").series[0]
+    assert compact_all(sessions, run=run_name) == 41
+    with sessions() as s:
+        sid = store.list_series(s, run=run_name)[0].id
+        assert s.scalar(select(func.count()).where(Chunk.series_id == sid)) == 1
+    after = read(sessions, run_name, "loss").series[0]
+    assert after.steps.tolist() == before.steps.tolist() == list(range(400))
+    assert after.values.tobytes() == before.values.tobytes()
+    assert after.times.tobytes() == before.times.tobytes()
+    assert after.values[5:15].tolist() == [42.0] * 10
+    assert math.isnan(after.values[20]) and after.values[16] == values[16]
