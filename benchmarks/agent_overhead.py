@@ -1,0 +1,190 @@
+"""What the Monitor costs a training step: reference decoder on the CPU, with and without it.
+
+Three identical models train side by side, interleaved step by step (A B C A B C ...): no
+monitor, a Monitor reporting every step, one reporting every 10th. Median step times are
+printed as ratios, then a per-probe breakdown of a reporting step, then the transport
+comparison of benchmarks/transport.py when it is there.
+
+    .venv/bin/python benchmarks/agent_overhead.py [--rounds 30] [--layers 4] [--d-model 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from logitwatch.agent import Monitor, MonitorConfig
+from logitwatch.agent.decoder import Decoder, DecoderConfig, loss_fn
+from logitwatch.agent.filesink import FileSink
+from logitwatch.agent.optim import build_optimizer
+from logitwatch.agent.probes import act_rms, attn_stats, logits_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(args) -> Decoder:
+    torch.manual_seed(0)
+    cfg = DecoderConfig(
+        vocab_size=256, n_layers=args.layers, d_model=args.d_model, n_heads=args.d_model // 64,
+        max_seq_len=args.seq, z_loss=1e-4,
+    )  # fmt: skip
+    return Decoder(cfg)
+
+
+def step_fn(model, opt, monitor, batch: torch.Tensor, step: int) -> float:
+    start = time.perf_counter()
+    ce, z = loss_fn(model(batch), batch, z_loss=1e-4)
+    (ce + z).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if monitor is not None:
+        monitor.step(step, loss=(ce + z).detach(), loss_z=z.detach(), tokens=batch.numel())
+    return time.perf_counter() - start
+
+
+def overhead(args, console: Console) -> None:
+    base = build(args)
+    arms = {"no monitor": None, "every=1": 1, "every=10": 10}
+    tmp = tempfile.mkdtemp(prefix="logitwatch-bench-")
+    runs = {}
+    for name, every in arms.items():
+        model = copy.deepcopy(base)
+        opt = build_optimizer(model, lr=3e-4)
+        monitor = None
+        if every is not None:
+            sink = FileSink(tmp, f"bench-{every}")  # the offline default sink
+            monitor = Monitor(
+                model, opt, run=f"bench-{every}", sink=sink, config=MonitorConfig(every=every)
+            )
+        runs[name] = (model, opt, monitor, [])
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 256, (args.batch, args.seq), generator=g) for _ in range(4)]
+    total = args.warmup + args.rounds * 10  # rounds of 10 steps: every=10 reports once per round
+    for step in range(total):
+        for model, opt, monitor, times in runs.values():  # interleaved: A B C A B C ...
+            t = step_fn(model, opt, monitor, batches[step % len(batches)], step)
+            if step >= args.warmup:
+                times.append(t)
+    for _, _, monitor, _ in runs.values():
+        if monitor is not None:
+            monitor.close()
+    ref = statistics.median(runs["no monitor"][3])
+    table = Table(
+        title=f"Step time, {args.layers} layers, d_model {args.d_model}, seq {args.seq}, batch {args.batch} (CPU, {torch.get_num_threads()} threads)"
+    )
+    for col in ("arm", "median ms", "mean ms", "ratio (median)", "target"):
+        table.add_column(col, justify="right")
+    targets = {"every=1": 1.03, "every=10": 1.01}
+    for name, (_, _, _, times) in runs.items():
+        med = statistics.median(times)
+        target = targets.get(name)
+        verdict = (
+            "" if target is None else f"<= {target} {'met' if med / ref <= target else 'NOT met'}"
+        )
+        table.add_row(
+            name,
+            f"{1e3 * med:.1f}",
+            f"{1e3 * statistics.fmean(times):.1f}",
+            f"{med / ref:.4f}",
+            verdict,
+        )
+    console.print(table)
+    # Reporting vs non-reporting steps of the every=10 arm: what a probe step costs on its own.
+    times = runs["every=10"][3]
+    first = (10 - args.warmup % 10) % 10
+    rep = [t for i, t in enumerate(times) if i % 10 == first]
+    non = [t for i, t in enumerate(times) if i % 10 != first]
+    console.print(
+        f"every=10 arm: reporting steps median {1e3 * statistics.median(rep):.1f} ms, "
+        f"other steps {1e3 * statistics.median(non):.1f} ms, "
+        f"no monitor {1e3 * ref:.1f} ms"
+    )
+
+
+def breakdown(args, console: Console) -> None:
+    """Time each reduction of a reporting step on the tensors a real step makes."""
+    model = build(args)
+    opt = build_optimizer(model, lr=3e-4)
+    grabbed = {}
+    model.blocks[0].attn.qk_hook.register_forward_hook(lambda m, a, o: grabbed.setdefault("qk", a))
+    model.logits_hook.register_forward_hook(lambda m, a, o: grabbed.setdefault("logits", o))
+    model.blocks[0].resid_hook.register_forward_hook(lambda m, a, o: grabbed.setdefault("resid", o))
+    batch = torch.randint(0, 256, (args.batch, args.seq))
+    ce, z = loss_fn(model(batch), batch, z_loss=1e-4)
+    (ce + z).backward()
+    with Monitor(model, opt, run="breakdown", sink=FileSink(tempfile.mkdtemp(), "b")) as monitor:
+        params = monitor.params
+        q, k = (t.detach() for t in grabbed["qk"])
+        scale = model.blocks[0].attn.scale
+        cases = {
+            f"attn_stats, one layer (x{args.layers})": lambda: attn_stats(
+                q, k, scale, sample_rows=64, sample_batch=8
+            ),
+            "logits_stats (logits, log Z)": lambda: logits_stats(
+                grabbed["logits"], sample_tokens=512
+            ),
+            f"act_rms, one layer (x{args.layers})": lambda: act_rms(grabbed["resid"]),
+            "grad norms (global + per layer)": params.grads,
+            "weight snapshot (for update ratio)": params.snapshot,
+            "param norms + update ratio": lambda: (params.snapshot(), params.weights()),
+            "device-to-host copy of the buffer": lambda: monitor.slots.buf[
+                : monitor.slots.used
+            ].clone(),
+        }
+        table = Table(title="Cost of each reduction on a reporting step (median of 20)")
+        table.add_column("probe")
+        table.add_column("ms", justify="right")
+        with torch.no_grad():
+            for name, fn in cases.items():
+                times = []
+                for _ in range(20):
+                    t = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t)
+                table.add_row(name, f"{1e3 * statistics.median(times):.3f}")
+        console.print(table)
+
+
+def transports(console: Console) -> None:
+    path = ROOT / "benchmarks" / "transport.py"
+    if not path.exists():
+        console.print("(benchmarks/transport.py not found: transport comparison skipped)")
+        return
+    spec = importlib.util.spec_from_file_location("logitwatch_bench_transport", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.measure_transports()
+    console.print("Transport: handing 200 scalars per step to each logger")
+    console.print(module.format_rows(rows) if hasattr(module, "format_rows") else rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=6, help="rounds of 10 interleaved steps per arm")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--no-transport", action="store_true", help="skip the transport comparison")
+    args = p.parse_args(argv)
+    console = Console()
+    overhead(args, console)
+    breakdown(args, console)
+    if not args.no_transport:
+        transports(console)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
