@@ -76,6 +76,7 @@ def require(scope: str) -> Callable[[Request], Principal | None]:
         request.state.principal = who
         return who
 
+    dependency.scope = scope  # type: ignore[attr-defined]  # lets tests find each route's scope
     return dependency
 
 

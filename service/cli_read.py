@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -26,6 +27,17 @@ class ServerError(Exception):
 
 def _labels(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "—"
+
+
+def _num(v: Any) -> str:
+    # JSON spells non-finite values as strings ('NaN', ...): they pass through as written.
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _time(t: Any) -> str:
+    if not isinstance(t, (int, float)):
+        return ""
+    return datetime.fromtimestamp(t, UTC).isoformat(sep=" ", timespec="milliseconds")[:23]
 
 
 def _label_arg(text: str) -> tuple[str, str]:
@@ -101,7 +113,7 @@ def _series(http: httpx.Client, args: argparse.Namespace, console: Console) -> A
                   title=f"run {args.run}")  # fmt: skip
     for s in doc["series"]:
         table.add_row(s["metric"], _labels(s["labels"]), f"{s['n_points']:,}",
-                      str(s["first_step"]), str(s["last_step"]), str(s["last_value"]))  # fmt: skip
+                      str(s["first_step"]), str(s["last_step"]), _num(s["last_value"]))  # fmt: skip
     console.print(table)
     return None
 
@@ -136,7 +148,7 @@ def _query(http: httpx.Client, args: argparse.Namespace, console: Console) -> An
     cols = (["first step", "last step", "count", "min", "max", "last", "NaN"] if bucketed
             else ["step", "value", "time"])  # fmt: skip
     for s in doc["series"]:
-        title = f"{args.run} {args.metric} {_labels(s['labels'])}"
+        title = f"{args.run} {args.metric} {_labels(s['labels']) if s['labels'] else ''}".strip()
         if s.get("segment") is not None:
             title += f" segment {s['segment']}"
         table = Table(*cols, title=title)
@@ -144,9 +156,9 @@ def _query(http: httpx.Client, args: argparse.Namespace, console: Console) -> An
             names = ("steps", "last_steps", "count", "min", "max", "last", "nan")
         else:
             names = ("steps", "values", "times")
-        n = len(s["steps"])
-        for i in range(n):
-            table.add_row(*(str(s[c][i]) if s.get(c) else "" for c in names))
+        shown = {c: [(_time if c == "times" else _num)(v) for v in s.get(c) or []] for c in names}
+        for i in range(len(s["steps"])):
+            table.add_row(*(shown[c][i] if shown[c] else "" for c in names))
         console.print(table)
     if not doc["series"]:
         console.print(f"no series of {args.metric} in run {args.run} match")
@@ -162,7 +174,7 @@ def _alerts(http: httpx.Client, args: argparse.Namespace, console: Console) -> A
     )
     for a in doc["alerts"]:
         table.add_row(str(a["id"]), a["run"], a["rule"], a["severity"], a["state"], a["metric"],
-                      _labels(a.get("labels") or {}), str(a.get("last_step")), str(a.get("value")),
+                      _labels(a.get("labels") or {}), str(a.get("last_step")), _num(a.get("value")),
                       a.get("hint") or "")  # fmt: skip
     console.print(table)
     return None
