@@ -213,41 +213,12 @@ def train(
             f"steps ({cfg.steps}) must exceed the checkpoint's step ({start}) to continue."
         )
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
-    schedule = ScheduleConfig.from_dict(
-        {**scheduler.shape.to_dict(), "peak_lr": scheduler.base_lrs[0]}
-    )
-    run_config = {
-        "decoder": model_cfg.to_dict(),
-        "optimizer": {
-            "name": "adamw",
-            "lr": cfg.lr,
-            "betas": [0.9, 0.95],
-            "weight_decay": cfg.weight_decay,
-            "decay_embeddings": cfg.decay_embeddings,
-            "clip_grad_norm": cfg.clip_grad_norm,
-        },
-        "schedule": schedule.to_dict(),
-        "train": {
-            "preset": cfg.preset,
-            "full": cfg.full,
-            "steps": cfg.steps,
-            "batch_size": cfg.batch_size,
-            "seq_len": cfg.seq_len,
-            "bf16": cfg.bf16,
-            "seed": cfg.seed,
-            "device": str(device),
-        },
-    }
     tokens = cfg.batch_size * cfg.seq_len
-    metrics = open(cfg.metrics_out, "a" if start else "w") if cfg.metrics_out else None  # noqa: SIM115
-    bar = _progress(cfg, start)
-    losses: list[float] = []
-    lrs: list[float] = []
-    pending: list[torch.Tensor] = []  # (loss, z, grad norm) per step since the last host sync
-    checkpoint, t_start, t_last, step = None, time.perf_counter(), time.perf_counter(), start
-    steady: tuple[float, int] | None = None  # (time, steps) at the first host sync
+    log = _Log(cfg, start, tokens)
+    run_config = _run_config(cfg, model_cfg, scheduler, device)
+    checkpoint, step = None, start
     monitor = _monitor(cfg, monitor_factory, model, optimizer, run, run_config, start)
-    with contextlib.closing(metrics) if metrics else contextlib.nullcontext(), _closing(monitor):
+    with log, _closing(monitor):
         for step in range(start, cfg.steps):
             x, y = sampler.sample()
             with autocast():
@@ -257,72 +228,108 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            optimizer.step()  # clips inside, after the monitor's pre-hook read the raw gradient
             # Before scheduler.step(): the monitor reads the LR this step used, lr_at(schedule, step).
             monitor.step(step, loss=loss.detach(), loss_z=z.detach(), tokens=tokens)
             scheduler.step()
-            lrs.append(lr)
-            norm = (
-                optimizer.last_grad_norm
-                if optimizer.last_grad_norm is not None
-                else torch.zeros(())
-            )
-            pending.append(torch.stack([loss.detach(), z.detach(), norm.to(loss.device)]))
-            stop = any(
-                cb(StepInfo(step, loss.detach(), z.detach(), lr, model, optimizer))
-                for cb in callbacks
-            )
+            log.add(loss.detach(), z.detach(), optimizer.last_grad_norm, lr)
+            info = StepInfo(step, loss.detach(), z.detach(), lr, model, optimizer)
+            stop = any([cb(info) for cb in callbacks])
             last = stop or step + 1 == cfg.steps
             if (step + 1 - start) % cfg.log_every == 0 or last:
-                now = time.perf_counter()
-                rows = torch.stack(pending).tolist()  # the one host sync per interval
-                speed = tokens * len(rows) / max(now - t_last, 1e-9)
-                first = step + 1 - len(rows)
-                for i, (lv, lz, gn) in enumerate(rows):
-                    losses.append(lv)
-                    if metrics:
-                        line = {
-                            "step": first + i,
-                            "loss": lv,
-                            "loss_z": lz,
-                            "lr": lrs[first + i - start],
-                            "grad_norm": gn,
-                            "tokens_per_s": speed,
-                        }
-                        metrics.write(json.dumps(line) + "\n")
-                if metrics:
-                    metrics.flush()
-                bar.set_postfix(
-                    loss=f"{rows[-1][0]:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False
-                )
-                bar.update(len(rows))
-                if steady is None:  # the first interval pays for lazy imports and warm-up
-                    steady = (now, len(losses))
-                pending, t_last = [], now
+                log.flush()
             if cfg.save_every and ((step + 1) % cfg.save_every == 0 or last):
                 path = Path(cfg.save_dir) / f"step_{step + 1:06d}.pt"
                 checkpoint = _save(path, step + 1, cfg, run, model, optimizer, scheduler, sampler)
             if stop:
                 break
-    bar.close()
-    t_end = time.perf_counter()
-    seconds = t_end - t_start
-    if steady is None or steady[1] == len(losses):
-        steady = (t_start, 0)
-    speed = tokens * (len(losses) - steady[1]) / max(t_end - steady[0], 1e-9)
     val = _evaluate(model, corpus.val, cfg, device, autocast)
     return TrainResult(
-        start,
-        step + 1,
-        losses,
-        lrs,
-        val,
-        speed,
-        seconds,
-        checkpoint,
-        run,
-        model,
-    )
+        start, step + 1, log.losses, log.lrs, val, log.tokens_per_s(), log.seconds(), checkpoint,
+        run, model,
+    )  # fmt: skip
+
+
+def _run_config(cfg: TrainConfig, model_cfg, scheduler, device) -> dict[str, Any]:
+    """What the service records about the run; ``schedule`` is the one actually followed."""
+    schedule = {**scheduler.shape.to_dict(), "peak_lr": scheduler.base_lrs[0]}
+    return {
+        "decoder": model_cfg.to_dict(),
+        "optimizer": {"name": "adamw", "lr": cfg.lr, "betas": [0.9, 0.95],
+                      "weight_decay": cfg.weight_decay, "decay_embeddings": cfg.decay_embeddings,
+                      "clip_grad_norm": cfg.clip_grad_norm},
+        "schedule": ScheduleConfig.from_dict(schedule).to_dict(),
+        "train": {"preset": cfg.preset, "full": cfg.full, "steps": cfg.steps,
+                  "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "bf16": cfg.bf16,
+                  "seed": cfg.seed, "device": str(device)},
+    }  # fmt: skip
+
+
+class _Log:
+    """The host side of the loop: per-step tensors wait on the device until ``flush()``, which
+    reads them in one sync and feeds the metrics file and the progress bar."""
+
+    def __init__(self, cfg: TrainConfig, start: int, tokens: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.start, self.tokens = start, tokens
+        self.losses: list[float] = []
+        self.lrs: list[float] = []
+        self.pending: list[torch.Tensor] = []  # (loss, z, grad norm) per unread step
+        path = cfg.metrics_out
+        self.file = open(path, "a" if start else "w") if path else None  # noqa: SIM115
+        self.bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step",
+                        dynamic_ncols=True)  # fmt: skip
+        self.t_start = self.t_last = time.perf_counter()
+        self.steady: tuple[float, int] | None = None  # (time, steps) at the first flush
+
+    def add(
+        self, loss: torch.Tensor, z: torch.Tensor, norm: torch.Tensor | None, lr: float
+    ) -> None:
+        norm = torch.zeros((), device=loss.device) if norm is None else norm.to(loss.device)
+        self.pending.append(torch.stack([loss.float(), z.float(), norm.float()]))
+        self.lrs.append(lr)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        rows = torch.stack(self.pending).tolist()  # the one host sync per interval
+        now = time.perf_counter()
+        speed = self.tokens * len(rows) / max(now - self.t_last, 1e-9)
+        for loss, z, norm in rows:
+            step = self.start + len(self.losses)
+            self.losses.append(loss)
+            if self.file:
+                line = {"step": step, "loss": loss, "loss_z": z, "lr": self.lrs[step - self.start],
+                        "grad_norm": norm, "tokens_per_s": speed}  # fmt: skip
+                self.file.write(json.dumps(line) + "\n")
+        if self.file:
+            self.file.flush()
+        lr = self.lrs[-1]
+        self.bar.set_postfix(loss=f"{rows[-1][0]:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}",
+                             refresh=False)  # fmt: skip
+        self.bar.update(len(rows))
+        if self.steady is None:  # the first interval pays for lazy imports and warm-up
+            self.steady = (now, len(self.losses))
+        self.pending, self.t_last = [], now
+
+    def seconds(self) -> float:
+        return self.t_last - self.t_start
+
+    def tokens_per_s(self) -> float:
+        """Steady state: from the first flush on, when there was more than one."""
+        t0, n0 = (
+            self.steady if self.steady and self.steady[1] < len(self.losses) else (self.t_start, 0)
+        )
+        return self.tokens * (len(self.losses) - n0) / max(self.t_last - t0, 1e-9)
+
+    def __enter__(self) -> _Log:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
 
 
 @contextlib.contextmanager
@@ -331,11 +338,3 @@ def _closing(monitor: Any):
         yield monitor
     finally:
         monitor.close(timeout=10)  # the sender flushes what it holds, bounded
-
-
-def _progress(cfg: TrainConfig, start: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", dynamic_ncols=True
-    )
