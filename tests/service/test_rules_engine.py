@@ -7,9 +7,8 @@ import threading
 from datetime import timedelta
 
 import pytest
+from helpers.feed import Feeder, S, alerts
 
-from logitwatch.protocol import Batch, series_from_columns
-from logitwatch.service import store
 from logitwatch.service.db import WRITE, make_engine, make_sessionmaker
 from logitwatch.service.evaluator import RuleEngine
 from logitwatch.service.models import utcnow
@@ -22,39 +21,6 @@ def writer(db_url):
     engine = make_engine(db_url)
     yield make_sessionmaker(engine.execution_options(**{WRITE: True}))
     engine.dispose()
-
-
-class Feeder:
-    """Stores batches and runs an engine over them, as POST points does."""
-
-    def __init__(self, sm, engine: RuleEngine, run: str) -> None:
-        self.sm, self.engine, self.run, self.seq = sm, engine, run, 0
-
-    def config(self, config: dict) -> None:
-        with self.sm() as s:
-            store.upsert_run(s, name=self.run, config=config)
-            s.commit()
-
-    def send(self, *series, segment: int = 0, seq: int | None = None) -> list[dict]:
-        self.seq += 1
-        batch = Batch("c", self.seq if seq is None else seq, segment, list(series))
-        with self.sm() as s:
-            if not store.ingest_batch(s, run=self.run, batch=batch).duplicate:
-                self.engine.on_batch(s, run=self.run, batch=batch)
-            out = self.engine.firing(s, run=self.run)
-            s.commit()
-        return out
-
-
-def S(metric, steps, values, **labels):
-    return series_from_columns(metric, labels, steps, values)
-
-
-def alerts(sm, run):
-    from logitwatch.service.alerts import list_alerts
-
-    with sm() as s:
-        return list_alerts(s, run=run)
 
 
 def test_attention_logit_level_lifecycle_and_resolution(writer, run_name):
@@ -120,6 +86,9 @@ def test_late_and_replayed_points_are_ignored_and_state_survives_a_restart(write
     f.engine = RuleEngine(writer, builtins=False)
     (a,) = f.send(S("x", [3], [13.0]))
     assert (a["state"], a["first_step"], a["last_step"]) == ("firing", 1, 3)
+    with writer() as s:  # the PostgreSQL database is shared by the test session
+        put_user_rules(s, rules=[])
+        s.commit()
 
 
 def test_two_engines_on_one_database_fire_once(db_url, writer, run_name):

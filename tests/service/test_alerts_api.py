@@ -1,0 +1,134 @@
+"""Alerts, silences and rules over HTTP on a real uvicorn (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import math
+
+from logitwatch.protocol import Batch, encode_batch, series_from_columns
+
+
+def post(client, run, seq, *series):
+    batch = Batch("c", seq, 0, list(series))
+    r = client.post(
+        f"/api/v1/runs/{run}/points",
+        content=encode_batch(batch),
+        headers={"content-type": "application/msgpack"},
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["alerts"]
+
+
+def S(metric, steps, values, **labels):
+    return series_from_columns(metric, labels, steps, values)
+
+
+def test_ingest_answer_alert_queries_and_ack(client, run_name):
+    (a,) = post(client, run_name, 1, S("loss", [1, 2], [3.0, math.inf]))
+    keys = {"id", "rule", "severity", "metric", "labels", "first_step", "last_step", "value"}
+    assert keys | {"threshold", "hint", "state"} <= a.keys()
+    assert (a["rule"], a["state"], a["value"]) == ("nonfinite", "firing", "Infinity")
+    post(client, run_name, 2, S("attn.logit_max", [3], [150.0], layer="1", head="0"))
+    got = client.get("/api/v1/alerts", params={"run": run_name}).json()["alerts"]
+    assert {(x["rule"], x["state"]) for x in got} == {
+        ("nonfinite", "firing"),
+        ("attn-logit-high", "pending"),
+    }
+    crit = client.get(
+        "/api/v1/alerts", params={"run": run_name, "state": "firing", "severity": "critical"}
+    ).json()["alerts"]
+    assert [x["id"] for x in crit] == [a["id"]]
+    r = client.get("/api/v1/alerts", params={"state": "burning"})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "state"
+    acked = client.post(f"/api/v1/alerts/{a['id']}/ack", json={"by": "alice"}).json()
+    assert acked["acked"] and acked["acked_by"] == "alice" and acked["state"] == "firing"
+    assert client.get(f"/api/v1/alerts/{a['id']}").json()["acked"]
+    assert client.post("/api/v1/alerts/999999/ack").status_code == 404
+    # /metrics exposes firing alerts
+    line = f'logitwatch_alerts_firing{{rule="nonfinite",run="{run_name}",severity="critical"}} 1.0'
+    assert line in client.get("/metrics").text.splitlines()
+
+
+def test_silences_hide_alerts_from_the_ingest_answer_until_deleted(client, run_name):
+    r = client.post("/api/v1/silences", json={"run": run_name, "rule": "nonfinite-count",
+                                              "duration_s": 3600, "comment": "known"})  # fmt: skip
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    assert r.json()["active"]
+    assert post(client, run_name, 1, S("nonfinite.count", [1], [2.0])) == []
+    (listed,) = client.get("/api/v1/alerts", params={"run": run_name}).json()["alerts"]
+    assert listed["silenced"] and listed["state"] == "firing"
+    assert sid in [s["id"] for s in client.get("/api/v1/silences?active=true").json()["silences"]]
+    assert client.delete(f"/api/v1/silences/{sid}").status_code == 200
+    assert client.get(f"/api/v1/silences/{sid}").status_code == 404
+    assert [a["rule"] for a in post(client, run_name, 2, S("loss", [2], [1.0]))] == [
+        "nonfinite-count"
+    ]
+    r = client.post("/api/v1/silences", json={"duration_s": 60})
+    assert r.status_code == 422 and "run, a rule or labels" in r.text
+    r = client.post("/api/v1/silences", json={"rule": "x", "until": "2030-01-01T00:00:00"})
+    assert r.status_code == 422 and "time zone" in r.text
+
+
+def test_rules_get_put_and_validation(client, run_name):
+    body = client.get("/api/v1/rules").json()
+    assert "attn-logit-high" in body["effective"]
+    assert all("source" in r for r in body["builtin"])
+    bad = {"rules": [{"name": "x", "metric": "loss", "condition": {"kind": "growth", "ratio": 0.0,
+                                                                   "over_steps": 3}}]}  # fmt: skip
+    r = client.put("/api/v1/rules", json=bad)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["field"] == "rules[0].condition.ratio"
+    r = client.put("/api/v1/rules", json={"rules": [{"name": "x", "metric": "loss",
+        "condition": {"kind": "nonfinite"}, "preceded_by": {"rule": "nope"}}]})  # fmt: skip
+    assert r.json()["detail"][0]["field"] == "rules[0].preceded_by.rule"
+    yaml_rules = (
+        "rules:\n"
+        "  - name: tput-low\n"
+        "    metric: throughput.tokens_per_s\n"
+        "    condition: {kind: threshold, op: '<', value: 100}\n"
+        "    severity: info\n"
+        "    hint: check the data loader\n"
+        "  - name: nonfinite\n"
+        "    metric: loss\n"
+        "    condition: {kind: nonfinite}\n"
+        "    enabled: false\n"
+    )
+    r = client.put(
+        "/api/v1/rules", content=yaml_rules, headers={"content-type": "application/yaml"}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] >= 1 and "nonfinite" not in r.json()["effective"]
+    assert [x["name"] for x in client.get("/api/v1/rules").json()["rules"]] == [
+        "tput-low",
+        "nonfinite",
+    ]
+    fired = post(
+        client, run_name, 1, S("throughput.tokens_per_s", [1], [5.0]), S("loss", [1], [math.nan])
+    )
+    assert [(a["rule"], a["severity"], a["hint"]) for a in fired] == [
+        ("tput-low", "info", "check the data loader")
+    ]
+    # a failed PUT changes nothing
+    assert client.put("/api/v1/rules", json=bad).status_code == 422
+    assert len(client.get("/api/v1/rules").json()["rules"]) == 2
+    assert client.put("/api/v1/rules", json={"rules": []}).status_code == 200
+
+
+def test_serve_rules_file_installs_the_user_rules(tmp_path, _sqlite_template):
+    import shutil
+
+    from helpers.server import live_server
+
+    db = tmp_path / "lw.db"
+    shutil.copy(_sqlite_template, db)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "- name: lr-too-high\n  metric: lr\n  condition: {kind: threshold, value: 0.01}\n"
+        "  hint: lower the LR\n"
+    )
+    args = ("--rules", str(rules))
+    with live_server(f"sqlite:///{db}", args=args) as server, server.client() as c:
+        body = c.get("/api/v1/rules").json()
+        assert body["source"] == str(rules) and body["rules"][0]["name"] == "lr-too-high"
+        (a,) = post(c, "r1", 1, S("lr", [1], [0.1], group="0"))
+        assert (a["rule"], a["hint"], a["threshold"]) == ("lr-too-high", "lower the LR", 0.01)

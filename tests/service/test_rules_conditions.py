@@ -1,0 +1,96 @@
+"""Conditions point by point (pure): robust spikes, growth and drops, slopes, schedules, config."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+from logitwatch.schedules import ScheduleConfig, lr_at
+from logitwatch.service.conditions import RunContext, evaluate
+from logitwatch.service.rules import parse_rules
+
+
+def cond(**c):
+    return parse_rules([{"name": "r", "metric": "m", "condition": c}])[0].condition
+
+
+def run(c, values, ctx=None, steps=None):
+    state: dict = {}
+    ctx = ctx or RunContext()
+    out = [
+        evaluate(c, state, s, v, ctx)
+        for s, v in zip(steps or range(len(values)), values, strict=True)
+    ]
+    json.dumps(state, allow_nan=False)  # the state stays strict JSON whatever came in
+    return out, state
+
+
+def test_mad_spike_ignores_heavy_tails_and_catches_a_real_spike():
+    rng = random.Random(0)
+    # Laplace noise has heavy tails (a 6-sigma excursion every ~1000 points); the median/MAD
+    # window stays nearly quiet on it and still sees a 10x jump.
+    noise = [2.0 + rng.choice((-1, 1)) * rng.expovariate(20) for _ in range(1000)]
+    verdicts, _ = run(cond(kind="mad", window=200, sigmas=6), noise)
+    false_alarms = sum(1 for v in verdicts if v and v.active)
+    assert false_alarms <= 5
+    verdicts, _ = run(cond(kind="mad", window=200, sigmas=6), [*noise[:300], 20.0, *noise[300:400]])
+    assert verdicts[300].active and verdicts[300].threshold < 3
+    assert not any(v.active for v in verdicts[301:])  # the spike did not widen the window
+
+
+def test_zscore_is_winsorised():
+    vals = [1.0, 1.1, 0.9] * 10 + [50.0, 1.0, 60.0]
+    verdicts, _ = run(cond(kind="zscore", window=100, sigmas=6), vals)
+    assert verdicts[30].active and not verdicts[31].active and verdicts[32].active
+
+
+def test_growth_rise_and_drop():
+    rise = cond(kind="growth", ratio=2, over_steps=50, min_value=20)
+    verdicts, _ = run(rise, [5.0, 8.0, 12.0], steps=[0, 10, 20])
+    assert not any(v and v.active for v in verdicts)  # doubled, but below min_value
+    verdicts, _ = run(rise, [30.0, 45.0, 61.0, 70.0], steps=[0, 10, 20, 200])
+    assert [bool(v and v.active) for v in verdicts] == [False, False, True, False]
+    drop = cond(kind="growth", ratio=0.5, over_steps=50, min_value=0.2)
+    verdicts, _ = run(drop, [0.9, 0.8, 0.4, 0.1], steps=[0, 10, 20, 30])
+    assert [bool(v and v.active) for v in verdicts] == [False, False, True, True]
+
+
+def test_slope_of_abs_value():
+    falling = [-10.0 - 0.05 * i for i in range(20)]  # |value| rises 0.05 per 10 steps
+    steps = list(range(0, 200, 10))
+    c = cond(kind="slope", above=0.02, window_steps=100, min_points=5, abs=True)
+    verdicts, _ = run(c, falling, steps=steps)
+    assert not verdicts[-1].active and math.isclose(verdicts[-1].value, 0.005)
+    verdicts, _ = run(cond(kind="slope", above=0.001, abs=True), falling, steps=steps)
+    assert verdicts[-1].active
+    verdicts, _ = run(cond(kind="slope", above=0.001), falling, steps=steps)
+    assert not verdicts[-1].active  # the raw value falls
+
+
+def test_schedule_deviation_allows_one_step_of_slack():
+    cfg = {"kind": "sgdr", "peak_lr": 1e-3, "warmup_steps": 5, "t0": 20}
+    ctx = RunContext.from_config({"schedule": cfg})
+    sc = ScheduleConfig.from_dict(cfg)
+    c = cond(kind="schedule", tolerance=0.1)
+    late, _ = run(c, [lr_at(sc, s - 1) if s else lr_at(sc, 0) for s in range(60)], ctx)
+    assert not any(v.active for v in late)
+    wrong, _ = run(c, [10 * lr_at(sc, s) for s in range(60)], ctx)
+    # only the step before each restart passes: 10x the floor is the next step's peak
+    assert [s for s, v in enumerate(wrong) if not v.active] == [24, 44]
+    assert ctx.restarts(-1, 60) == [25, 45]
+    bad = RunContext.from_config({"schedule": {"kind": "linear"}})
+    assert bad.schedule is None and "schedule.kind" in bad.schedule_error
+    assert run(c, [1.0], bad)[0] == [None]  # no declared schedule: nothing to judge
+
+
+def test_threshold_relative_to_the_runs_config_and_nonfinite_values():
+    c = cond(kind="threshold", op=">", value=0.9, of_config="softcap_final")
+    ctx = RunContext.from_config({"model": {"softcap_final": 30.0}})
+    verdicts, _ = run(c, [20.0, 28.0], ctx)
+    assert [v.active for v in verdicts] == [False, True] and verdicts[1].threshold == 27.0
+    assert run(c, [28.0], RunContext())[0] == [None]  # no soft-cap configured
+    verdicts, state = run(cond(kind="mad", window=10, min_points=3), [1.0, math.nan, 1.0, math.inf])
+    assert verdicts[1] is None and state["w"] == [1.0, 1.0]
+    verdicts, _ = run(cond(kind="nonfinite"), [1.0, math.nan, -math.inf])
+    assert [v.active for v in verdicts] == [False, True, True]
