@@ -7,6 +7,7 @@ wakes every interval, groups the rows per series into packed arrays (logitwatch.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import secrets
@@ -106,6 +107,8 @@ class BatchingSink(Sink):
 
     def _start(self) -> None:
         self._collector.start()
+        # A script that ends without close() still gets its last steps delivered or spooled.
+        atexit.register(self.close)
 
     # -- the training thread's side ------------------------------------------------------
     def register_run(self, run, *, config=None, tags=None) -> None:
@@ -151,6 +154,7 @@ class BatchingSink(Sink):
     def close(self, timeout: float | None = None) -> None:
         if self._closed:
             return
+        atexit.unregister(self.close)
         timeout = self._close_timeout if timeout is None else timeout
         deadline = _time.monotonic() + max(0.0, timeout)
         try:

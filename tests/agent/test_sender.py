@@ -269,3 +269,16 @@ def test_resume_while_offline_uses_the_local_state(receiver, tmp_path):
 def test_sender_config_names_the_bad_field(field, value):
     with pytest.raises(ValueError, match=f"sender.{field}"):
         SenderConfig(**{field: value})
+
+
+def test_a_script_that_forgets_close_still_delivers(receiver, tmp_path):
+    code = textwrap.dedent(f"""
+        from logitwatch.agent.sender import HttpSink
+        from logitwatch.agent.sink import series_key
+        sink = HttpSink({receiver.url!r}, "r1", spool_dir={str(tmp_path)!r})
+        for step in range(5):
+            sink.log(step, {{series_key("loss"): float(step)}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(s for _, _, s, _, _ in receiver.points()) == list(range(5))
