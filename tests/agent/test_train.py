@@ -220,3 +220,28 @@ def test_doctests():
     # importlib: ``logitwatch.agent.train`` as an attribute is the re-exported function.
     for name in ("logitwatch.agent.train", "logitwatch.agent.train_config"):
         assert doctest.testmod(importlib.import_module(name)).failed == 0
+
+
+def test_real_monitor_reports_the_lr_each_step_used(tmp_path, monkeypatch):
+    # No server: the Monitor writes its batches to .logitwatch/runs/<run>/ under the cwd.
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(steps=8, run="itest", every=2, warmup=3, eval_batches=0)
+    result = train(cfg)
+    lines = [
+        json.loads(line) for line in next(tmp_path.rglob("itest.jsonl")).read_text().splitlines()
+    ]
+    config = next(line["config"] for line in lines if "config" in line)
+    assert config["schedule"]["warmup_steps"] == 3 and config["decoder"]["d_model"] == 64
+    seen = {}
+    for line in lines:
+        for s in line.get("series", []):
+            if s["metric"] in ("lr", "loss") and s["labels"].get("group", "decay") == "decay":
+                seen.update(
+                    {(s["metric"], st): v for st, v in zip(s["steps"], s["values"], strict=True)}
+                )
+    schedule = cfg.schedule_config()
+    lr_steps = sorted(st for metric, st in seen if metric == "lr")
+    assert len(lr_steps) >= 3 and set(lr_steps) <= set(range(8))  # every 2nd step or so
+    for st in lr_steps:
+        assert seen[("lr", st)] == pytest.approx(lr_at(schedule, st))
+        assert seen[("loss", st)] == pytest.approx(result.losses[st])
