@@ -223,22 +223,24 @@ class BatchingSink(Sink):
             return
         cols: dict[Any, tuple[array, array, array]] = {}
         n_points = taken = 0
-        for row in rows:
-            if isinstance(row, _RunEntry):
-                self._emit_columns(cols)
-                cols, n_points = {}, 0
-                self._emit_run(row)
-                self._taken_rows += 1
-                continue
-            step, t, values = row
-            taken += len(values)
-            n_points += self._add_row(cols, step, t, values)
-            self._taken_rows += 1
-            if n_points >= self._max_points:
-                self._emit_columns(cols)
-                cols, n_points = {}, 0
-        self._emit_columns(cols)
-        self._taken_points += taken
+        try:
+            for row in rows:
+                if isinstance(row, _RunEntry):
+                    self._emit_columns(cols)
+                    cols, n_points = {}, 0
+                    self._emit_run(row)
+                    continue
+                step, t, values = row
+                taken += len(values)
+                n_points += self._add_row(cols, step, t, values)
+                if n_points >= self._max_points:
+                    self._emit_columns(cols)
+                    cols, n_points = {}, 0
+            self._emit_columns(cols)
+        finally:
+            # Counted only now that every batch is routed: flush() must not see them early.
+            self._taken_points += taken
+            self._taken_rows += len(rows)
 
     def _add_row(self, cols, step, t, values: Mapping[SeriesKey, float]) -> int:
         try:

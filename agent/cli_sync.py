@@ -63,6 +63,10 @@ class _Uploader:
                     self.points += n_points
                     self.duplicates += bool(out.answer.get("duplicate"))
                 return
+            if out.kind in ("http 401", "http 403"):
+                raise PermissionError(
+                    f"{self.poster.server}: {out.kind}: {out.detail} (check --token)"
+                )
             if not out.retry:
                 self.refused += 1
                 print(
@@ -156,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
             up = fn(path, uploader_for, args.run)
         except ConnectionError as exc:
             print(f"logitwatch: error: {path}: service unreachable: {exc}", file=sys.stderr)
+            return 1
+        except PermissionError as exc:
+            print(f"logitwatch: error: {path}: not allowed: {exc}", file=sys.stderr)
             return 1
         print(
             f"{path}: run {up.poster.run}: {up.sent} batches, {up.points} points sent"

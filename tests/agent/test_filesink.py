@@ -95,3 +95,10 @@ def test_sync_gives_up_when_the_service_stays_down(tmp_path, capsys):
     rc = main(["sync", str(tmp_path), "--server", "http://127.0.0.1:9", "--timeout", "0.3"])
     assert rc == 1
     assert "service unreachable" in capsys.readouterr().err
+
+
+def test_sync_stops_at_once_on_a_refused_token(tmp_path, receiver, capsys):
+    _write_run(tmp_path)
+    receiver.answers.extend([(401, {})] * 5)
+    assert main(["sync", str(tmp_path), "--server", receiver.url, "--token", "bad"]) == 1
+    assert "check --token" in capsys.readouterr().err
