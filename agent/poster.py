@@ -99,7 +99,7 @@ class Poster:
     def run_info(self) -> dict[str, Any] | None:
         """GET the run (max_segment, last_step); {} when unknown there, None when unreachable."""
         try:
-            r = self.client.get(self._run_url, timeout=min(5.0, self.client.timeout.read or 5.0))
+            r = self.client.get(self._run_url, timeout=min(2.0, self.client.timeout.read or 2.0))
         except httpx.HTTPError:
             return None
         if r.status_code == 404:
@@ -131,11 +131,19 @@ class Poster:
 
     def _request(self, method: str, url: str, body: bytes, content_type: str) -> Outcome:
         headers = {"Content-Type": content_type}
+        data = body
         if self.compression == "gzip":
-            body = gzip.compress(body, compresslevel=1)
+            data = gzip.compress(body, compresslevel=1)
             headers["Content-Encoding"] = "gzip"
         try:
-            r = self.client.request(method, url, content=body, headers=headers)
+            r = self.client.request(method, url, content=data, headers=headers)
+            if self.compression == "gzip" and r.status_code in (400, 415):
+                # A service (or proxy) that does not take gzip bodies: send plain from now on.
+                log.warning(
+                    "the service refused a gzip body (%d): sending uncompressed", r.status_code
+                )
+                self.compression = "none"
+                return self._request(method, url, body, content_type)
         except httpx.TimeoutException as exc:
             return Outcome(False, retry=True, kind="timeout", detail=str(exc) or "timed out")
         except httpx.HTTPError as exc:

@@ -282,3 +282,28 @@ def test_a_script_that_forgets_close_still_delivers(receiver, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert sorted(s for _, _, s, _, _ in receiver.points()) == list(range(5))
+
+
+def test_gzip_falls_back_to_plain_bodies_when_refused(receiver, tmp_path):
+    cfg = SenderConfig(batch_interval_s=0.05, compression="gzip")
+    sink = HttpSink(receiver.url, "r1", spool_dir=tmp_path, config=cfg)
+    sink.log(0, {series_key("loss"): 1.0})  # the test receiver does not decode gzip: 400
+    assert _wait(lambda: len(receiver.points()) == 1)
+    sink.close(5)
+
+
+def test_a_full_outbox_spills_to_disk_instead_of_dropping(receiver, tmp_path):
+    cfg = SenderConfig(batch_interval_s=0.02, backoff_initial_s=0.05, max_memory_mb=0.01)
+    sink = HttpSink(receiver.url, "r1", spool_dir=tmp_path, config=cfg)
+    assert _wait(lambda: receiver.requests)  # the start-up GET is answered
+    receiver.hang.set()  # then the service accepts and never answers: the poster is stuck
+    for step in range(60):
+        sink.log(step, {series_key("act.rms", layer=i): float(step) for i in range(20)})
+        time.sleep(0.005)
+    assert _wait(lambda: sink.spool.pending() > 3)
+    assert sink.dropped_points == 0
+    receiver.hang.clear()
+    receiver.release.set()
+    assert _wait(lambda: len(receiver.points()) == 60 * 20)
+    sink.close(5)
+    assert sink.dropped_points == 0

@@ -12,7 +12,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from logitwatch.protocol import decode_batch
+from logitwatch.protocol import ProtocolError, decode_batch
 
 _RUN = re.compile(r"^/api/v1/runs/([^/]+)(/points)?$")
 
@@ -81,7 +81,10 @@ class Receiver:
                 if self.command == "POST" and points:
                     if receiver.require_run and run not in receiver.runs:
                         return self._answer(404, {"error": "unknown_run"})
-                    batch = decode_batch(body, self.headers.get("Content-Type"))
+                    try:
+                        batch = decode_batch(body, self.headers.get("Content-Type"))
+                    except ProtocolError as exc:
+                        return self._answer(400, {"error": "bad_request", "detail": str(exc)})
                     key = (run, batch.client, batch.seq)
                     with receiver.lock:
                         dup = key in receiver.batches
