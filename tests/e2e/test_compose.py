@@ -148,6 +148,12 @@ def test_ports_and_urls_agree_with_settings_prometheus_and_grafana():
     health = " ".join(dockerfile()["service"]["healthcheck"])
     assert "/healthz" in health and "LOGITWATCH_PORT" in health
 
+    checked = subprocess.run(
+        ["promtool", "check", "config", str(REPO / "dashboards/prometheus.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
     prom = yaml.safe_load((REPO / "dashboards/prometheus.yml").read_text())
     (job,) = prom["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
