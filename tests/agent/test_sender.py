@@ -307,3 +307,11 @@ def test_a_full_outbox_spills_to_disk_instead_of_dropping(receiver, tmp_path):
     assert _wait(lambda: len(receiver.points()) == 60 * 20)
     sink.close(5)
     assert sink.dropped_points == 0
+
+
+def test_sinks_are_exported_and_are_sinks():
+    import logitwatch.agent as agent
+    from logitwatch.agent.sink import Sink
+
+    assert {"FileSink", "HttpSink", "SenderConfig"} <= set(agent.__all__)
+    assert issubclass(agent.HttpSink, Sink) and issubclass(agent.FileSink, Sink)
