@@ -22,7 +22,7 @@ from logitwatch.service.rules import (
     Threshold,
 )
 
-__all__ = ["RunContext", "Verdict", "evaluate", "reset_windows"]
+__all__ = ["RunContext", "Verdict", "evaluate", "quiet", "reset_windows"]
 
 #: The most points a window keeps, whatever the condition asks (bounds the JSON blob).
 MAX_WINDOW = 2000
@@ -85,6 +85,7 @@ class Verdict:
 
 def reset_windows(state: dict[str, Any]) -> None:
     state.pop("w", None)
+    state.pop("ws", None)
 
 
 _OPS = {
@@ -107,21 +108,33 @@ def _threshold(c: Threshold, value: float, ctx: RunContext) -> Verdict | None:
 
 
 def _growth(c: Growth, state: dict, step: int, value: float) -> Verdict | None:
-    w = [p for p in state.get("w", []) if p[0] >= step - c.over_steps]
+    # Two flat lists (steps "ws", |values| "w"): min/max over them run in C, and the JSON is small.
+    ws: list[int] = state.get("ws") or []
+    w: list[float] = state.get("w") or []
+    if len(ws) != len(w):
+        ws, w = [], []
+    cut, i = step - c.over_steps, 0
+    while i < len(ws) and ws[i] < cut:
+        i += 1
+    if i:
+        del ws[:i], w[:i]
     v = abs(value)
     verdict = None
     if w:
         if c.ratio > 1:
-            base = min(p[1] for p in w)
+            base = min(w)
             limit = base * c.ratio
             active = v >= c.min_value and base > 0 and v >= limit
         else:
-            base = max(p[1] for p in w)
+            base = max(w)
             limit = base * c.ratio
             active = base >= c.min_value and v <= limit
         verdict = Verdict(active, value, limit)
-    w.append([step, v])
-    state["w"] = w[-MAX_WINDOW:]
+    ws.append(step)
+    w.append(v)
+    if len(w) > MAX_WINDOW:
+        del ws[0], w[0]
+    state["ws"], state["w"] = ws, w
     return verdict
 
 
@@ -213,3 +226,22 @@ def evaluate(cond: Any, state: dict[str, Any], step: int, value: float, ctx: Run
     if isinstance(cond, ScheduleDeviation):
         return _schedule(cond, step, value, ctx)
     return None  # absent: judged by the periodic check
+
+
+def quiet(cond: Any, values: list[float], ctx: RunContext) -> bool:
+    """True when a stateless condition holds on none of ``values`` (the common case, skipped
+    without walking the points one by one); False when it might, or is not stateless."""
+    if isinstance(cond, NonFinite):
+        return all(math.isfinite(v) for v in values)
+    if isinstance(cond, Threshold):
+        limit = cond.value
+        if cond.of_config:
+            base = ctx.config_value(cond.of_config)
+            if not base:
+                return True
+            limit = cond.value * base
+        op = _OPS[cond.op]
+        if cond.abs:
+            return not any(op(abs(v), limit) for v in values)
+        return not any(op(v, limit) for v in values)
+    return False

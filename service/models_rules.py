@@ -72,15 +72,16 @@ class Alert(Base):
 
 
 class RuleState(Base):
-    """A rule's memory of one series (windows, streaks) as a small JSON blob.
+    """What the rules remember of one series (windows, streaks, open alerts) as one JSON blob:
+    ``{"rule name": {...}}``. Every rule sees a series' points once, so ``last_step`` is shared.
 
-    ``series_key`` is ``metric{labels_key}``; absent rules keep one row per run under ``*``.
+    ``series_key`` is ``metric{labels_key}``; the run's own row (key ``""``) holds trigger
+    steps for ``preceded_by`` and when each absent rule last saw data.
     """
 
     __tablename__ = "rule_state"
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    rule: Mapped[str] = mapped_column(String(64), primary_key=True)
     series_key: Mapped[str] = mapped_column(String(1400), primary_key=True)
     segment: Mapped[int] = mapped_column(Integer, default=0)
     last_step: Mapped[int] = mapped_column(BigInteger, default=-1)

@@ -63,13 +63,12 @@ def upgrade() -> None:
     op.create_table(
         "rule_state",
         _run_fk(),
-        sa.Column("rule", sa.String(64), nullable=False),
         sa.Column("series_key", sa.String(1400), nullable=False),
         sa.Column("segment", sa.Integer, nullable=False),
         sa.Column("last_step", sa.BigInteger, nullable=False),
         sa.Column("state", Json, nullable=False),
         sa.Column("updated_at", Stamp, nullable=False),
-        sa.PrimaryKeyConstraint("run_id", "rule", "series_key"),
+        sa.PrimaryKeyConstraint("run_id", "series_key"),
     )
     op.create_table(
         "silences",
