@@ -51,7 +51,7 @@ def per_layer(
 def markers(*metrics: str) -> str:
     names = ", ".join(f"'{m}'" for m in metrics)
     return (
-        'SELECT step, value AS "alert" FROM logitwatch_alerts '
+        'SELECT step, step_value AS "alert" FROM logitwatch_alerts '
         f"WHERE run = '$run' AND metric IN ({names}) AND {IN_RANGE} ORDER BY step"
     )
 

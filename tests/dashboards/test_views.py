@@ -84,7 +84,27 @@ def test_points_unnest_newest_segment_and_keep_spikes_and_nan(pg_url):
     )
     assert rows == [(0, 2.0), (1, 3.0)]
     assert query(pg_url, "SELECT count(*) FROM logitwatch_points('nope', 'loss')") == [(0,)]
-    assert query(pg_url, "SELECT count(*) FROM logitwatch_alerts") == [(0,)]
+
+
+def test_alerts_view_names_the_run_layer_and_the_value_where_the_alert_began(pg_url):
+    upgrade(pg_url)
+    ingest(pg_url, "r", 0, 1, [
+        series_from_columns("attn.logit_max", {"layer": 2, "head": 1}, range(6), [1, 2, 30, 40, 50, 60]),
+    ])  # fmt: skip
+    engine = make_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO alerts (run_id, rule, severity, metric, labels, labels_key, state, segment,"
+                " first_step, last_step, value, threshold, hint, created_at, updated_at)"
+                " SELECT id, 'attn-logit-growth', 'warning', 'attn.logit_max',"
+                " '{\"layer\": \"2\", \"head\": \"1\"}', 'head=1,layer=2', 'firing', 0, 2, 5, 60, 25,"
+                " 'enable QK-norm', now(), now() FROM runs WHERE name = 'r'"
+            ))  # fmt: skip
+    finally:
+        engine.dispose()
+    rows = query(pg_url, "SELECT run, layer, step, step_value, value FROM logitwatch_alerts")
+    assert rows == [("r", 2, 2, 30.0, 60.0)]
 
 
 def test_sqlite_gets_no_views(tmp_path):

@@ -73,14 +73,27 @@ ORDER BY 1, 2 NULLS FIRST, 3 NULLS FIRST
 $fn$;
 """
 
-# Alerts with their run's name and layer as columns; `step` is where the alert began.
+# Alerts with their run's name and layer as columns; `step` is where the alert began and
+# `step_value` its series' value there (the point a chart marks; `value` is the latest one).
 ALERTS_VIEW = """
 CREATE OR REPLACE VIEW logitwatch_alerts AS
 SELECT a.id, r.name AS run, a.rule, a.severity, a.state, a.metric, a.labels_key AS labels,
        CASE WHEN a.labels->>'layer' ~ '^[0-9]+$' THEN (a.labels->>'layer')::integer END AS layer,
-       a.segment, a.first_step AS step, a.last_step, a.value, a.threshold, a.hint,
-       a.created_at, a.fired_at, a.resolved_at, a.resolved_step, a.acked_at
-FROM alerts a JOIN runs r ON r.id = a.run_id;
+       a.segment, a.first_step AS step, fv.v AS step_value, a.last_step, a.value, a.threshold,
+       a.hint, a.created_at, a.fired_at, a.resolved_at, a.resolved_step, a.acked_at
+FROM alerts a
+JOIN runs r ON r.id = a.run_id
+LEFT JOIN LATERAL (
+    SELECT p.v
+    FROM series s
+    JOIN chunks c ON c.series_id = s.id
+    CROSS JOIN LATERAL unnest(c.steps, c."values") AS p(st, v)
+    WHERE s.run_id = a.run_id AND s.metric = a.metric AND s.labels_key = a.labels_key
+      AND c.segment <= a.segment AND c.step_min <= a.first_step AND c.step_max >= a.first_step
+      AND p.st = a.first_step
+    ORDER BY c.segment DESC
+    LIMIT 1
+) fv ON true;
 """
 
 
