@@ -191,14 +191,12 @@ class HttpSink(BatchingSink):
 
     def _route(self, kind: bytes, data: bytes) -> None:
         with self._lock:
+            # Behind anything already on disk (order), or on disk while offline (durable).
             to_disk = self._offline or (self.spool is not None and self.spool.pending() > 0)
-            if to_disk or self._outbox_bytes + len(data) > self._outbox_cap:
-                self._outbox.append([kind, data])
-                self._outbox_bytes += len(data)
+            self._outbox.append([kind, data])
+            self._outbox_bytes += len(data)
+            if to_disk or self._outbox_bytes > self._outbox_cap:
                 self._spill()
-            else:
-                self._outbox.append([kind, data])
-                self._outbox_bytes += len(data)
             while self._outbox_bytes > 2 * self._outbox_cap and len(self._outbox) > 1:
                 _, old = self._outbox.popleft()  # nowhere left to keep it: disk refused too
                 self._outbox_bytes -= len(old)
