@@ -85,22 +85,10 @@ def _wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 60) ->
 def _start_trainer(url: str, run: str, steps: int, extra: list[str], log: Path) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "logitwatch", "train", "--preset", "llama2", "--steps", str(steps),
-        "--server", url, "--run", run, "--seed", "0", *extra,
+        "--server", url, "--run", run, "--seed", "0", "--every", "2", *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGITWATCH_PROGRESS": "0"}
     return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
-
-
-def _last(client: httpx.Client, url: str, run: str, metric: str, **labels) -> tuple[int, float]:
-    r = client.get(f"{url}/api/v1/runs/{run}/metrics/{metric}", params={**labels, "max_points": 1})
-    if r.status_code != 200:
-        return 0, math.nan
-    pts = r.json().get("points") or r.json().get("buckets") or []
-    if not pts:
-        return 0, math.nan
-    p = pts[-1]
-    v = p.get("last", p.get("value"))
-    return int(p.get("step", p.get("last_step", 0))), _num(v)
 
 
 def _num(v) -> float:
@@ -109,56 +97,71 @@ def _num(v) -> float:
     return math.nan if v is None else float(v)
 
 
-def _max_attn(client: httpx.Client, url: str, run: str) -> float:
-    r = client.get(f"{url}/api/v1/runs/{run}/series")
+def _latest(client: httpx.Client, url: str, run: str, metric: str) -> tuple[int, float]:
+    """(last step, max over the metric's series of their last value)."""
+    r = client.get(f"{url}/api/v1/runs/{run}/series", params={"metric": metric})
     if r.status_code != 200:
-        return math.nan
-    vals = [
-        _num(s.get("last_value"))
-        for s in r.json().get("series", [])
-        if s.get("metric") == "attn.logit_max"
-    ]
+        return 0, math.nan
+    rows = [s for s in r.json().get("series", []) if s.get("last_step") is not None]
+    vals = [_num(s.get("last_value")) for s in rows]
     vals = [v for v in vals if not math.isnan(v)]
-    return max(vals) if vals else math.nan
+    step = max((int(s["last_step"]) for s in rows), default=0)
+    return step, (max(vals) if vals else math.nan)
 
 
 def _poll(client: httpx.Client, url: str, view: RunView) -> None:
     with contextlib.suppress(httpx.HTTPError, ValueError):
-        view.step, view.loss = _last(client, url, view.name, "loss")
-        view.logz = _last(client, url, view.name, "logz.mean")[1]
-        view.attn_max = _max_attn(client, url, view.name)
+        view.step, view.loss = _latest(client, url, view.name, "loss")
+        view.logz = _latest(client, url, view.name, "logz.mean")[1]
+        view.attn_max = _latest(client, url, view.name, "attn.logit_max")[1]
         r = client.get(f"{url}/api/v1/alerts", params={"run": view.name})
         if r.status_code == 200:
             body = r.json()
             view.alerts = body.get("alerts", body) if isinstance(body, dict) else body
 
 
+def _grouped(views: list[RunView]) -> list[tuple[str, str, str, int, int, str]]:
+    """One row per (run, rule): severity, where (layers/heads), first step, count, hint."""
+    groups: dict[tuple[str, str], dict] = {}
+    for v in views:
+        for a in v.alerts:
+            g = groups.setdefault(
+                (v.name, str(a.get("rule"))),
+                {"severity": a.get("severity"), "first": None, "n": 0, "hint": "", "layers": set()},
+            )
+            g["n"] += 1
+            if a.get("severity") == "critical":
+                g["severity"] = "critical"
+            first = a.get("first_step")
+            if first is not None and (g["first"] is None or int(first) < g["first"]):
+                g["first"], g["hint"] = int(first), str(a.get("hint") or "")
+            layer = (a.get("labels") or {}).get("layer")
+            if layer is not None:
+                g["layers"].add(str(layer))
+    rows = []
+    for (run, rule), g in groups.items():
+        where = "layers " + ",".join(sorted(g["layers"])) if g["layers"] else ""
+        rows.append((run, str(g["severity"]), rule, where, g["first"] or 0, g["n"], g["hint"]))
+    return sorted(rows, key=lambda r: (r[0], r[4]))
+
+
 def _table(views: list[RunView], steps: int) -> Group:
-    t = Table(title="logitwatch demo — two runs, live", expand=False)
-    for col in ("run", "what", "step", "loss", "attn max logit", "log Z mean", "alerts"):
-        t.add_column(col, justify="right" if col in ("step", "loss") else "left")
+    t = Table(title="logitwatch demo: two runs streaming into the service")
+    for col in ("run", "step", "loss", "attn max logit", "log Z mean", "open alerts"):
+        t.add_column(col, justify="left" if col == "run" else "right")
     for v in views:
         firing = [a for a in v.alerts if a.get("state") in ("firing", "pending")]
         t.add_row(
-            v.name, v.label, f"{v.step}/{steps}", f"{v.loss:.3f}", f"{v.attn_max:.1f}",
+            v.name, f"{v.step}/{steps}", f"{v.loss:.3f}", f"{v.attn_max:.1f}",
             f"{v.logz:.2f}", str(len(firing)),
         )  # fmt: skip
-    hints = Table(title="alerts (newest first)", show_header=True)
-    for col in ("run", "severity", "rule", "where", "step", "hint"):
-        hints.add_column(col)
-    rows = []
-    for v in views:
-        for a in v.alerts:
-            labels = a.get("labels") or {}
-            where = " ".join(f"{k}={val}" for k, val in sorted(labels.items())) or a.get(
-                "metric", ""
-            )
-            rows.append((a.get("first_step", 0), v.name, a, where))
-    for _, name, a, where in sorted(rows, key=lambda r: -int(r[0] or 0))[:8]:
-        hints.add_row(
-            name, str(a.get("severity")), str(a.get("rule")), where,
-            str(a.get("first_step")), str(a.get("hint", ""))[:90],
-        )  # fmt: skip
+    t.caption = "  ".join(f"{v.name}: {v.label}" for v in views)
+    hints = Table(title="alerts by rule (first step, how many series)")
+    for col in ("run", "severity", "rule", "where", "first step", "n", "hint"):
+        hints.add_column(col, overflow="fold")
+    for run, sev, rule, where, first, n, hint in _grouped(views):
+        style = "red" if sev == "critical" else "yellow"
+        hints.add_row(run, f"[{style}]{sev}[/{style}]", rule, where, str(first), str(n), hint)
     return Group(t, hints)
 
 
@@ -195,24 +198,21 @@ def _chart(client: httpx.Client, url: str, views: list[RunView], path: Path) -> 
 
 def _series_points(client: httpx.Client, url: str, run: str, metric: str):
     """Per step, the max over all of the metric's series (layers, heads, groups)."""
-    r = client.get(f"{url}/api/v1/runs/{run}/series")
+    r = client.get(f"{url}/api/v1/runs/{run}/metrics/{metric}", params={"times": "false"})
     if r.status_code != 200:
         return [], []
     best: dict[int, float] = {}
     for s in r.json().get("series", []):
-        if s.get("metric") != metric:
-            continue
-        q = client.get(f"{url}/api/v1/runs/{run}/metrics/{metric}", params=s.get("labels") or {})
-        for p in q.json().get("points", []) if q.status_code == 200 else []:
-            step, val = int(p["step"]), _num(p.get("value"))
+        for step, raw in zip(s.get("steps", []), s.get("values", []), strict=False):
+            val = _num(raw)
             if not math.isnan(val):
-                best[step] = max(best.get(step, -math.inf), val)
+                best[int(step)] = max(best.get(int(step), -math.inf), val)
     steps = sorted(best)
     return steps, [best[s] for s in steps]
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=150)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     service = None
