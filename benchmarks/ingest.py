@@ -22,7 +22,16 @@ from pathlib import Path
 
 import psycopg
 from ingest_floors import Ingest, mlflow_peer, postgres_floor, sqlite_floor
-from ingest_service import Server, ingest, load_series, payloads, postgres_bytes, read, sqlite_bytes
+from ingest_service import (
+    Server,
+    ingest,
+    load_series,
+    payloads,
+    postgres_bytes,
+    read,
+    settle,
+    sqlite_bytes,
+)
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -84,6 +93,8 @@ def run_service(
     task = progress.add_task(f"logitwatch {label}: ingest", total=plan.points)
     with Server(db_url, workdir) as srv:
         seconds = ingest(srv.url, work, lambda n: progress.advance(task, n))
+        progress.update(task, description=f"logitwatch {label}: compacting")
+        settle(db_url)
     result = Ingest(plan.points, seconds, size())
     task = progress.add_task(f"logitwatch {label}: reads", total=4)
     with Server(db_url, workdir) as srv:

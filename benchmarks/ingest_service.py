@@ -20,6 +20,7 @@ import msgpack
 import numpy as np
 import psycopg
 from ingest_data import block, series_labels
+from sqlalchemy import create_engine, text
 
 from logitwatch.protocol import MSGPACK_CONTENT_TYPE, Batch, Series, encode_batch
 
@@ -43,7 +44,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Server:
-        log_path = self.workdir / f"server-{self.port}.log"
+        self.log_path = log_path = self.workdir / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "logitwatch", "serve", "--db", self.db_url,
                "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
         env = {**os.environ, "LOGITWATCH_HOME": str(self.workdir)}
@@ -61,8 +62,10 @@ class Server:
             time.sleep(0.1)
         raise RuntimeError("logitwatch serve did not become ready within 60 s")
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         assert self.proc is not None
+        if exc_type is not None:  # the server's side of the story, before its folder goes
+            print(self.log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
         self.proc.terminate()
         try:
             self.proc.wait(30)
@@ -158,6 +161,26 @@ def read(
                     break
             times.append(time.perf_counter() - t0)
     return statistics.median(times[1:]), count
+
+
+def settle(db_url: str, *, quiet_s: float = 3.0, timeout_s: float = 180.0) -> int:
+    """Wait until the server's background compaction stops changing the number of chunks
+    (bytes on disk are measured at rest); returns that number."""
+    engine = create_engine(db_url)
+    try:
+        last, since = -1, time.monotonic()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with engine.connect() as con:
+                n = con.execute(text("SELECT count(*) FROM chunks")).scalar_one()
+            if n != last:
+                last, since = n, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                break
+            time.sleep(0.5)
+        return last
+    finally:
+        engine.dispose()
 
 
 def sqlite_bytes(path: Path) -> int:
