@@ -1,26 +1,62 @@
-"""`logitwatch db upgrade`: apply the Alembic migrations to the configured database."""
+"""`logitwatch db upgrade|compact|stats`: migrations and storage maintenance."""
 
 from __future__ import annotations
 
 import argparse
 
-from .db import sqlite_path, upgrade
+from .db import make_engine, make_sessionmaker, sqlite_path, upgrade
 from .settings import load_settings
+from .store_compact import compact_all
+from .store_stats import storage_stats
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="db_command", metavar="ACTION", required=True)
-    up = sub.add_parser("upgrade", help="migrate the database to the newest schema")
-    up.add_argument(
-        "--db", metavar="URL", help="database URL (default: LOGITWATCH_DB_URL or the SQLite file)"
-    )
+    for name, help_text in (
+        ("upgrade", "migrate the database to the newest schema"),
+        ("compact", "merge small chunks now (the server does it when idle), then VACUUM SQLite"),
+        ("stats", "print points, chunks and bytes per point on disk"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--db", metavar="URL", help="database URL (default: settings)")
+        if name == "compact":
+            p.add_argument("--run", help="only this run")
+
+
+def _where(url: str) -> str:
+    path = sqlite_path(url)
+    return str(path) if path else url.split("@")[-1]
 
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(db_url=args.db)
-    upgrade(settings.db_url)
-    path = sqlite_path(settings.db_url)
-    print(f"logitwatch: database {path or settings.db_url.split('@')[-1]} is at the newest schema")
+    url = settings.db_url
+    if args.db_command == "upgrade":
+        upgrade(url)
+        print(f"logitwatch: database {_where(url)} is at the newest schema")
+        return 0
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    try:
+        if args.db_command == "compact":
+            merged = compact_all(sessions, run=args.run)
+            if engine.dialect.name == "sqlite":
+                # Give the freed pages back to the file system.
+                raw = engine.raw_connection()
+                try:  # outside any transaction: sqlite3 runs in autocommit mode here
+                    raw.driver_connection.execute("VACUUM")
+                    raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    raw.close()
+            print(f"logitwatch: merged {merged} chunks")
+        with sessions() as session:
+            st = storage_stats(session)
+        print(
+            f"logitwatch: {st.points:,} points in {st.chunks:,} chunks, {st.bytes:,} bytes "
+            f"({st.bytes_per_point:.2f} bytes/point) in {_where(url)}"
+        )
+    finally:
+        engine.dispose()
     return 0

@@ -9,7 +9,7 @@ floats b""            empty array (times not sent)
        b"X"+zlib      float64 bit patterns XORed with their predecessor, byte-shuffled:
                       exact for every value (NaN payloads and ±Inf included), and the
                       sign/exponent bytes of a smooth series compress to almost nothing
-       b"R"+raw       raw little-endian float64 when compression does not pay
+       b"R"+raw       raw little-endian float64 when compression saves under a quarter
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ __all__ = [
     "decode_steps",
     "encode_floats",
     "encode_steps",
+    "pg_array",
     "raw_floats",
     "raw_steps",
 ]
@@ -79,7 +80,8 @@ def encode_floats(values: np.ndarray) -> bytes:
     xored = words.copy()
     xored[1:] ^= words[:-1]
     packed = zlib.compress(_shuffle(xored), _LEVEL)
-    if len(packed) >= 8 * n:
+    if len(packed) > 6 * n:
+        # Noisy values barely compress (~7.5 of 8 bytes); raw ones read back with no work.
         return b"R" + words.tobytes()
     return b"X" + packed
 
@@ -111,3 +113,19 @@ def raw_floats(values: np.ndarray) -> bytes:
     if len(values) == 0:
         return b""
     return b"R" + values.astype(_F8, copy=False).tobytes()
+
+
+_PG_HEADER = 20  # ndim, has-null flag, element oid, then (size, lower bound) of the one dimension
+
+
+def pg_array(data: bytes | memoryview | None, kind: str) -> np.ndarray:
+    """A one-dimensional PostgreSQL array in binary form (``array_send(col)``) as numpy.
+
+    Each element is a 4-byte length and an 8-byte big-endian value; `kind` is "i8" or "f8".
+    Parsing these bytes with numpy is ~50x faster than letting the driver build a list.
+    """
+    out = np.dtype("<" + kind)
+    if data is None or len(data) <= _PG_HEADER:
+        return np.empty(0, dtype=out)
+    cells = np.frombuffer(data, dtype=[("len", ">i4"), ("v", ">" + kind)], offset=_PG_HEADER)
+    return cells["v"].astype(out)

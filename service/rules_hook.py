@@ -16,6 +16,12 @@ class NoRules:
     []
     """
 
+    def start(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
     def on_batch(self, session: Session, *, run: str, batch: Batch) -> None:
         return None
 

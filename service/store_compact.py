@@ -26,10 +26,10 @@ import numpy as np
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from .codec import decode_floats, decode_steps, encode_floats, encode_steps
+from .codec import decode_floats, decode_steps, encode_floats, encode_steps, pg_array
 from .models import Chunk, Run, Series
 from .store_read import merge_parts
-from .store_sql import is_pg
+from .store_sql import insert_chunks, is_pg
 
 __all__ = ["MERGE_CHUNKS", "TARGET", "Compactor", "compact_all", "compact_series"]
 
@@ -43,50 +43,40 @@ _C = Chunk.__table__.c
 
 
 def _suffix(session: Session, series_id: int, segment: int) -> list:
-    """The small chunks written after the series-segment's last final chunk, oldest first."""
+    """The small chunks written after the series-segment's last final chunk, oldest first,
+    as (id, (segment, steps, values, times))."""
     last_final = session.scalar(
         select(func.max(_C.id)).where(
             _C.series_id == series_id, _C.segment == segment, _C.n >= TARGET
         )
     )
-    q = select(_C.id, _C.step_min, _C.n, _C.steps, _C["values"], _C.times).where(
+    pg = is_pg(session)
+    payload = [_C.steps, _C["values"], _C.times]
+    if pg:
+        payload = [func.array_send(col) for col in payload]
+    q = select(_C.id, _C.step_min, _C.n, *payload).where(
         _C.series_id == series_id, _C.segment == segment, _C.n < TARGET
     )
     if last_final is not None:
         q = q.where(_C.id > last_final)
-    return session.execute(q.order_by(_C.id)).all()
-
-
-def _decode(session: Session, rows: list) -> list:
-    if is_pg(session):
-        return [
-            (
-                0,
-                np.array(r.steps, np.int64),
-                np.array(r.values, np.float64),
-                np.array(r.times, np.float64),
+    out = []
+    for cid, step_min, n, steps, values, times in session.execute(q.order_by(_C.id)):
+        if pg:
+            arrays = (pg_array(steps, "i8"), pg_array(values, "f8"), pg_array(times, "f8"))
+        else:
+            arrays = (
+                decode_steps(steps, step_min, n),
+                decode_floats(values, n),
+                decode_floats(times, n),
             )
-            for r in rows
-        ]
-    return [
-        (
-            0,
-            decode_steps(r.steps, r.step_min, r.n),
-            decode_floats(r.values, r.n),
-            decode_floats(r.times, r.n),
-        )
-        for r in rows
-    ]
+        out.append((cid, (segment, *arrays)))
+    return out
 
 
-def _encode(pg: bool, steps: np.ndarray, values: np.ndarray, times: np.ndarray) -> dict:
+def _encode(pg: bool, steps: np.ndarray, values: np.ndarray, times: np.ndarray) -> tuple:
     if pg:
-        return {"steps": steps.tolist(), "values": values.tolist(), "times": times.tolist()}
-    return {
-        "steps": encode_steps(steps),
-        "values": encode_floats(values),
-        "times": encode_floats(times),
-    }
+        return steps.tolist(), values.tolist(), times.tolist()
+    return encode_steps(steps), encode_floats(values), encode_floats(times)
 
 
 def compact_series(
@@ -103,30 +93,32 @@ def compact_series(
         if len(rows) < max(2, min_chunks):
             return 0
         pg = is_pg(session)
-        steps, values, times = merge_parts(_decode(session, rows))
-    ids = [r.id for r in rows]
+        steps, values, times = merge_parts([parts for _, parts in rows])
+    ids = [cid for cid, _ in rows]
     pieces = max(1, len(steps) // TARGET)  # pieces of TARGET..2*TARGET points
     bounds = np.linspace(0, len(steps), pieces + 1).astype(int)
     new = []
     for k, (a, b) in enumerate(itertools.pairwise(bounds)):
         st = steps[a:b]
+        ti = times[a:b] if len(times) else times
+        cid = ids[len(ids) - pieces + k]
         new.append(
-            {
-                "id": ids[len(ids) - pieces + k],
-                "series_id": series_id,
-                "segment": segment,
-                "step_min": int(st[0]),
-                "step_max": int(st[-1]),
-                "n": len(st),
-                **_encode(pg, st, values[a:b], times[a:b] if len(times) else times),
-            }
+            (
+                cid,
+                series_id,
+                segment,
+                int(st[0]),
+                int(st[-1]),
+                len(st),
+                *_encode(pg, st, values[a:b], ti),
+            )
         )
     with lock or contextlib.nullcontext(), sessions() as session:
         gone = session.execute(delete(Chunk).where(_C.id.in_(ids))).rowcount
         if gone != len(ids):
             session.rollback()  # someone else compacted these meanwhile
             return 0
-        session.execute(Chunk.__table__.insert(), new)
+        insert_chunks(session, new, with_id=True)
         session.commit()
     return len(ids)
 
@@ -156,6 +148,8 @@ class Compactor:
 
     It works when ingest has been quiet for `idle_s` (compression is CPU the ingest path
     would otherwise compete for) or when `max_wait_s` has passed since the first due work.
+    After `deep_idle_s` of quiet it also merges the short tails (2+ chunks) of every series
+    it saw, so a finished run ends up fully compacted.
     """
 
     def __init__(
@@ -165,11 +159,14 @@ class Compactor:
         *,
         idle_s: float = 1.0,
         max_wait_s: float = 30.0,
+        deep_idle_s: float = 10.0,
     ) -> None:
         self._sessions = sessions
         self._lock = lock
         self._idle_s = idle_s
         self._max_wait_s = max_wait_s
+        self._deep_idle_s = deep_idle_s
+        self._touched: set[tuple[int, int]] = set()
         self._counts: dict[tuple[int, int], int] = {}
         self._due: set[tuple[int, int]] = set()
         self._mutex = threading.Lock()
@@ -186,6 +183,7 @@ class Compactor:
             self._last_ingest = now
             for sid in series_ids:
                 key = (sid, segment)
+                self._touched.add(key)
                 n = self._counts.get(key, 0) + 1
                 if n >= MERGE_CHUNKS:
                     self._due.add(key)
@@ -209,28 +207,38 @@ class Compactor:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def _take(self) -> list[tuple[int, int]] | None:
-        """The due work if it is time to do it, else None."""
+    def _take(self) -> tuple[list[tuple[int, int]], int] | None:
+        """(keys, min_chunks) to compact if it is time, else None."""
         with self._mutex:
             self._wake.clear()  # wake again on new work; else look every idle_s
-            if not self._due:
-                return None
-            now = time.monotonic()
-            quiet = now - self._last_ingest >= self._idle_s
-            overdue = self._due_since is not None and now - self._due_since >= self._max_wait_s
-            if not (quiet or overdue):
-                return None
-            work, self._due, self._due_since = sorted(self._due), set(), None
-            return work
+            quiet_for = time.monotonic() - self._last_ingest
+            if self._due:
+                overdue = (
+                    self._due_since is not None
+                    and time.monotonic() - self._due_since >= self._max_wait_s
+                )
+                if quiet_for >= self._idle_s or overdue:
+                    work, self._due, self._due_since = sorted(self._due), set(), None
+                    return work, MERGE_CHUNKS
+            elif self._touched and quiet_for >= self._deep_idle_s:
+                work, self._touched, self._counts = sorted(self._touched), set(), {}
+                return work, 2
+            return None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(timeout=self._idle_s)
-            work = self._take()
-            for sid, seg in work or ():
+            work, min_chunks = self._take() or ((), 0)
+            for sid, seg in work:
                 if self._stop.is_set():
                     break
                 try:
-                    compact_series(self._sessions, series_id=sid, segment=seg, lock=self._lock)
+                    compact_series(
+                        self._sessions,
+                        series_id=sid,
+                        segment=seg,
+                        min_chunks=min_chunks,
+                        lock=self._lock,
+                    )
                 except Exception:  # a failed merge leaves the chunks as they were
                     log.exception("compaction of series %s segment %s failed", sid, seg)

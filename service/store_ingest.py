@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import numpy as np
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from logitwatch.protocol import Batch, Series
@@ -20,7 +20,7 @@ from .models import Batch as BatchRow
 from .models import Chunk, Latest, Run, utcnow
 from .models import Series as SeriesRow
 from .store_runs import ensure_run_id
-from .store_sql import cache, insert, is_pg, labels_key, remember
+from .store_sql import cache, insert, insert_chunks, is_pg, labels_key, remember
 
 __all__ = ["IngestResult", "LimitError", "ingest_batch"]
 
@@ -185,60 +185,40 @@ def _pack_pg(steps, values, times) -> tuple:
     return steps.tolist(), values.tolist(), times.tolist()
 
 
-_CHUNK_COLS = ("series_id", "segment", "step_min", "step_max", "n", "steps", "values", "times")
-_LATEST_COLS = ("series_id", "segment", "step", "value", "time", "n_points", "first_step")
 # Newest point = largest (segment, step); NULL value means NaN on SQLite (see models.Latest).
-_NEWER = "(excluded.segment > latest.segment OR (excluded.segment = latest.segment AND excluded.step >= latest.step))"
-_SQLITE_CHUNKS = (
-    'INSERT INTO chunks (series_id, segment, step_min, step_max, n, steps, "values", times) '
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_NEWER = (
+    "(excluded.segment > latest.segment"
+    " OR (excluded.segment = latest.segment AND excluded.step >= latest.step))"
 )
-_SQLITE_LATEST = (
-    "INSERT INTO latest (series_id, segment, step, value, time, n_points, first_step) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (series_id) DO UPDATE SET "
-    + ", ".join(
+
+
+def _latest_sql(param: str, least: str) -> str:
+    keep_newest = ", ".join(
         f"{c} = CASE WHEN {_NEWER} THEN excluded.{c} ELSE latest.{c} END"
         for c in ("segment", "step", "value", "time")
     )
-    + ", n_points = latest.n_points + excluded.n_points"
-    ", first_step = min(latest.first_step, excluded.first_step)"
-)
+    return (
+        "INSERT INTO latest (series_id, segment, step, value, time, n_points, first_step) "
+        f"VALUES ({', '.join([param] * 7)}) ON CONFLICT (series_id) DO UPDATE SET {keep_newest}, "
+        "n_points = latest.n_points + excluded.n_points, "
+        f"first_step = {least}(latest.first_step, excluded.first_step)"
+    )
+
+
+_SQLITE_LATEST = _latest_sql("?", "min")
+_PG_LATEST = _latest_sql("%s", "least")
 
 
 def _write_sqlite(session: Session, ids: list[int], batch: Batch) -> None:
-    # The hot path goes straight to sqlite3's executemany: SQLAlchemy's per-row parameter
-    # processing would cost more than the inserts themselves. Same connection, same transaction.
     chunks, latest = _rows(ids, batch, _pack_sqlite)
     if chunks:
-        raw = session.connection().connection.driver_connection
-        raw.executemany(_SQLITE_CHUNKS, chunks)
-        raw.executemany(_SQLITE_LATEST, latest)
+        insert_chunks(session, chunks)
+        session.connection().connection.driver_connection.executemany(_SQLITE_LATEST, latest)
 
 
 def _write_pg(session: Session, ids: list[int], batch: Batch) -> None:
     chunks, latest = _rows(ids, batch, _pack_pg)
     if chunks:
-        session.execute(_CHUNKS.insert(), [dict(zip(_CHUNK_COLS, r, strict=True)) for r in chunks])
-        session.execute(_PG_LATEST, [dict(zip(_LATEST_COLS, r, strict=True)) for r in latest])
-
-
-def _pg_latest_upsert():
-    from sqlalchemy.dialects import postgresql
-
-    stmt = postgresql.insert(_LATEST)
-    ex, t = stmt.excluded, _LATEST.c
-    newer = or_(ex.segment > t.segment, and_(ex.segment == t.segment, ex.step >= t.step))
-    return stmt.on_conflict_do_update(
-        index_elements=["series_id"],
-        set_={
-            "segment": case((newer, ex.segment), else_=t.segment),
-            "step": case((newer, ex.step), else_=t.step),
-            "value": case((newer, ex.value), else_=t.value),
-            "time": case((newer, ex.time), else_=t.time),
-            "n_points": t.n_points + ex.n_points,
-            "first_step": func.least(t.first_step, ex.first_step),
-        },
-    )
-
-
-_PG_LATEST = _pg_latest_upsert()
+        insert_chunks(session, chunks)
+        with session.connection().connection.driver_connection.cursor() as cur:
+            cur.executemany(_PG_LATEST, latest)

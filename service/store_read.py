@@ -12,10 +12,10 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from .codec import decode_floats, decode_steps
+from .codec import decode_floats, decode_steps, pg_array
 from .models import Chunk, Run, Series
 from .store_sql import is_pg
 
@@ -79,9 +79,16 @@ def bucketize(
     lo = int(steps[0]) if lo is None else lo
     hi = int(steps[-1]) if hi is None else hi
     width = max(1, -(-(hi - lo + 1) // max_points))
-    idx = (steps - lo) // width
-    starts = np.flatnonzero(np.concatenate(([True], idx[1:] != idx[:-1])))
-    ends = np.append(starts[1:], n)
+    # Bucket edges located by binary search: O(buckets * log n), no pass over the steps.
+    edges = np.searchsorted(steps, lo + width * np.arange(max_points + 1, dtype=np.int64))
+    starts = edges[:-1][edges[:-1] < edges[1:]]  # non-empty buckets only
+    ends = np.append(starts[1:], edges[-1])
+    nan = np.isnan(values)
+    counts = (
+        np.add.reduceat(nan, starts, dtype=np.int64)
+        if nan.any()
+        else np.zeros(len(starts), dtype=np.int64)
+    )
     return {
         "steps": steps[starts],
         "last_steps": steps[ends - 1],
@@ -90,39 +97,33 @@ def bucketize(
         "max": np.fmax.reduceat(values, starts),
         "first": values[starts],
         "last": values[ends - 1],
-        "nan": np.add.reduceat(np.isnan(values).astype(np.int64), starts),
+        "nan": counts,
     }
 
 
 def _chunks(session: Session, sid: int, start: int | None, end: int | None, want_times: bool):
     """[(segment, steps, values, times)] in write order: segment, then chunk id."""
     c = Chunk.__table__.c
-    cols = [c.segment, c.step_min, c.step_max, c.n, c.steps, c["values"]]
-    if want_times:
-        cols.append(c.times)
-    q = select(*cols).where(c.series_id == sid)
+    pg = is_pg(session)
+    payload = [c.steps, c["values"], c.times] if want_times else [c.steps, c["values"]]
+    if pg:  # binary arrays, parsed by numpy (codec.pg_array)
+        payload = [func.array_send(col) for col in payload]
+    q = select(c.segment, c.step_min, c.n, *payload).where(c.series_id == sid)
     if start is not None:
         q = q.where(c.step_max >= start)
     if end is not None:
         q = q.where(c.step_min <= end)
     q = q.order_by(c.segment, c.id)
     out = []
-    if is_pg(session):
-        for row in session.execute(q):
-            times = np.array(row[6], dtype=np.float64) if want_times else _EMPTY_F
-            out.append(
-                (
-                    row[0],
-                    np.array(row[4], dtype=np.int64),
-                    np.array(row[5], dtype=np.float64),
-                    times,
-                )
-            )
-    else:
-        for row in session.execute(q):
-            n = row[3]
-            times = decode_floats(row[6], n) if want_times else _EMPTY_F
-            out.append((row[0], decode_steps(row[4], row[1], n), decode_floats(row[5], n), times))
+    for row in session.execute(q):
+        seg, step_min, n = row[0], row[1], row[2]
+        if pg:
+            steps, values = pg_array(row[3], "i8"), pg_array(row[4], "f8")
+            times = pg_array(row[5], "f8") if want_times else _EMPTY_F
+        else:
+            steps, values = decode_steps(row[3], step_min, n), decode_floats(row[4], n)
+            times = decode_floats(row[5], n) if want_times else _EMPTY_F
+        out.append((seg, steps, values, times))
     return out
 
 

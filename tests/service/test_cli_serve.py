@@ -45,3 +45,27 @@ def test_db_upgrade_and_bad_settings(tmp_path):
         env={"LOGITWATCH_PORT": "http", "PATH": "/usr/bin"},
     )
     assert bad.returncode == 2 and "LOGITWATCH_PORT" in bad.stderr
+
+
+def test_db_compact_and_stats(tmp_path):
+    from logitwatch.service import store
+    from logitwatch.service.db import make_engine, make_sessionmaker, upgrade
+
+    url = f"sqlite:///{tmp_path}/c.db"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    for i in range(10):
+        batch = Batch(
+            "c", i, 0, [series_from_columns("loss", {}, range(i * 10, i * 10 + 10), [1.0] * 10)]
+        )
+        with sessions() as s:
+            store.ingest_batch(s, run="r", batch=batch)
+            s.commit()
+    engine.dispose()
+    cmd = [sys.executable, "-m", "logitwatch", "db"]
+    out = subprocess.run([*cmd, "compact", "--db", url], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "merged 10 chunks" in out.stdout and "100 points in 1 chunks" in out.stdout
+    out = subprocess.run([*cmd, "stats", "--db", url], capture_output=True, text=True)
+    assert "bytes/point" in out.stdout

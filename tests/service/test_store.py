@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from sqlalchemy import func, select
 from logitwatch.protocol import Batch, series_from_columns
 from logitwatch.service import store
 from logitwatch.service.models import Chunk
-from logitwatch.service.store_compact import compact_all
+from logitwatch.service.store_compact import Compactor, compact_all
 
 
 def ingest(sessions, run, batch, **kw):
@@ -159,3 +161,24 @@ def test_compaction_keeps_every_point_and_the_later_write(sessions, run_name):
     assert after.times.tobytes() == before.times.tobytes()
     assert after.values[5:15].tolist() == [42.0] * 10
     assert math.isnan(after.values[20]) and after.values[16] == values[16]
+
+
+def test_compactor_thread_merges_once_ingest_pauses(sessions, run_name):
+    compactor = Compactor(sessions, threading.Lock(), idle_s=0.05, deep_idle_s=0.3)
+    compactor.start()
+    try:
+        for i in range(20):
+            s = series_from_columns("lr", {"group": 0}, range(i * 5, i * 5 + 5), [0.1] * 5)
+            result = ingest(sessions, run_name, one([s], seq=i))
+            compactor.touch(result.series_ids, 0)
+        deadline = time.monotonic() + 20
+        with sessions() as s:
+            count = select(func.count()).where(Chunk.series_id == result.series_ids[0])
+            while s.scalar(count) > 1 and time.monotonic() < deadline:
+                s.rollback()  # see the compactor's commits
+                time.sleep(0.05)
+            assert s.scalar(count) == 1
+    finally:
+        compactor.close()
+    (got,) = read(sessions, run_name, "lr").series
+    assert got.steps.tolist() == list(range(100)) and set(got.values.tolist()) == {0.1}
