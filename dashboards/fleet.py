@@ -12,89 +12,14 @@ from build import (
     dashboard_link,
     ds,
     ds_variable,
-    field_defaults,
-    legend,
-    thresholds,
-    tooltip,
 )
+from panels import prom, stat, table, timeseries
 
 RUN = 'run=~"$run"'
 RATE = "$__rate_interval"
 RUN_LINK = f"/d/{RUN_UID}/run-deep-dive?var-run=${{__value.raw}}&${{__url_time_range}}"
-
-
-def target(ref: str, expr: str, legend_format: str = "", *, instant: bool = False) -> Json:
-    return {
-        "refId": ref,
-        "datasource": ds(PROMETHEUS),
-        "editorMode": "code",
-        "expr": expr,
-        "legendFormat": legend_format,
-        "range": not instant,
-        "instant": instant,
-        "format": "table" if instant else "time_series",
-    }
-
-
-def graph_custom(*, threshold_lines: bool = False, log: bool = False) -> Json:
-    return {
-        "drawStyle": "line",
-        "lineInterpolation": "linear",
-        "lineWidth": 1,
-        "fillOpacity": 0,
-        "showPoints": "never",
-        "spanNulls": False,
-        "axisPlacement": "auto",
-        "scaleDistribution": {"type": "log", "log": 10} if log else {"type": "linear"},
-        "thresholdsStyle": {"mode": "line" if threshold_lines else "off"},
-    }
-
-
-def timeseries(
-    title: str, description: str, targets: list[Json], unit: str = "short", **kw: Json
-) -> Json:
-    defaults = field_defaults(unit, graph_custom(**kw))
-    if kw.get("threshold_lines"):
-        # QK-Clip caps attention logits at 100; Wortsman et al. saw every run past 1e4 diverge.
-        defaults["thresholds"] = thresholds((None, "green"), (100, "orange"), (10_000, "red"))
-    return {
-        "type": "timeseries",
-        "title": title,
-        "description": description,
-        "datasource": ds(PROMETHEUS),
-        "targets": targets,
-        "fieldConfig": {"defaults": defaults, "overrides": []},
-        "options": {"legend": legend("bottom"), "tooltip": tooltip()},
-    }
-
-
-def stat(title: str, description: str, targets: list[Json]) -> Json:
-    return {
-        "type": "stat",
-        "title": title,
-        "description": description,
-        "datasource": ds(PROMETHEUS),
-        "targets": targets,
-        "fieldConfig": {
-            "defaults": {
-                "color": {"mode": "thresholds"},
-                "thresholds": thresholds((None, "green"), (1, "red")),
-                "unit": "none",
-            },
-            "overrides": [],
-        },
-        "options": {
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "orientation": "auto",
-            "textMode": "value_and_name",
-            "colorMode": "background",
-            "graphMode": "none",
-            "justifyMode": "auto",
-            "wideLayout": True,
-            "showPercentChange": False,
-            "percentChangeColorMode": "standard",
-        },
-    }
+# QK-Clip caps attention logits at 100; Wortsman et al. saw every run past 1e4 diverge.
+ATTN_LIMITS = (100.0, 10_000.0)
 
 
 def runs_table() -> Json:
@@ -104,196 +29,82 @@ def runs_table() -> Json:
         "Value #C": "log Z mean",
         "Value #D": "max attn logit",
     }
-    return {
-        "type": "table",
-        "title": "Active runs: latest values",
-        "description": "Runs that reported within the service's run_inactive_after_s. Click a run for its deep-dive.",
-        "datasource": ds(PROMETHEUS),
-        "targets": [
-            target("A", f"max by (run) (logitwatch_loss{{{RUN}}})", instant=True),
-            target("B", f"max by (run) (logitwatch_lr{{{RUN}}})", instant=True),
-            target("C", f"max by (run) (logitwatch_logz_mean{{{RUN}}})", instant=True),
-            target("D", f"max by (run) (logitwatch_attn_logit_max{{{RUN}}})", instant=True),
+    metrics = ["loss", "lr", "logz_mean", "attn_logit_max"]
+    return table(
+        "Active runs: latest values",
+        "Runs that reported within the service's run_inactive_after_s. Click a run for its deep-dive.",
+        [
+            prom(ref, f"max by (run) (logitwatch_{m}{{{RUN}}})", instant=True)
+            for ref, m in zip("ABCD", metrics, strict=True)
         ],
-        "transformations": [
+        links={"run": ("Run deep-dive", RUN_LINK)},
+        transformations=[
             {"id": "merge", "options": {}},
             {
                 "id": "organize",
                 "options": {"excludeByName": {"Time": True}, "renameByName": columns},
             },
         ],
-        "fieldConfig": {
-            "defaults": {
-                "custom": {"align": "auto", "cellOptions": {"type": "auto"}, "inspect": False}
-            },
-            "overrides": [
-                {
-                    "matcher": {"id": "byName", "options": "run"},
-                    "properties": [
-                        {"id": "links", "value": [{"title": "Run deep-dive", "url": RUN_LINK}]}
-                    ],
-                }
-            ],
-        },
-        "options": {
-            "showHeader": True,
-            "cellHeight": "sm",
-            "frameIndex": 0,
-        },
-    }
+    )
+
+
+def quantile(ref: str, q: float) -> Json:
+    bucket = f"rate(logitwatch_http_request_duration_seconds_bucket[{RATE}])"
+    return prom(
+        ref,
+        f"histogram_quantile({q}, sum by (le, route) ({bucket}))",
+        f"p{round(q * 100)} {{{{route}}}}",
+    )
 
 
 def build() -> Json:
     g = Grid()
     g.row("Runs")
-    g.add(
-        stat(
-            "Active runs",
-            "Runs with a loss reported recently.",
-            [
-                target(
-                    "A", f"count(count by (run) (logitwatch_loss{{{RUN}}}))", "runs", instant=True
-                ),
-            ],
-        ),
-        4,
-        6,
-    )
-    g.add(
-        stat(
-            "Firing alerts by severity",
-            "Alerts firing now, summed over runs and rules.",
-            [
-                target(
-                    "A",
-                    f"sum by (severity) (logitwatch_alerts_firing{{{RUN}}})",
-                    "{{severity}}",
-                    instant=True,
-                ),
-            ],
-        ),
-        6,
-        6,
-    )
+    g.add(stat("Active runs", "Runs with a loss reported recently.", [
+        prom("A", f"count(count by (run) (logitwatch_loss{{{RUN}}}))", "runs", instant=True),
+    ]), 4, 6)  # fmt: skip
+    g.add(stat("Firing alerts by severity", "Alerts firing now, summed over runs and rules.", [
+        prom("A", f"sum by (severity) (logitwatch_alerts_firing{{{RUN}}})", "{{severity}}", instant=True),
+    ]), 6, 6)  # fmt: skip
     g.add(runs_table(), 14, 6)
 
     g.row("Stability")
-    g.add(
-        timeseries(
-            "Loss",
-            "Training loss per run.",
-            [
-                target("A", f"logitwatch_loss{{{RUN}}}", "{{run}}"),
-            ],
-        ),
-        12,
-        8,
-    )
-    g.add(
-        timeseries(
-            "Learning rate",
-            "Largest learning rate over the optimizer's param groups.",
-            [
-                target("A", f"max by (run) (logitwatch_lr{{{RUN}}})", "{{run}}"),
-            ],
-            "sci",
-        ),
-        12,
-        8,
-    )
-    g.add(
-        timeseries(
-            "log Z (mean over tokens)",
-            "Drift away from 0 is what z-loss prevents.",
-            [
-                target("A", f"logitwatch_logz_mean{{{RUN}}}", "{{run}}"),
-            ],
-        ),
-        12,
-        8,
-    )
-    g.add(
-        timeseries(
-            "Attention max logit per layer",
-            "Max over heads; lines at 100 (QK-Clip) and 1e4 (divergence).",
-            [
-                target("A", f"logitwatch_attn_logit_max{{{RUN}}}", "{{run}} layer {{layer}}"),
-            ],
-            threshold_lines=True,
-        ),
-        12,
-        8,
-    )
+    g.add(timeseries("Loss", "Training loss per run.", [
+        prom("A", f"logitwatch_loss{{{RUN}}}", "{{run}}"),
+    ]), 12, 8)  # fmt: skip
+    g.add(timeseries("Learning rate", "Largest learning rate over the optimizer's param groups.", [
+        prom("A", f"max by (run) (logitwatch_lr{{{RUN}}})", "{{run}}"),
+    ], "sci"), 12, 8)  # fmt: skip
+    g.add(timeseries("log Z (mean over tokens)", "Drift away from 0 is what z-loss prevents.", [
+        prom("A", f"logitwatch_logz_mean{{{RUN}}}", "{{run}}"),
+    ]), 12, 8)  # fmt: skip
+    g.add(timeseries(
+        "Attention max logit per layer", "Max over heads; lines at 100 (QK-Clip) and 1e4 (divergence).",
+        [prom("A", f"logitwatch_attn_logit_max{{{RUN}}}", "{{run}} layer {{layer}}")],
+        limits=ATTN_LIMITS,
+    ), 12, 8)  # fmt: skip
 
     g.row("Service")
-    g.add(
-        timeseries(
-            "Ingest rate",
-            "Points stored per second, all runs.",
-            [
-                target("A", f"sum(rate(logitwatch_points_ingested_total[{RATE}]))", "points/s"),
-            ],
-            "short",
-        ),
-        6,
-        8,
-    )
-    g.add(
-        timeseries(
-            "Requests",
-            "Requests per second by route.",
-            [
-                target(
-                    "A",
-                    f"sum by (route) (rate(logitwatch_http_requests_total[{RATE}]))",
-                    "{{route}}",
-                ),
-            ],
-            "reqps",
-        ),
-        6,
-        8,
-    )
+    g.add(timeseries("Ingest rate", "Points stored per second, all runs.", [
+        prom("A", f"sum(rate(logitwatch_points_ingested_total[{RATE}]))", "points/s"),
+    ]), 6, 8)  # fmt: skip
+    g.add(timeseries("Requests", "Requests per second by route.", [
+        prom("A", f"sum by (route) (rate(logitwatch_http_requests_total[{RATE}]))", "{{route}}"),
+    ], "reqps"), 6, 8)  # fmt: skip
     g.add(
         timeseries(
             "Request latency",
             "p50 and p99 by route.",
-            [
-                target(
-                    "A",
-                    "histogram_quantile(0.5, sum by (le, route) "
-                    f"(rate(logitwatch_http_request_duration_seconds_bucket[{RATE}])))",
-                    "p50 {{route}}",
-                ),
-                target(
-                    "B",
-                    "histogram_quantile(0.99, sum by (le, route) "
-                    f"(rate(logitwatch_http_request_duration_seconds_bucket[{RATE}])))",
-                    "p99 {{route}}",
-                ),
-            ],
+            [quantile("A", 0.5), quantile("B", 0.99)],
             "s",
         ),
         6,
         8,
     )
-    g.add(
-        timeseries(
-            "Errors",
-            "4xx and 5xx responses per second by status and route.",
-            [
-                target(
-                    "A",
-                    'sum by (status, route) (rate(logitwatch_http_requests_total{status=~"[45].."}'
-                    f"[{RATE}]))",
-                    "{{status}} {{route}}",
-                ),
-            ],
-            "reqps",
-        ),
-        6,
-        8,
-    )
+    g.add(timeseries("Errors", "4xx and 5xx responses per second by status and route.", [
+        prom("A", 'sum by (status, route) (rate(logitwatch_http_requests_total{status=~"[45].."}'
+             f"[{RATE}]))", "{{status}} {{route}}"),
+    ], "reqps"), 6, 8)  # fmt: skip
 
     run_var = {
         "name": "run",

@@ -152,22 +152,18 @@ def train(url: str, tmp: Path) -> None:
 def check_prometheus_board(prom: str, now: datetime) -> None:
     b = board("fleet-overview.json")
     start = now - timedelta(hours=1)  # the dashboard's default range, now-1h
-    scrape = (
-        int(
-            yaml.safe_load((REPO / "dashboards/prometheus.yml").read_text())["global"][
-                "scrape_interval"
-            ][:-1]
-        )
-        * 1000
-    )
+    config = yaml.safe_load((REPO / "dashboards/prometheus.yml").read_text())
+    scrape = int(config["global"]["scrape_interval"].removesuffix("s")) * 1000
     interval = interval_ms(int((now - start).total_seconds() * 1000), MAX_DATA_POINTS, scrape)
-    scoped = {"__interval": Variable("__interval", f"{interval // 1000}s"),
-              "__rate_interval": Variable("__rate_interval", f"{rate_interval_ms(interval, scrape) // 1000}s")}  # fmt: skip
+    rate = rate_interval_ms(interval, scrape)
     run_var = next(v for v in b["templating"]["list"] if v["name"] == "run")
     runs = prom_get(prom, "label/run/values", **{"match[]": "logitwatch_loss"})
     assert run_var["query"] == "label_values(logitwatch_loss, run)" and set(runs) == set(RUNS)
-    variables = {"run": Variable("run", runs, multi=True, include_all=True, all_value=run_var["allValue"], is_all=True),
-                 **scoped}  # fmt: skip
+    variables = {  # the run variable at its default, All
+        "run": Variable("run", runs, True, True, run_var["allValue"], is_all=True),
+        "__interval": Variable("__interval", f"{interval // 1000}s"),
+        "__rate_interval": Variable("__rate_interval", f"{rate // 1000}s"),
+    }
     for panel in panels(b):
         results = []
         for t in panel["targets"]:
