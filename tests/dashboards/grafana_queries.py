@@ -116,19 +116,20 @@ def sql_macros(sql: str, start: datetime, end: datetime, interval_ms: int) -> st
 
 # Grafana's rangeutil.roundInterval: (upper bound in ms, rounded interval in ms).
 _ROUND = [
-    (15, 10), (35, 20), (75, 50), (150, 100), (350, 200), (750, 500), (1500, 1000),
+    (10, 1), (15, 10), (35, 20), (75, 50), (150, 100), (350, 200), (750, 500), (1500, 1000),
     (3500, 2000), (7500, 5000), (12500, 10_000), (17500, 15_000), (25000, 20_000),
     (45000, 30_000), (90000, 60_000), (210_000, 120_000), (450_000, 300_000),
     (750_000, 600_000), (1_050_000, 900_000), (1_500_000, 1_200_000), (2_700_000, 1_800_000),
     (5_400_000, 3_600_000), (9_000_000, 7_200_000), (16_200_000, 10_800_000),
-    (27_000_000, 21_600_000), (86_400_000, 43_200_000), (604_800_000, 86_400_000),
+    (32_400_000, 21_600_000), (86_400_000, 43_200_000), (604_800_000, 86_400_000),
+    (1_814_400_000, 604_800_000), (3_628_800_000, 2_592_000_000),
 ]  # fmt: skip
 
 
 def interval_ms(range_ms: int, max_data_points: int, min_interval_ms: int) -> int:
     """$__interval: range / max data points, rounded, never below the data source's interval."""
     raw = range_ms / max_data_points
-    rounded = next((r for bound, r in _ROUND if raw < bound), 604_800_000)
+    rounded = next((r for bound, r in _ROUND if raw < bound), 31_536_000_000)
     return max(rounded, min_interval_ms)
 
 
