@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import os
 import secrets
 import threading
 import time as _time
@@ -103,6 +104,7 @@ class BatchingSink(Sink):
         self._progress = threading.Condition()
         self._drain_lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()  # a forked child (a data-loader worker) has no sender threads
         self._collector = threading.Thread(target=self._collect_loop, name=name, daemon=True)
 
     def _start(self) -> None:
@@ -152,7 +154,7 @@ class BatchingSink(Sink):
             )
 
     def close(self, timeout: float | None = None) -> None:
-        if self._closed:
+        if self._closed or os.getpid() != self._pid:
             return
         atexit.unregister(self.close)
         timeout = self._close_timeout if timeout is None else timeout
