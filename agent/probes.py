@@ -54,7 +54,8 @@ def even_rows(n: int, k: int, device: torch.device) -> torch.Tensor:
         if n <= k:
             rows = torch.arange(n, device=device)
         else:
-            rows = torch.linspace(0, n - 1, k, device=device).round().long().unique()
+            # Spacing (n-1)/(k-1) > 1, so rounding never merges two rows (no unique(): a sync).
+            rows = torch.linspace(0, n - 1, k).round().long().to(device)
         _rows_cache[key] = rows
     return rows
 
@@ -91,9 +92,11 @@ def attn_stats(
     Hkv, Tk = k.size(1), k.size(2)
     rows = even_rows(Tq, sample_rows, q.device)  # (R,)
     R = rows.numel()
-    qs = q.index_select(2, rows).float().view(B, Hkv, H // Hkv, R, hs)  # GQA: group q by kv head
-    att = qs @ k.float().unsqueeze(2).transpose(-2, -1)  # (B, Hkv, G, R, Tk)
-    att = att.view(B, H, R, Tk) * scale
+    # GQA without copying k: the G query heads of a kv head (h = kv·G + g, as repeat_interleave
+    # lays them out) are stacked along the row axis and share one matmul with their k.
+    qs = q.index_select(2, rows).float() * scale  # (B, H, R, hs), scaled: R·hs < R·Tk
+    att = qs.reshape(B, Hkv, -1, hs) @ k.float().transpose(-2, -1)  # (B, Hkv, G·R, Tk)
+    att = att.view(B, H, R, Tk)
     allowed = torch.ones(1, 1, R, Tk, dtype=torch.bool, device=q.device)
     if causal:  # query row i sits at key position i + (Tk - Tq) when a cache precedes it
         keys = torch.arange(Tk, device=q.device)
@@ -102,13 +105,18 @@ def attn_stats(
         m = mask[..., :Tk].index_select(-2, rows)
         m = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
         allowed = allowed & m
-    att = att.masked_fill(~allowed, float("-inf"))
-    logit_max = att.amax(dim=(0, 2, 3))  # (H,)
+    att.masked_fill_(~allowed, float("-inf"))
+    row_max = att.amax(dim=-1, keepdim=True)  # (B, H, R, 1)
+    logit_max = row_max.amax(dim=(0, 2, 3))  # (H,)
+    # Entropy in one exp pass: with d = a - max, p = e^d / s and H = log s - sum(e^d · d) / s.
+    row_max = torch.where(row_max == float("-inf"), 0.0, row_max)  # fully masked rows
+    d = att.sub_(row_max)
+    e = d.exp()
+    d.masked_fill_(~allowed, 0.0)  # e is 0 there; avoids 0 · -inf
+    s = e.sum(-1).clamp_min(1e-30)  # (B, H, R); >= 1 unless the row is fully masked
+    ent = s.log() - (e.mul_(d)).sum(-1) / s  # (B, H, R) nats
     n_keys = allowed.sum(-1)  # (b, h, R)
-    att = torch.where(n_keys[..., None] > 0, att, 0.0)  # a fully masked row would give NaN
-    logp = torch.log_softmax(att, dim=-1)
-    ent = -(logp.exp() * logp.masked_fill(~allowed, 0.0)).sum(-1)  # (B, H, R) nats
-    w = (n_keys >= 2).float().expand(B, H, R)
+    w = (n_keys >= 2).float().expand(B, H, R)  # rows with one key have entropy 0 by construction
     per_head = (ent * w).sum((0, 2)) / w.sum((0, 2)).clamp_min(1.0)  # (H,)
     frac = (ent / n_keys.clamp_min(2).float().log() * w).sum() / w.sum().clamp_min(1.0)
     tail = torch.stack([per_head.min(), per_head.mean(), frac, q_rms, k_rms])

@@ -41,15 +41,16 @@ def build(args) -> Decoder:
     return Decoder(cfg)
 
 
-def step_fn(model, opt, monitor, batch: torch.Tensor, step: int) -> float:
-    start = time.perf_counter()
-    ce, z = loss_fn(model(batch), batch, z_loss=1e-4)
+def step_fn(model, opt, monitor, batch, step: int, z_loss: float = 1e-4) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one step (CPU time is steadier on a busy box)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    ce, z = loss_fn(model(batch), batch, z_loss=z_loss)
     (ce + z).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     if monitor is not None:
         monitor.step(step, loss=(ce + z).detach(), loss_z=z.detach(), tokens=batch.numel())
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def overhead(args, console: Console) -> None:
@@ -66,38 +67,38 @@ def overhead(args, console: Console) -> None:
             monitor = Monitor(
                 model, opt, run=f"bench-{every}", sink=sink, config=MonitorConfig(every=every)
             )
-        runs[name] = (model, opt, monitor, [])
+        runs[name] = (model, opt, monitor, [], [])
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 256, (args.batch, args.seq), generator=g) for _ in range(4)]
     total = args.warmup + args.rounds * 10  # rounds of 10 steps: every=10 reports once per round
     for step in range(total):
-        for model, opt, monitor, times in runs.values():  # interleaved: A B C A B C ...
-            t = step_fn(model, opt, monitor, batches[step % len(batches)], step)
+        for model, opt, monitor, wall, cpu in runs.values():  # interleaved: A B C A B C ...
+            t, c = step_fn(model, opt, monitor, batches[step % len(batches)], step)
             if step >= args.warmup:
-                times.append(t)
-    for _, _, monitor, _ in runs.values():
+                wall.append(t)
+                cpu.append(c)
+    for _, _, monitor, _, _ in runs.values():
         if monitor is not None:
             monitor.close()
     ref = statistics.median(runs["no monitor"][3])
+    ref_cpu = statistics.median(runs["no monitor"][4])
     table = Table(
-        title=f"Step time, {args.layers} layers, d_model {args.d_model}, seq {args.seq}, batch {args.batch} (CPU, {torch.get_num_threads()} threads)"
+        title=f"Step time, {args.layers} layers, d_model {args.d_model}, seq {args.seq}, "
+        f"batch {args.batch} (CPU, {torch.get_num_threads()} threads, {len(runs['every=1'][3])} steps per arm)"
     )
-    for col in ("arm", "median ms", "mean ms", "ratio (median)", "target"):
+    for col in ("arm", "median ms", "ratio", "target", "CPU ms", "CPU ratio"):
         table.add_column(col, justify="right")
     targets = {"every=1": 1.03, "every=10": 1.01}
-    for name, (_, _, _, times) in runs.items():
-        med = statistics.median(times)
+    for name, (_, _, _, wall, cpu) in runs.items():
+        med, med_cpu = statistics.median(wall), statistics.median(cpu)
         target = targets.get(name)
         verdict = (
             "" if target is None else f"<= {target} {'met' if med / ref <= target else 'NOT met'}"
         )
         table.add_row(
-            name,
-            f"{1e3 * med:.1f}",
-            f"{1e3 * statistics.fmean(times):.1f}",
-            f"{med / ref:.4f}",
-            verdict,
-        )
+            name, f"{1e3 * med:.1f}", f"{med / ref:.4f}", verdict,
+            f"{1e3 * med_cpu:.1f}", f"{med_cpu / ref_cpu:.4f}",
+        )  # fmt: skip
     console.print(table)
     # Reporting vs non-reporting steps of the every=10 arm: what a probe step costs on its own.
     times = runs["every=10"][3]
@@ -122,7 +123,9 @@ def breakdown(args, console: Console) -> None:
     batch = torch.randint(0, 256, (args.batch, args.seq))
     ce, z = loss_fn(model(batch), batch, z_loss=1e-4)
     (ce + z).backward()
-    with Monitor(model, opt, run="breakdown", sink=FileSink(tempfile.mkdtemp(), "b")) as monitor:
+    with Monitor(
+        model, opt, run="breakdown", sink=FileSink(tempfile.mkdtemp(), "breakdown")
+    ) as monitor:
         params = monitor.params
         q, k = (t.detach() for t in grabbed["qk"])
         scale = model.blocks[0].attn.scale
@@ -155,6 +158,46 @@ def breakdown(args, console: Console) -> None:
         console.print(table)
 
 
+def sync_check(args, console: Console) -> None:
+    """On CUDA: raise on any host-device synchronisation during non-reporting steps."""
+    if not torch.cuda.is_available():
+        console.print("--sync-check needs a CUDA device")
+        return
+    model = build(args).cuda()
+    opt = build_optimizer(model, lr=3e-4)
+    sink = FileSink(tempfile.mkdtemp(), "sync-check")
+    monitor = Monitor(model, opt, run="sync-check", sink=sink, every=10)
+    g = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, 256, (args.batch, args.seq), generator=g).cuda()
+    quiet = 0
+    for step in range(40):
+        # z_loss=0: loss_fn's z-loss selects tokens with a boolean mask, which syncs by itself.
+        mode = "error" if step >= 3 and not monitor.armed else "default"
+        torch.cuda.set_sync_debug_mode(mode)
+        try:
+            step_fn(model, opt, monitor, batch, step, z_loss=0.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        quiet += mode == "error"
+    monitor.close()
+    reported = sorted(_jsonl_steps(sink.path))
+    console.print(
+        f"sync check: {quiet} non-reporting CUDA steps ran under set_sync_debug_mode('error') "
+        f"without a synchronisation; steps reported: {reported}"
+    )
+
+
+def _jsonl_steps(path: Path) -> set[int]:
+    """Steps present in a FileSink's JSON-lines file (batches are columnar per series)."""
+    import json
+
+    steps: set[int] = set()
+    for line in path.read_text().splitlines():
+        for series in json.loads(line).get("series", []):
+            steps.update(series["steps"])
+    return steps
+
+
 def transports(console: Console) -> None:
     path = ROOT / "benchmarks" / "transport.py"
     if not path.exists():
@@ -176,9 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--sync-check", action="store_true", help="CUDA: prove no sync between reports")
     p.add_argument("--no-transport", action="store_true", help="skip the transport comparison")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     console = Console()
+    if args.sync_check:
+        sync_check(args, console)
+        return 0
     overhead(args, console)
     breakdown(args, console)
     if not args.no_transport:

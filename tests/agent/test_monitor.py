@@ -241,3 +241,39 @@ def test_attach_reads_qk_of_a_user_model_exactly():
         attach(model, attention="nothing.*", qk="q")
     with pytest.raises(ValueError, match="logits"):
         attach(model, attention="layers.*.attn", qk=lambda m, a, o: (a[0], a[0]), logits="nope")
+
+
+def test_non_reporting_steps_run_exactly_the_ops_of_plain_training():
+    """Between reporting steps the monitor adds no tensor op at all (hence no device sync)."""
+
+    def ops(model, opt, monitor, step):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            idx = torch.randint(0, V, (B, T))
+            loss = loss_fn(model(idx), idx, z_loss=0.0)[0]
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if monitor is not None:
+                monitor.step(step, loss=loss, tokens=idx.numel())
+        return sorted(e.name for e in prof.events() if e.name.startswith("aten::"))
+
+    plain, watched = tiny(), tiny()
+    opt_p = torch.optim.AdamW(plain.parameters(), lr=1e-3)
+    opt_w = torch.optim.AdamW(watched.parameters(), lr=1e-3)
+    with Monitor(watched, opt_w, run="t", sink=MemorySink(), every=10) as monitor:
+        reporting = ops(watched, opt_w, monitor, 0)
+        ops(plain, opt_p, None, 0)
+        quiet = ops(watched, opt_w, monitor, 1)
+        assert quiet == ops(plain, opt_p, None, 1)
+        assert len(reporting) > len(quiet)
+
+
+def test_offline_default_is_a_file_sink_under_dot_logitwatch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with Monitor(model, opt, run="offline", run_config={"lr": 1e-3}) as monitor:
+        train(model, opt, monitor, steps=2)
+    path = tmp_path / ".logitwatch" / "runs" / "offline" / "offline.jsonl"
+    text = path.read_text()
+    assert "attn.logit_max" in text and '"lr": 0.001' in text

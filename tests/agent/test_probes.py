@@ -109,6 +109,7 @@ def test_attention_max_over_sampled_rows_and_padding_mask():
     torch.testing.assert_close(
         masked[:4], att.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3))
     )
+    assert torch.isfinite(masked).all()  # fully masked rows (padding) are left out, not NaN
 
 
 def test_logits_and_log_z_match_direct_computation():
