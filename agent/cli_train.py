@@ -61,6 +61,7 @@ _VALUES: dict[str, tuple[str, str, str]] = {
     "--run": ("run", "str", "run name on the service"),
     "--spool": ("spool", "str", "spool directory for metrics while the service is away"),
     "--every": ("every", "int", "monitor reporting interval in steps (default 10)"),
+    "--on-alert": ("on_alert", "list", "on a firing alert: checkpoint,lower-lr,stop (comma list)"),
 }
 _SWITCHES = {"--full": "full", "--qk-norm": "qk_norm", "--bf16": "bf16", "--progress": "progress"}
 
@@ -83,6 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _convert(name: str, kind: str, raw: str) -> Any:
     if kind == "str":
         return raw
+    if kind == "list":
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
     if kind == "cap" and raw.lower() in ("off", "none"):
         return "off" if name.startswith("softcap") else None
     try:

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from logitwatch.agent.actions import AlertDispatcher, LocalGuard
 from logitwatch.agent.attach import discover
 from logitwatch.agent.monitor_config import MonitorConfig
 from logitwatch.agent.monitor_report import Reporter
 from logitwatch.agent.probes import Slots
 from logitwatch.agent.probes_hooks import ProbeSet, Sites
 from logitwatch.agent.probes_optim import ParamStats, layer_of_param
-from logitwatch.agent.sink import NullSink, Sink, series_key
+from logitwatch.agent.sink import FanOutSink, NullSink, Sink, series_key
 
 __all__ = ["Monitor", "MonitorConfig"]
 
@@ -76,6 +77,7 @@ class Monitor:
         self.label = {"rank": str(self.rank)} if cfg.per_rank else {}
         self.active = cfg.per_rank or self.rank == 0  # rank 0 reports unless per_rank is on
         self._closed = False
+        self.alerts = AlertDispatcher()  # on_alert callbacks, run at step boundaries
         self._handles: list[Any] = []
         self._probes: ProbeSet | None = None
         self._grads_recorded = False
@@ -93,7 +95,10 @@ class Monitor:
             self.sink.register_run(run, config=dict(run_config or {}))
         except Exception as e:
             log.warning("logitwatch: could not register run %r (%s)", run, e)
-        self._reporter = Reporter(self.sink, self.label, cfg.max_pending)
+        # The local guard raises non-finite alerts with no service at all.
+        reported = FanOutSink([self.sink, LocalGuard()])
+        self._reporter = Reporter(reported, self.label, cfg.max_pending)
+        self._reporter.on_alert(self.alerts.notify)
         param = next(model.parameters(), None)
         self.slots = Slots(param.device if param is not None else "cpu")
         self.use_sites(sites if sites is not None else discover(model))
@@ -222,6 +227,7 @@ class Monitor:
             if self._probes is not None:
                 self._probes.armed = (step + 1) % self.config.every == 0
             self._grads_recorded = False
+            self.alerts.run_pending(step)
         except Exception as e:
             self._reporter.warn_once(
                 "step", "step() failed (%s: %s); monitoring goes on", type(e).__name__, e
@@ -266,8 +272,16 @@ class Monitor:
             return []
 
     def on_alert(self, callback: Callable[[dict[str, Any]], None]) -> None:
-        """Call ``callback(alert)`` (on the worker thread) for each newly firing alert."""
-        self._reporter.on_alert(callback)
+        """Call ``callback(alert)`` for each newly firing alert, on the training thread in step().
+
+        Built-in actions (logitwatch.agent.actions): Checkpoint, LowerLR, StopTraining.
+        """
+        self.alerts.add(callback)
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a StopTraining action asked the loop to stop at this step boundary."""
+        return self.alerts.should_stop
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until every reported step reached the sink, then flush the sink."""

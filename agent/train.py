@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from logitwatch.agent.actions import trainer_actions
 from logitwatch.agent.data import BatchSampler, build_corpus
 from logitwatch.agent.decoder import Decoder, loss_fn
 from logitwatch.agent.optim import build_optimizer
@@ -218,6 +219,7 @@ def train(
     run_config = _run_config(cfg, model_cfg, scheduler, device)
     checkpoint, step = None, start
     monitor = _monitor(cfg, monitor_factory, model, optimizer, run, run_config, start)
+    saves = trainer_actions(cfg.on_alert, monitor, optimizer, scheduler)  # checkpoint requests
     with log, _closing(monitor):
         for step in range(start, cfg.steps):
             x, y = sampler.sample()
@@ -234,11 +236,12 @@ def train(
             scheduler.step()
             log.add(loss.detach(), z.detach(), optimizer.last_grad_norm, lr)
             info = StepInfo(step, loss.detach(), z.detach(), lr, model, optimizer)
-            stop = any([cb(info) for cb in callbacks])
+            stop = any([cb(info) for cb in callbacks]) or getattr(monitor, "should_stop", False)
             last = stop or step + 1 == cfg.steps
             if (step + 1 - start) % cfg.log_every == 0 or last:
                 log.flush()
-            if cfg.save_every and ((step + 1) % cfg.save_every == 0 or last):
+            if saves or (cfg.save_every and ((step + 1) % cfg.save_every == 0 or last)):
+                saves.clear()
                 path = Path(cfg.save_dir) / f"step_{step + 1:06d}.pt"
                 checkpoint = _save(path, step + 1, cfg, run, model, optimizer, scheduler, sampler)
             if stop:

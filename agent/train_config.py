@@ -69,8 +69,15 @@ class TrainConfig:
     run: str | None = None
     spool: str | None = None
     every: int = 10
+    # What the loop does about a firing alert: checkpoint, lower-lr (x0.5), stop (see actions.py).
+    on_alert: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        from logitwatch.agent.actions import check_action_names
+
+        self.on_alert = check_action_names(
+            self.on_alert, monitored=bool(self.server or self.run or self.spool)
+        )
         for name, low in (
             ("steps", 1),
             ("batch_size", 1),
