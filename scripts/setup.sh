@@ -25,6 +25,15 @@ if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432
     fi
 fi
 
+# Grafana's published dashboard schema and tsc, for tests/dashboards/test_schema.py.
+if [ ! -f .cache/npm/node_modules/@grafana/schema/package.json ] || [ ! -f .cache/npm/node_modules/typescript/bin/tsc ]; then
+    if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+    fi
+    npm install --silent --no-audit --no-fund --prefix .cache/npm @grafana/schema@13.2.3 typescript@5.9.3
+fi
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=".venv/.logitwatch-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
