@@ -6,10 +6,13 @@ values, so every service process continues where another left off.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from logitwatch.schedules import ScheduleConfig, lr_at, restart_steps
 from logitwatch.service.rules import (
@@ -22,12 +25,14 @@ from logitwatch.service.rules import (
     Threshold,
 )
 
-__all__ = ["RunContext", "Verdict", "evaluate", "quiet", "reset_windows"]
+__all__ = ["RunContext", "Verdict", "evaluate", "fast_path", "reset_windows"]
 
 #: The most points a window keeps, whatever the condition asks (bounds the JSON blob).
 MAX_WINDOW = 2000
 #: 1.4826·MAD estimates σ for normal data.
 MAD_SIGMA = 1.4826
+#: Points whose median is a spike rule's centre.
+_CENTRE_POINTS = 20
 
 
 @dataclass(slots=True)
@@ -108,34 +113,49 @@ def _threshold(c: Threshold, value: float, ctx: RunContext) -> Verdict | None:
 
 
 def _growth(c: Growth, state: dict, step: int, value: float) -> Verdict | None:
-    # Two flat lists (steps "ws", |values| "w"): min/max over them run in C, and the JSON is small.
+    # The window is a monotonic deque (steps "ws", |values| "w"): for a rise only the points
+    # smaller than every later one can still be the minimum, so the front is the minimum
+    # (for a drop, the maximum), each point costs O(1), and the JSON stays a few numbers.
     ws: list[int] = state.get("ws") or []
     w: list[float] = state.get("w") or []
     if len(ws) != len(w):
         ws, w = [], []
-    cut, i = step - c.over_steps, 0
-    while i < len(ws) and ws[i] < cut:
-        i += 1
-    if i:
-        del ws[:i], w[:i]
+    cut = step - c.over_steps
+    while ws and ws[0] < cut:
+        del ws[0], w[0]
     v = abs(value)
     verdict = None
+    rise = c.ratio > 1
     if w:
-        if c.ratio > 1:
-            base = min(w)
-            limit = base * c.ratio
+        base = w[0]
+        limit = base * c.ratio
+        if rise:
             active = v >= c.min_value and base > 0 and v >= limit
         else:
-            base = max(w)
-            limit = base * c.ratio
             active = base >= c.min_value and v <= limit
         verdict = Verdict(active, value, limit)
+    while w and (w[-1] >= v if rise else w[-1] <= v):
+        del ws[-1], w[-1]
     ws.append(step)
     w.append(v)
-    if len(w) > MAX_WINDOW:
-        del ws[0], w[0]
     state["ws"], state["w"] = ws, w
     return verdict
+
+
+def _growth_window(c: Growth, state: dict, steps: np.ndarray, values: np.ndarray) -> None:
+    """The deque of ``_growth`` after all of ``values`` (finite, |.|), computed in one go."""
+    S = np.concatenate([np.asarray(state.get("ws") or [], dtype=np.int64), steps])
+    V = np.concatenate([np.asarray(state.get("w") or [], dtype=np.float64), values])
+    if len(S) != len(V) or not len(V):
+        return
+    if c.ratio > 1:  # keep the points smaller than everything after them
+        after = np.minimum.accumulate(V[::-1])[::-1]
+        keep = np.append(V[:-1] < after[1:], True)
+    else:
+        after = np.maximum.accumulate(V[::-1])[::-1]
+        keep = np.append(V[:-1] > after[1:], True)
+    keep &= S[-1] - c.over_steps <= S
+    state["ws"], state["w"] = S[keep].tolist(), V[keep].tolist()
 
 
 def _spike(c: Spike, state: dict, value: float) -> Verdict | None:
@@ -144,8 +164,13 @@ def _spike(c: Spike, state: dict, value: float) -> Verdict | None:
     pushed = value
     if len(w) >= c.min_points:
         if c.kind == "mad":
-            centre = statistics.median(w)
-            spread = MAD_SIGMA * statistics.median(abs(x - centre) for x in w)
+            # Centre: the recent median, so a falling loss is not judged against its older,
+            # higher values. Spread: the MAD of first differences (/sqrt 2), which measures the
+            # noise around the trend and not the trend itself.
+            centre = statistics.median(w[-_CENTRE_POINTS:])
+            d = [b - a for a, b in itertools.pairwise(w)]
+            md = statistics.median(d)
+            spread = MAD_SIGMA * statistics.median(abs(x - md) for x in d) / math.sqrt(2)
         else:
             centre = statistics.fmean(w)
             spread = statistics.pstdev(w, centre)
@@ -228,11 +253,14 @@ def evaluate(cond: Any, state: dict[str, Any], step: int, value: float, ctx: Run
     return None  # absent: judged by the periodic check
 
 
-def quiet(cond: Any, values: list[float], ctx: RunContext) -> bool:
-    """True when a stateless condition holds on none of ``values`` (the common case, skipped
-    without walking the points one by one); False when it might, or is not stateless."""
+def fast_path(
+    cond: Any, state: dict, steps: np.ndarray, values: np.ndarray, ctx: RunContext
+) -> bool:
+    """Handle a run of points in one go when none of them can satisfy ``cond`` (the common
+    case: a level nobody reached); True when done, False when they must go one by one.
+    The caller only asks when no alert is open or pending for this rule and series."""
     if isinstance(cond, NonFinite):
-        return all(math.isfinite(v) for v in values)
+        return bool(np.isfinite(values).all())
     if isinstance(cond, Threshold):
         limit = cond.value
         if cond.of_config:
@@ -240,8 +268,23 @@ def quiet(cond: Any, values: list[float], ctx: RunContext) -> bool:
             if not base:
                 return True
             limit = cond.value * base
-        op = _OPS[cond.op]
-        if cond.abs:
-            return not any(op(abs(v), limit) for v in values)
-        return not any(op(v, limit) for v in values)
+        v = np.abs(values) if cond.abs else values
+        with np.errstate(invalid="ignore"):
+            return not bool(_OPS[cond.op](v, limit).any())
+    if isinstance(cond, Growth):
+        ok = np.isfinite(values)
+        v = np.abs(values[ok])
+        if not len(v):
+            return True
+        if cond.ratio > 1:
+            # a rise fires only at |value| >= min_value
+            if cond.min_value <= 0 or (v >= cond.min_value).any():
+                return False
+        else:
+            # a drop fires only from a window maximum >= min_value
+            top = max(float(v.max()), max(state.get("w") or [0.0]))
+            if top >= cond.min_value:
+                return False
+        _growth_window(cond, state, steps[ok], v)
+        return True
     return False

@@ -7,11 +7,18 @@ import bisect
 import time
 from typing import Any
 
+import numpy as np
 from sqlalchemy.orm import Session
 
 from logitwatch.protocol import Batch, Series
 from logitwatch.service import alerts as al
-from logitwatch.service.conditions import RunContext, Verdict, evaluate, quiet, reset_windows
+from logitwatch.service.conditions import (
+    RunContext,
+    Verdict,
+    evaluate,
+    fast_path,
+    reset_windows,
+)
 from logitwatch.service.models import utcnow
 from logitwatch.service.models_rules import Alert
 from logitwatch.service.rule_state import Points, StateRows
@@ -21,6 +28,8 @@ __all__ = ["BatchJob", "Restarts"]
 
 #: Trigger steps kept per rule, for ``preceded_by`` look-ups.
 _MAX_TRIGGERS = 8
+_NO_STEPS = np.zeros(0, dtype=np.int64)
+_NO_VALUES = np.zeros(0, dtype=np.float64)
 
 
 class Restarts:
@@ -30,6 +39,7 @@ class Restarts:
         self.steps = ctx.restarts(-1, upto)
 
     def crossed(self, lo: int, hi: int) -> bool:
+        """Any restart r with lo < r <= hi."""
         i = bisect.bisect_right(self.steps, lo)
         return i < len(self.steps) and self.steps[i] <= hi
 
@@ -57,33 +67,50 @@ class BatchJob:
         row = self.rows.get(key)
         seg = self.batch.segment
         if seg < row.segment:
-            return Points(-1, [])  # a late batch from before a resume
+            return Points(-1, _NO_STEPS, _NO_VALUES, row)  # a late batch from before a resume
         if seg > row.segment:
             # A resume opened a new segment: steps start over; open alerts stay open.
             for st in row.state.values():
                 reset_windows(st)
             row.segment, row.last_step = seg, -1
         prev = row.last_step
-        # the store keeps a step's last value when a batch repeats it, so do we
-        values = dict(zip(s.steps, s.values, strict=True))
-        pts = [(step, values[step]) for step in sorted(values) if step > prev]
-        if pts:
-            row.last_step = pts[-1][0]
+        steps = np.frombuffer(s.steps, dtype=np.int64)
+        values = np.frombuffer(s.values, dtype=np.float64)
+        if len(steps) > 1 and not (steps[1:] > steps[:-1]).all():
+            # the store keeps a step's last value when a batch repeats it, so do we
+            order = np.argsort(steps, kind="stable")
+            steps, values = steps[order], values[order]
+            keep = np.append(steps[1:] != steps[:-1], True)
+            steps, values = steps[keep], values[keep]
+        new = steps > prev
+        steps, values = steps[new], values[new]
+        if len(steps):
+            row.last_step = int(steps[-1])
             row.dirty = True
-        return Points(prev, pts, row)
+        return Points(prev, steps, values, row)
 
     def run_rule(self, rule: Rule, s: Series, pts: Points) -> None:
-        if not pts.items:
+        if not len(pts.steps):
             return
         st: dict[str, Any] = pts.row.state.get(rule.name) or {}
-        if not st and quiet(rule.condition, [v for _, v in pts.items], self.ctx):
-            return  # a threshold nobody crossed, with nothing pending: no state to keep
         start = rule.min_step
         if rule.skip_warmup:
             start = max(start, self.ctx.warmup_steps)
         mute = rule.mute_after_restart
+        last_step = int(pts.steps[-1])
+        near_restart = mute and self.restarts.crossed(pts.prev - mute, last_step)
+        if "on" not in st and "open" not in st and not near_restart:
+            i0 = int(np.searchsorted(pts.steps, start)) if start > 0 else 0
+            try:
+                done = fast_path(rule.condition, st, pts.steps[i0:], pts.values[i0:], self.ctx)
+            except (TypeError, ValueError):
+                reset_windows(st)  # a window left by a rule of this name with another kind
+                done = False
+            if done:
+                self._keep(rule, pts, st)
+                return
         last = pts.prev
-        for step, value in pts.items:
+        for step, value in zip(pts.steps.tolist(), pts.values.tolist(), strict=True):
             if mute and self.restarts.crossed(last, step):
                 reset_windows(st)
             last = step
@@ -101,6 +128,10 @@ class BatchJob:
                 verdict = evaluate(rule.condition, st, step, value, self.ctx)
             if verdict is not None:
                 self._apply(rule, s, st, step, verdict)
+        self._keep(rule, pts, st)
+
+    @staticmethod
+    def _keep(rule: Rule, pts: Points, st: dict[str, Any]) -> None:
         if st:
             pts.row.state[rule.name] = st
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
@@ -36,8 +37,9 @@ class Points:
     """A series' new points, in step order, and the last step seen before them."""
 
     prev: int
-    items: list[tuple[int, float]]
-    row: StateRow | None = None
+    steps: np.ndarray  # int64
+    values: np.ndarray  # float64
+    row: StateRow
 
 
 @dataclass

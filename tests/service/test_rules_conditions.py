@@ -6,6 +6,8 @@ import json
 import math
 import random
 
+import numpy as np
+
 from logitwatch.schedules import ScheduleConfig, lr_at
 from logitwatch.service.conditions import RunContext, evaluate
 from logitwatch.service.rules import parse_rules
@@ -94,3 +96,34 @@ def test_threshold_relative_to_the_runs_config_and_nonfinite_values():
     assert verdicts[1] is None and state["w"] == [1.0, 1.0]
     verdicts, _ = run(cond(kind="nonfinite"), [1.0, math.nan, -math.inf])
     assert [v.active for v in verdicts] == [False, True, True]
+
+
+def test_growth_window_in_one_go_matches_point_by_point():
+    from logitwatch.service.conditions import fast_path
+
+    rng = random.Random(1)
+    for ratio in (2.0, 0.5):
+        c = cond(kind="growth", ratio=ratio, over_steps=30, min_value=20 if ratio > 1 else 100)
+        vals = [abs(rng.gauss(5, 3)) for _ in range(120)]
+        steps = list(range(0, 600, 5))
+        one, seq_state = run(c, vals, steps=steps)
+        assert not any(v and v.active for v in one)
+        state: dict = {}
+        for lo in range(0, 120, 10):  # batches of 10, each quiet: handled in one go
+            s_np, v_np = np.array(steps[lo : lo + 10]), np.array(vals[lo : lo + 10])
+            assert fast_path(c, state, s_np, v_np, RunContext())
+        assert state == seq_state
+    # a rise past min_value is not quiet, and judged against the window's minimum
+    rise = cond(kind="growth", ratio=2.0, over_steps=30, min_value=20)
+    state = {"ws": [570, 590], "w": [3.0, 9.0]}
+    assert not fast_path(rise, dict(state), np.array([600]), np.array([25.0]), RunContext())
+    v = evaluate(rise, state, 600, 25.0, RunContext())
+    assert v.active and v.threshold == 6.0
+
+
+def test_mad_spike_on_a_falling_loss():
+    # a loss falling from 3.6 to 2.5 with batch noise: the trend must not hide a +1.7 spike
+    rng = random.Random(2)
+    vals = [3.6 - 1.1 * i / 75 + rng.gauss(0, 0.04) for i in range(75)] + [4.28, 2.5, 2.49]
+    verdicts, _ = run(cond(kind="mad", window=200, sigmas=6, min_rel=0.05), vals)
+    assert [i for i, v in enumerate(verdicts) if v and v.active] == [75]

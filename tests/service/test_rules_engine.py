@@ -151,12 +151,16 @@ def test_grad_spike_before_loss_spike_is_raised_as_such(writer, run_name):
     f = Feeder(writer, RuleEngine(writer), run_name)
     steps, loss = spiky_loss(200, spikes=[150])
     _, grad = spiky_loss(200, spikes=[50, 145])
+    grad = [g / 3 if g < 5 else 10.0 for g in grad]  # ~1 with x10 spikes, as after a bad batch
     f.send(S("loss", steps, loss), S("grad.norm", steps, grad))
     rules = sorted((a["rule"], a["first_step"]) for a in alerts(writer, run_name))
     assert ("grad-spike-then-loss-spike", 150) in rules
+    assert ("grad-norm-spike", 50) in rules and ("grad-norm-spike", 145) in rules
     # A grad spike alone (step 50) or together with the loss (a bad batch) is not 'then'.
     steps2, both = spiky_loss(100, spikes=[60], start=200)
-    f.send(S("loss", steps2, both), S("grad.norm", steps2, both))
+    f.send(
+        S("loss", steps2, both), S("grad.norm", steps2, [b / 3 if b < 5 else 10.0 for b in both])
+    )
     then = [a for a in alerts(writer, run_name) if a["rule"] == "grad-spike-then-loss-spike"]
     assert len(then) == 1
 
