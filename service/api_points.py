@@ -69,4 +69,5 @@ def post_points(run: str, request: Request, body: Annotated[bytes, Depends(raw_b
         session.commit()
     if not result.duplicate:
         state.compactor.touch(result.series_ids, batch.segment)
+    state.prom.observe_batch(result.n_points, duplicate=result.duplicate)
     return {"accepted": result.n_points, "duplicate": result.duplicate, "alerts": alerts}

@@ -64,15 +64,19 @@ def run(args: argparse.Namespace) -> int:
     )
     import uvicorn
 
-    uvicorn.run(
-        _FACTORY,
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=args.log_level,
-        access_log=False,
-    )
+    from .prom import worker_metrics_dir
+
+    # Several workers share their Prometheus figures through a directory they all write.
+    with worker_metrics_dir(settings.workers):
+        uvicorn.run(
+            _FACTORY,
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=args.log_level,
+            access_log=False,
+        )
     return 0
 
 

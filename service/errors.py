@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from logitwatch.protocol import ProtocolError
@@ -62,6 +64,19 @@ def install_error_handlers(app: FastAPI) -> None:
         status = 400 if exc.field in ("body", "content-type") else 422
         detail = [{"field": exc.field, "message": exc.message}]
         return JSONResponse(_body(status, None, detail), status_code=status)
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(PoolTimeout)
+    async def _database(_req: Request, exc: Exception) -> JSONResponse:
+        # The database is down, restarting or locked: a client should come back, not give up.
+        # Other database errors (a bug, a constraint) stay 500s.
+        transient = (PoolTimeout, OperationalError, InterfaceError)
+        if not (isinstance(exc, transient) or getattr(exc, "connection_invalidated", False)):
+            raise exc
+        detail = f"database unavailable ({type(exc).__name__}); retry shortly"
+        return JSONResponse(
+            _body(503, "unavailable", detail), status_code=503, headers={"Retry-After": "1"}
+        )
 
     @app.exception_handler(LimitError)
     async def _limit(_req: Request, exc: LimitError) -> JSONResponse:

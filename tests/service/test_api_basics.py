@@ -58,8 +58,9 @@ def test_nonfinite_round_trip_in_json_and_msgpack(client, run_name):
 def test_resent_batch_is_stored_once(client, run_name):
     batch = Batch("agent-1", 7, 0, [series_from_columns("loss", {}, range(100), range(100))])
     first, again = post(client, run_name, batch).json(), post(client, run_name, batch).json()
-    assert first == {"accepted": 100, "duplicate": False, "alerts": []}
-    assert again["duplicate"] is True
+    assert (first["accepted"], first["duplicate"]) == (100, False)
+    assert isinstance(first["alerts"], list)  # the run's firing alerts (rules issue)
+    assert (again["accepted"], again["duplicate"]) == (100, True)
     series = client.get(f"/api/v1/runs/{run_name}/series").json()["series"]
     assert series[0]["n_points"] == 100 and series[0]["last_value"] == 99.0
 

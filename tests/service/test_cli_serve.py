@@ -69,3 +69,36 @@ def test_db_compact_and_stats(tmp_path):
     assert "merged 10 chunks" in out.stdout and "100 points in 1 chunks" in out.stdout
     out = subprocess.run([*cmd, "stats", "--db", url], capture_output=True, text=True)
     assert "bytes/point" in out.stdout
+
+
+def test_two_workers_share_one_sqlite_file(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def batch(i):
+        steps = range(i * 10, i * 10 + 10)
+        series = [series_from_columns("loss", {}, steps, steps)]
+        series += [series_from_columns("act.rms", {"layer": i % 4}, steps, steps)]
+        return encode_batch(Batch(f"w{i % 2}", i, 0, series))
+
+    with live_server(f"sqlite:///{tmp_path}/w.db", workers=2) as server:
+
+        def send(i):
+            r = httpx.post(
+                f"{server.url}/api/v1/runs/r/points",
+                content=batch(i),
+                headers={"content-type": "application/msgpack"},
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+            return r.json()["duplicate"]
+
+        with ThreadPoolExecutor(6) as pool:
+            dups = list(pool.map(send, [*range(30), *range(0, 30, 3)]))
+        assert dups.count(False) == 30
+        with server.client() as c:
+            loss = c.get("/api/v1/runs/r/metrics/loss").json()["series"][0]
+            assert loss["steps"] == list(range(300))
+            layers = c.get("/api/v1/runs/r/metrics/act.rms").json()["series"]
+            assert sum(len(s["steps"]) for s in layers) == 300
