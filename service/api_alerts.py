@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.orm import Session
 
 from . import alerts as al
-from .auth import require
+from .auth import require, run_filter
 from .deps import SessionDep
 from .errors import ApiError
 from .models import utcnow
@@ -37,6 +37,7 @@ def _invalid(field: str, message: str) -> ApiError:
 
 @router.get("/alerts", dependencies=[Depends(require("read"))], summary="List alerts")
 def list_alerts(
+    request: Request,
     session: SessionDep,
     run: str | None = None,
     state: str | None = None,
@@ -49,13 +50,16 @@ def list_alerts(
     if severity is not None and severity not in al.SEVERITIES:
         raise _invalid("severity", f"must be one of {', '.join(al.SEVERITIES)}")
     rows = al.list_alerts(session, run=run, state=state, severity=severity, limit=limit)
-    return {"alerts": rows}
+    visible = run_filter(request)  # a run-scoped token sees its runs' alerts only
+    return {"alerts": [a for a in rows if visible(a["run"])]}
 
 
 @router.get("/alerts/{alert_id}", dependencies=[Depends(require("read"))], summary="One alert")
-def get_alert(alert_id: int, session: SessionDep) -> dict:
+def get_alert(alert_id: int, request: Request, session: SessionDep) -> dict:
+    visible = run_filter(request)
     for a in al.list_alerts(session, alert_id=alert_id):
-        return a
+        if visible(a["run"]):
+            return a
     raise ApiError(404, "not_found", f"no alert {alert_id}")
 
 
@@ -69,7 +73,11 @@ class AckBody(BaseModel):
 )
 def ack(alert_id: int, request: Request, body: AckBody | None = None) -> dict:
     """Mark an alert as seen; it keeps its state (and resolves on its own)."""
+    visible = run_filter(request)
     with write_session(request) as session:
+        found = al.list_alerts(session, alert_id=alert_id)
+        if not found or not visible(found[0]["run"]):
+            raise ApiError(404, "not_found", f"no alert {alert_id}")
         out = al.ack_alert(session, alert_id=alert_id, by=body.by if body else None)
         if out is None:
             raise ApiError(404, "not_found", f"no alert {alert_id}")

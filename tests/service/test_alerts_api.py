@@ -132,3 +132,26 @@ def test_serve_rules_file_installs_the_user_rules(tmp_path, _sqlite_template):
         assert body["source"] == str(rules) and body["rules"][0]["name"] == "lr-too-high"
         (a,) = post(c, "r1", 1, S("lr", [1], [0.1], group="0"))
         assert (a["rule"], a["hint"], a["threshold"]) == ("lr-too-high", "lower the LR", 0.01)
+
+
+def test_run_scoped_tokens_see_their_runs_alerts_only(db_url, run_name):
+    from helpers.server import thread_server
+
+    from logitwatch.service.app import create_app
+    from logitwatch.service.settings import load_settings
+    from logitwatch.service.tokens import create_token
+
+    app = create_app(load_settings(db_url=db_url, auth=True))
+    with app.state.sessionmaker() as s, s.begin():
+        admin = create_token(s, scope="admin").secret
+        scoped = create_token(s, scope="read", run_pattern=f"{run_name}-a*").secret
+    with thread_server(app) as server, server.client() as c:
+        c.headers["authorization"] = f"Bearer {admin}"
+        mine = post(c, f"{run_name}-a", 1, S("loss", [1], [math.nan]))[0]
+        theirs = post(c, f"{run_name}-b", 1, S("loss", [1], [math.nan]))[0]
+        c.headers["authorization"] = f"Bearer {scoped}"
+        seen = {a["id"] for a in c.get("/api/v1/alerts").json()["alerts"]}
+        assert mine["id"] in seen and theirs["id"] not in seen
+        assert c.get(f"/api/v1/alerts/{theirs['id']}").status_code == 404
+        assert c.post(f"/api/v1/alerts/{theirs['id']}/ack").status_code == 404
+        assert c.post(f"/api/v1/alerts/{mine['id']}/ack").json()["acked"]
