@@ -6,6 +6,7 @@ changes nothing. Core bulk statements, not ORM objects: ingest runs at ~1M point
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -16,7 +17,6 @@ from sqlalchemy.orm import Session
 from logitwatch.protocol import Batch, Series
 
 from .codec import raw_floats, raw_steps
-from .models import Batch as BatchRow
 from .models import Chunk, Latest, Run, utcnow
 from .models import Series as SeriesRow
 from .store_runs import ensure_run_id
@@ -125,19 +125,7 @@ def ingest_batch(
     """Store `batch` for `run` (created if new) unless (run, client, seq) was stored before."""
     run_id = ensure_run_id(session, run)
     n_points = batch.n_points
-    marked = session.execute(
-        insert(session, BatchRow.__table__)
-        .values(
-            run_id=run_id,
-            client=batch.client,
-            seq=batch.seq,
-            received_at=utcnow(),
-            n_points=n_points,
-        )
-        .on_conflict_do_nothing()
-        .returning(BatchRow.seq)
-    ).first()
-    if marked is None:
+    if not _mark(session, run_id, batch, n_points):
         return IngestResult(duplicate=True, n_points=n_points)
     ids = _series_ids(session, run_id, batch.series, max_series)
     if is_pg(session):
@@ -148,15 +136,44 @@ def ingest_batch(
     return IngestResult(duplicate=False, n_points=n_points, series_ids=ids)
 
 
-def _seen(session: Session, run_id: int) -> None:
-    # At most one write a second per run: concurrent batches of one run would otherwise
-    # queue on this row's lock, one commit after another.
+def _mark(session: Session, run_id: int, batch: Batch, n_points: int) -> bool:
+    """Record (run, client, seq); False if it was recorded before (a resent batch).
+
+    On PostgreSQL a concurrent insert of the same key waits for the other transaction and
+    then does nothing, so two processes never both store one batch.
+    """
     now = utcnow()
+    raw = session.connection().connection.driver_connection
+    if is_pg(session):
+        with raw.cursor() as cur:
+            cur.execute(_PG_MARK, (run_id, batch.client, batch.seq, now, n_points))
+            return cur.rowcount == 1
+    # SQLAlchemy's SQLite DateTime format: naive UTC text
+    stamp = now.replace(tzinfo=None).isoformat(" ")
+    return (
+        raw.execute(_SQLITE_MARK, (run_id, batch.client, batch.seq, stamp, n_points)).rowcount == 1
+    )
+
+
+_MARK = "INSERT INTO batches (run_id, client, seq, received_at, n_points) VALUES ({}) ON CONFLICT DO NOTHING"
+_PG_MARK = _MARK.format(", ".join(["%s"] * 5))
+_SQLITE_MARK = _MARK.format(", ".join(["?"] * 5))
+
+
+def _seen(session: Session, run_id: int) -> None:
+    # At most one write a second per run and process: concurrent batches of one run would
+    # otherwise queue on this row's lock, one commit after another.
+    key, now = ("seen", run_id), time.monotonic()
+    ids_cache = cache(session)
+    if now - ids_cache.get(key, -1e9) < 1.0:
+        return
+    ids_cache[key] = now
+    stamp = utcnow()
     session.execute(
         update(Run)
         .where(Run.id == run_id)
-        .where(or_(Run.last_seen_at.is_(None), Run.last_seen_at < now - timedelta(seconds=1)))
-        .values(last_seen_at=now)
+        .where(or_(Run.last_seen_at.is_(None), Run.last_seen_at < stamp - timedelta(seconds=1)))
+        .values(last_seen_at=stamp)
     )
 
 
