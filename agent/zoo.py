@@ -196,7 +196,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seeds", type=int, metavar="N", help="seeds per case (default 3; reduced 1)"
     )
     parser.add_argument(
-        "--steps", type=int, metavar="N", help="steps per run (default 300; reduced 150)"
+        "--steps", type=int, metavar="N", help="steps per run (default 240; reduced 150)"
     )
     parser.add_argument(
         "--jobs", type=int, default=2, metavar="N", help="runs at a time (default 2)"

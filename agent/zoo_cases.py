@@ -180,5 +180,5 @@ def cases_named(names: list[str] | None) -> list[ZooCase]:
     known = {c.name: c for c in CASES}
     for n in names:
         if n not in known:
-            raise ValueError(f"config: unknown zoo case {n!r}; known: {', '.join(known)}.")
+            raise ValueError(f"cases: unknown zoo case {n!r}; known: {', '.join(known)}.")
     return [c for c in CASES if c.name in names]

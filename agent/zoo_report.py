@@ -135,8 +135,15 @@ def score(
             if not resolved
             else "another rule warned first"
         )
-    elif step is None:
-        passed, why = False, "did not diverge at this scale"
+    elif step is None:  # nothing to be early for: a warning naming the cause still counts
+        passed = bool(cause_first)
+        why = "no divergence at this scale; " + (
+            "warned, cause named first"
+            if passed
+            else "silent"
+            if not bad
+            else "cause not named first"
+        )
     else:
         early = warning is not None and warning["first_step"] < step
         passed = early and bool(cause_first)
@@ -171,7 +178,6 @@ def describe(alert: dict[str, Any] | None) -> str:
     if alert is None:
         return "-"
     labels = alert.get("labels") or {}
-    where = "/".join(
-        f"{k[0].upper() if k == 'layer' else k[0]}{v}" for k, v in sorted(labels.items())
-    )
+    order = sorted(labels, key=lambda k: (k != "layer", k != "head", k))  # layer, head, rest
+    where = "/".join(f"{'L' if k == 'layer' else k[0]}{labels[k]}" for k in order)
     return f"{alert['rule']}{' ' + where if where else ''} @{alert.get('first_step')}"
