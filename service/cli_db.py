@@ -42,14 +42,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.db_command == "compact":
             merged = compact_all(sessions, run=args.run)
-            if engine.dialect.name == "sqlite":
-                # Give the freed pages back to the file system.
-                raw = engine.raw_connection()
-                try:  # outside any transaction: sqlite3 runs in autocommit mode here
+            raw = engine.raw_connection()
+            try:
+                if engine.dialect.name == "sqlite":
+                    # Give the freed pages back to the file system (sqlite3 is in
+                    # autocommit mode here, see db.make_engine).
                     raw.driver_connection.execute("VACUUM")
                     raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                finally:
-                    raw.close()
+                else:
+                    # Make the replaced rows' space reusable (VACUUM FULL would shrink the
+                    # table but locks it; run that yourself in a quiet moment).
+                    raw.driver_connection.autocommit = True
+                    raw.driver_connection.execute("VACUUM ANALYZE chunks")
+                    raw.driver_connection.autocommit = False
+            finally:
+                raw.close()
             print(f"logitwatch: merged {merged} chunks")
         with sessions() as session:
             st = storage_stats(session)
