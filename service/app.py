@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from . import api_alerts, api_health, api_points, api_rules, api_runs, prom
 from .db import WRITE, is_postgres, make_engine, make_sessionmaker
-from .errors import install_error_handlers
+from .errors import BodyLimit, install_error_handlers
 from .evaluator import RuleEngine
 from .notify import Notifier
 from .settings import Settings, load_settings
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.compactor = Compactor(app.state.write_sessionmaker, app.state.write_lock)
 
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.body_limit_bytes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

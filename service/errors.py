@@ -13,7 +13,7 @@ from logitwatch.protocol import ProtocolError
 
 from .store_ingest import LimitError
 
-__all__ = ["ApiError", "install_error_handlers"]
+__all__ = ["ApiError", "BodyLimit", "install_error_handlers"]
 
 _CODES = {
     400: "bad_request",
@@ -78,7 +78,37 @@ def install_error_handlers(app: FastAPI) -> None:
             _body(503, "unavailable", detail), status_code=503, headers={"Retry-After": "1"}
         )
 
+    @app.exception_handler(OperationalError)
+    async def _db_down(_req: Request, exc: OperationalError) -> JSONResponse:
+        # The database is unreachable or (SQLite) locked past busy_timeout: a client should
+        # retry, and the agent's sender does (its spool keeps the batch meanwhile).
+        detail = f"database unavailable: {str(exc.orig).splitlines()[0][:200]}"
+        return JSONResponse(
+            _body(503, "unavailable", detail), status_code=503, headers={"Retry-After": "1"}
+        )
+
     @app.exception_handler(LimitError)
     async def _limit(_req: Request, exc: LimitError) -> JSONResponse:
         detail = [{"field": exc.field, "message": exc.message}]
         return JSONResponse(_body(422, "limit", detail), status_code=422)
+
+
+class BodyLimit:
+    """ASGI middleware: a declared Content-Length over `limit` is refused with 413 up front.
+
+    Bodies without a length (chunked) are counted while read where it matters (POST points).
+    """
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", ()):
+                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                    detail = f"body of {int(value)} bytes exceeds body_limit_bytes={self.limit}"
+                    response = JSONResponse(_body(413, "too_large", detail), status_code=413)
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)

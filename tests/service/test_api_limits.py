@@ -41,6 +41,8 @@ def test_body_limit(small, run_name):
     )
     assert r.status_code == 413
     assert small.get(f"/api/v1/runs/{run_name}").status_code == 404
+    r = small.put(f"/api/v1/runs/{run_name}", json={"config": {"x": "y" * 5000}})
+    assert r.status_code == 413 and r.json()["error"] == "too_large"
 
 
 def test_series_limit_names_the_limit_and_stores_nothing(small, run_name):
@@ -84,3 +86,15 @@ def test_json_spelling_of_series_last_value(small, run_name):
     assert s["last_value"] == "NaN" and s["n_points"] == 2
     raw = httpx.get(f"{small.base_url}/api/v1/runs/{run_name}/metrics/loss").text
     assert '"values":[1.0, "NaN"]' in raw
+
+
+def test_database_down_is_503_with_retry_after():
+    settings = load_settings(db_url="postgresql+psycopg://postgres@127.0.0.1:5432/lw_no_such_db")
+    with thread_server(create_app(settings)) as server, server.client() as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        batch = Batch("c", 1, 0, [series_from_columns("loss", {}, [1], [1.0])])
+        r = post(c, "r", batch)
+        assert r.status_code == 503 and r.json()["error"] == "unavailable"
+        assert r.headers["retry-after"] == "1"
