@@ -1,5 +1,6 @@
 """logitwatch.agent: what runs inside the training process (needs torch, never the service)."""
 
+from logitwatch.agent.actions import Checkpoint, LocalGuard, LowerLR, StopTraining
 from logitwatch.agent.attach import attach
 from logitwatch.agent.decoder import Decoder, DecoderConfig, HookPoint, loss_fn
 from logitwatch.agent.filesink import FileSink
@@ -13,16 +14,20 @@ from logitwatch.agent.train import TrainConfig, train
 __all__ = [
     "PRESETS",
     "SGDR",
+    "Checkpoint",
     "Decoder",
     "DecoderConfig",
     "FileSink",
     "HookPoint",
     "HttpSink",
+    "LocalGuard",
     "LogitwatchCallback",
     "LogitwatchLightningCallback",
+    "LowerLR",
     "Monitor",
     "MonitorConfig",
     "SenderConfig",
+    "StopTraining",
     "TrainConfig",
     "WarmupCosine",
     "attach",

@@ -1,6 +1,6 @@
 """The full instability zoo: every case x seeds, scored, with a table, zoo.json and a PNG per run.
 
-    python benchmarks/zoo.py [--seeds N] [--steps N] [--jobs 2] [--out benchmarks/out/zoo]
+    python benchmarks/zoo.py [--seeds N] [--steps N] [--jobs 2] [--out .logitwatch/zoo-benchmark]
 
 Starts its own `logitwatch serve` (SQLite in a temp dir) unless --server URL is given.
 """
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", help="comma list (default: all)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--server")
-    p.add_argument("--out", default="benchmarks/out/zoo")
+    p.add_argument("--out", default=".logitwatch/zoo-benchmark")
     args = p.parse_args(argv)
     scale = ZooScale(steps=args.steps, seeds=args.seeds)
     cases = cases_named(args.cases.split(",") if args.cases else None)
