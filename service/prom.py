@@ -11,7 +11,6 @@ scrapes each host, as usual.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -20,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Response
@@ -37,18 +37,15 @@ from sqlalchemy import event, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from logitwatch.metrics import CATALOGUE, prometheus_name
+from logitwatch.metrics import CATALOGUE, MetricSpec, prometheus_name
 
 from .models import Latest, Run, Series
 from .settings import Settings
 
 __all__ = ["LatestCollector", "ServiceMetrics", "install", "worker_metrics_dir"]
 
-log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _DB_OPS = frozenset({"select", "insert", "update", "delete", "copy", "with"})
-#: Labels kept on run gauges besides `run`: the catalogue's own, which are few per run.
-_KEPT_LABELS = frozenset(k for s in CATALOGUE.values() for k in s.labels) | {"rank"}
 
 
 class ServiceMetrics:
@@ -103,6 +100,13 @@ class ServiceMetrics:
     ) -> None:  # fmt: skip
         self.requests.labels(route, method, str(status)).inc()
         self.duration.labels(route, method).observe(seconds)
+
+
+@cache
+def _kept_labels(spec: MetricSpec) -> frozenset[str]:
+    # Besides `run`: the metric's own catalogue labels (few per run) and the rank under
+    # per-rank reporting; per-head labels (prom_drop) and anything a client added are folded.
+    return frozenset((*spec.labels, "rank")) - frozenset(spec.prom_drop)
 
 
 def _max_nan(a: float, b: float) -> float:
@@ -161,11 +165,8 @@ class LatestCollector:
         folded: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
         for run, metric, labels, value in rows:
             spec = CATALOGUE[metric]
-            kept = {
-                k: str(v)
-                for k, v in (labels or {}).items()
-                if k in _KEPT_LABELS and k not in spec.prom_drop
-            }
+            keep = _kept_labels(spec)
+            kept = {k: str(v) for k, v in (labels or {}).items() if k in keep}
             key = (("run", run), *sorted(kept.items()))
             # SQLite stores a NaN REAL as NULL: read NULL as NaN (see models.Latest).
             v = math.nan if value is None else float(value)

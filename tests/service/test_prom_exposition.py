@@ -4,9 +4,11 @@ valid for promtool, and summed across worker processes."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from helpers.server import live_server
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,6 +16,7 @@ from sqlalchemy import update
 
 from logitwatch.protocol import Batch, encode_batch, series_from_columns
 from logitwatch.service.models import Run
+from logitwatch.service.prom import worker_metrics_dir
 
 MSGPACK = {"content-type": "application/msgpack"}
 
@@ -34,7 +37,7 @@ def _batch(seq: int = 0) -> bytes:
         series_from_columns("attn.logit_max", {"layer": "0", "head": "1"}, [3], [30.5]),
         series_from_columns("attn.logit_max", {"layer": "1", "head": "0"}, [3], [nan]),
         series_from_columns("attn.logit_max", {"layer": "1", "head": "1"}, [3], [99.0]),
-        series_from_columns("grad.norm", {"layer": "2", "shard": "7"}, [3], [0.5]),
+        series_from_columns("grad.norm", {"layer": "2", "shard": "7", "head": "1"}, [3], [0.5]),
         series_from_columns("user.thing", {"layer": "0"}, [3], [1.0]),
     ]
     return encode_batch(Batch("trainer", seq, 0, series))
@@ -107,3 +110,13 @@ def test_counters_sum_over_worker_processes(tmp_path):
             post = (("method", "POST"), ("route", "/api/v1/runs/{run}/points"), ("status", "200"))
             assert got[("logitwatch_http_requests_total", post)] == 8
             assert got[("logitwatch_loss", (("run", "mp"),))] == 3.25
+
+
+def test_worker_metrics_dir_is_fresh_and_removed(monkeypatch):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    with worker_metrics_dir(1) as path:
+        assert path is None and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    with worker_metrics_dir(3) as path:
+        assert path is not None and os.environ["PROMETHEUS_MULTIPROC_DIR"] == path
+        assert Path(path).is_dir() and not any(Path(path).iterdir())
+    assert not Path(path).exists() and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
