@@ -265,9 +265,9 @@ class Monitor:
     # -- alerts and shutdown ----------------------------------------------------------------
 
     def firing_alerts(self) -> list[dict[str, Any]]:
-        """The run's firing alerts as last reported by the service (empty offline)."""
+        """The run's firing alerts: the service's last answer, plus the local guard's."""
         try:
-            return self.sink.firing_alerts()
+            return self._reporter.sink.firing_alerts()
         except Exception:
             return []
 

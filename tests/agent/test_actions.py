@@ -140,3 +140,4 @@ def test_monitor_guard_stops_and_checkpoints_a_run_that_goes_nan_without_a_servi
     # at the latest (flushed), by step 6's.
     assert stopped_at in (5, 6)
     assert [a["rule"] for a in saved] == ["local-nonfinite"] and saved[0]["first_step"] == 5
+    assert [a["rule"] for a in monitor.firing_alerts()] == ["local-nonfinite"]
