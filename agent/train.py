@@ -268,6 +268,14 @@ def _run_config(cfg: TrainConfig, model_cfg, scheduler, device) -> dict[str, Any
     }  # fmt: skip
 
 
+def _truncate_metrics(path: Path, start: int) -> None:
+    """Drop the lines of steps at or after ``start``: a run that crashed past its last checkpoint
+    wrote steps that the resumed run is about to write again."""
+    keep = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", -1) < start]  # fmt: skip
+    path.write_text("".join(keep))
+
+
 class _Log:
     """The host side of the loop: per-step tensors wait on the device until ``flush()``, which
     reads them in one sync and feeds the metrics file and the progress bar."""
@@ -280,6 +288,8 @@ class _Log:
         self.lrs: list[float] = []
         self.pending: list[torch.Tensor] = []  # (loss, z, grad norm) per unread step
         path = cfg.metrics_out
+        if path and start and Path(path).is_file():
+            _truncate_metrics(Path(path), start)
         self.file = open(path, "a" if start else "w") if path else None  # noqa: SIM115
         self.bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step",
                         dynamic_ncols=True)  # fmt: skip

@@ -56,13 +56,15 @@ def test_checkpoint_and_resume_continue_at_the_step_with_identical_lr(tmp_path):
     assert full.checkpoint == str(tmp_path / "ck" / "step_000012.pt")
     assert (tmp_path / "ck" / "step_000006.pt").is_file()
 
+    # The resumed run appends to the first run's metrics file, dropping the steps it redoes.
     resumed = train(_cfg(**kw, resume=str(tmp_path / "ck" / "step_000006.pt"),
-                         metrics_out=str(tmp_path / "b.jsonl")))  # fmt: skip
+                         metrics_out=str(tmp_path / "a.jsonl")))  # fmt: skip
     assert resumed.start_step == 6 and resumed.end_step == 12
     assert resumed.lrs == full.lrs[6:]  # same schedule, restart at step 6 included
     assert resumed.losses == pytest.approx(full.losses[6:], rel=1e-4)  # same batches and weights
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b.jsonl").read_text().splitlines()]
-    assert steps == list(range(6, 12))
+    lines = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(12))
+    assert [line["loss"] for line in lines[6:]] == resumed.losses
 
 
 def test_resume_from_directory_and_mismatch_is_named(tmp_path):
