@@ -45,6 +45,9 @@ def make_engine(url: str) -> Engine:
         # pysqlite's own transaction handling is off; SQLAlchemy's "begin" event emits BEGIN.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
+        # Takes effect only on a new, empty file (before the migration creates tables): the
+        # compactor then hands the pages of replaced chunks back to the file system.
+        cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
         cur.execute("PRAGMA journal_mode=WAL")
         # NORMAL is durable across application crashes in WAL mode; only power loss can
         # drop the last commits, and it keeps a commit to one write instead of two fsyncs.

@@ -31,7 +31,14 @@ from .models import Chunk, Run, Series
 from .store_read import merge_parts
 from .store_sql import insert_chunks, is_pg
 
-__all__ = ["MERGE_CHUNKS", "TARGET", "Compactor", "compact_all", "compact_series"]
+__all__ = [
+    "MERGE_CHUNKS",
+    "TARGET",
+    "Compactor",
+    "compact_all",
+    "compact_series",
+    "release_space",
+]
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +150,24 @@ def compact_all(
     )
 
 
+def release_space(sessions: sessionmaker[Session], *, lock=None) -> None:
+    """SQLite: give the free pages left by replaced chunks back to the file system.
+
+    Works on files created with auto_vacuum=INCREMENTAL (every file db.make_engine makes);
+    elsewhere it does nothing. PostgreSQL reuses the space after autovacuum.
+    """
+    bind = sessions.kw["bind"]
+    if bind.dialect.name != "sqlite":
+        return
+    with lock or contextlib.nullcontext():
+        raw = bind.raw_connection()
+        try:
+            # executescript steps the pragma to the end (execute frees a single page).
+            raw.driver_connection.executescript("PRAGMA incremental_vacuum;")
+        finally:
+            raw.close()
+
+
 class Compactor:
     """Counts the chunks ingest writes per (series, segment) and merges them in the background.
 
@@ -229,11 +254,12 @@ class Compactor:
         while not self._stop.is_set():
             self._wake.wait(timeout=self._idle_s)
             work, min_chunks = self._take() or ((), 0)
+            merged = 0
             for sid, seg in work:
                 if self._stop.is_set():
                     break
                 try:
-                    compact_series(
+                    merged += compact_series(
                         self._sessions,
                         series_id=sid,
                         segment=seg,
@@ -242,3 +268,8 @@ class Compactor:
                     )
                 except Exception:  # a failed merge leaves the chunks as they were
                     log.exception("compaction of series %s segment %s failed", sid, seg)
+            if merged:
+                try:
+                    release_space(self._sessions, lock=self._lock)
+                except Exception:
+                    log.exception("releasing free pages failed")

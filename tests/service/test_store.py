@@ -8,12 +8,13 @@ import time
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from logitwatch.protocol import Batch, series_from_columns
-from logitwatch.service import store
+from logitwatch.service import store, store_stats
+from logitwatch.service.db import make_engine, make_sessionmaker, upgrade
 from logitwatch.service.models import Chunk
-from logitwatch.service.store_compact import Compactor, compact_all
+from logitwatch.service.store_compact import Compactor, compact_all, release_space
 
 
 def ingest(sessions, run, batch, **kw):
@@ -182,3 +183,28 @@ def test_compactor_thread_merges_once_ingest_pauses(sessions, run_name):
         compactor.close()
     (got,) = read(sessions, run_name, "lr").series
     assert got.steps.tolist() == list(range(100)) and set(got.values.tolist()) == {0.1}
+
+
+def test_sqlite_file_shrinks_after_compaction(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    with sessions() as s:
+        empty = store_stats.storage_stats(s).bytes  # the schema's own pages
+    rng = np.random.default_rng(3)
+    for i in range(50):
+        steps = np.arange(i * 200, i * 200 + 200)
+        batch = one([series_from_columns("loss", {}, steps, rng.random(200), 1e9 + steps)], seq=i)
+        ingest(sessions, "r", batch)
+    with sessions() as s:
+        before = store_stats.storage_stats(s)
+    assert compact_all(sessions) == 50
+    release_space(sessions)
+    with sessions() as s:
+        after = store_stats.storage_stats(s)
+        assert s.scalar(text("PRAGMA freelist_count")) == 0
+    engine.dispose()
+    assert after.points == before.points == 10_000
+    assert after.bytes - empty < 0.7 * (before.bytes - empty)
+    assert (after.bytes - empty) / after.points < 12
