@@ -10,6 +10,7 @@ from logitwatch.protocol import check_run_name, decode_batch
 
 from . import store
 from .auth import require
+from .db import is_postgres
 from .errors import ApiError
 
 __all__ = ["router"]
@@ -57,11 +58,17 @@ def post_points(run: str, request: Request, body: Annotated[bytes, Depends(raw_b
     check_run_name(run)
     batch = decode_batch(body, request.headers.get("content-type"))
     state = request.app.state
+    prepared = store.prepare_batch(batch, postgres=is_postgres(state.engine))
     # SQLite has one writer: queue this process's writers on a lock rather than on the
-    # database's busy handler, and keep the transaction short (decoding happened above).
+    # database's busy handler, and keep the transaction short (decoding and packing
+    # happened above, while other requests could write).
     with state.write_lock, state.write_sessionmaker() as session:
         result = store.ingest_batch(
-            session, run=run, batch=batch, max_series=state.settings.max_series_per_run
+            session,
+            run=run,
+            batch=batch,
+            max_series=state.settings.max_series_per_run,
+            prepared=prepared,
         )
         if not result.duplicate:
             state.rules.on_batch(session, run=run, batch=batch)

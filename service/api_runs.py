@@ -71,7 +71,9 @@ def _unknown(run: str) -> ApiError:
     return ApiError(404, "not_found", f"run {run!r} does not exist")
 
 
-@router.put("/{run}", dependencies=[Depends(require("ingest"))])
+@router.put(
+    "/{run}", dependencies=[Depends(require("ingest"))], responses={201: {"description": "Created"}}
+)
 def put_run(run: str, request: Request, response: Response, body: RunIn | None = None) -> RunOut:
     """Create the run or update its config/tags (idempotent). 201 when created."""
     _run_name(run)

@@ -41,7 +41,42 @@ def _body(status: int, code: str | None, detail) -> dict:
     return {"error": code or _CODES.get(status, "error"), "detail": detail}
 
 
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error", "detail"],
+    "properties": {"error": {"type": "string"}, "detail": {}},
+}
+#: Answers any operation may give (auth, limits, a database that is away), documented in
+#: the OpenAPI schema so that clients (and schemathesis) know them.
+_DOCUMENTED = (400, 401, 403, 404, 413, 415, 422, 429, 503)
+
+
+def _document_errors(app: FastAPI) -> None:
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for item in schema.get("paths", {}).values():
+                for op in item.values():
+                    responses = op.setdefault("responses", {})
+                    for status in _DOCUMENTED:
+                        responses.setdefault(
+                            str(status),
+                            {
+                                "description": _CODES[status].replace("_", " "),
+                                "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+                            },
+                        )
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    _document_errors(app)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(

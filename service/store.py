@@ -6,7 +6,7 @@ store_read.py, background chunk compaction in store_compact.py; this module is t
 
 from __future__ import annotations
 
-from .store_ingest import IngestResult, LimitError, ingest_batch
+from .store_ingest import IngestResult, LimitError, Prepared, ingest_batch, prepare_batch
 from .store_read import Buckets, Points, ReadResult, bucketize, read_points
 from .store_runs import (
     RunInfo,
@@ -23,6 +23,7 @@ __all__ = [
     "IngestResult",
     "LimitError",
     "Points",
+    "Prepared",
     "ReadResult",
     "RunInfo",
     "SeriesInfo",
@@ -32,6 +33,7 @@ __all__ = [
     "ingest_batch",
     "list_runs",
     "list_series",
+    "prepare_batch",
     "read_points",
     "upsert_run",
 ]

@@ -22,7 +22,7 @@ from .models import Series as SeriesRow
 from .store_runs import ensure_run_id
 from .store_sql import cache, insert, insert_chunks, is_pg, labels_key, remember
 
-__all__ = ["IngestResult", "LimitError", "ingest_batch"]
+__all__ = ["IngestResult", "LimitError", "Prepared", "ingest_batch", "prepare_batch"]
 
 _CHUNKS = Chunk.__table__
 _LATEST = Latest.__table__
@@ -119,19 +119,66 @@ def _columns(s: Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return steps, values, times
 
 
+@dataclass(slots=True)
+class Prepared:
+    """A batch's chunk payloads, packed before the write lock is taken (prepare_batch)."""
+
+    postgres: bool
+    #: (index in batch.series, chunk columns after series_id, latest columns after series_id)
+    rows: list[tuple[int, tuple, tuple]]
+
+
+def prepare_batch(batch: Batch, *, postgres: bool) -> Prepared:
+    """Sort, dedupe and pack each series' arrays: CPU work that needs no database."""
+    pack = _pack_pg if postgres else _pack_sqlite
+    seg, rows = batch.segment, []
+    for i, s in enumerate(batch.series):
+        if not len(s.steps):
+            continue
+        steps, values, times = _columns(s)
+        lo, hi, n = int(steps[0]), int(steps[-1]), len(steps)
+        last_time = float(times[-1]) if len(times) else None
+        rows.append(
+            (
+                i,
+                (seg, lo, hi, n, *pack(steps, values, times)),
+                (seg, hi, float(values[-1]), last_time, n, lo),
+            )
+        )
+    return Prepared(postgres, rows)
+
+
 def ingest_batch(
-    session: Session, *, run: str, batch: Batch, max_series: int = 100_000
+    session: Session,
+    *,
+    run: str,
+    batch: Batch,
+    max_series: int = 100_000,
+    prepared: Prepared | None = None,
 ) -> IngestResult:
-    """Store `batch` for `run` (created if new) unless (run, client, seq) was stored before."""
+    """Store `batch` for `run` (created if new) unless (run, client, seq) was stored before.
+
+    `prepared` (from prepare_batch) lets the caller pack the arrays before taking a lock.
+    """
     run_id = ensure_run_id(session, run)
     n_points = batch.n_points
     if not _mark(session, run_id, batch, n_points):
         return IngestResult(duplicate=True, n_points=n_points)
     ids = _series_ids(session, run_id, batch.series, max_series)
-    if is_pg(session):
-        _write_pg(session, ids, batch)
-    else:
-        _write_sqlite(session, ids, batch)
+    pg = is_pg(session)
+    if prepared is None or prepared.postgres != pg:
+        prepared = prepare_batch(batch, postgres=pg)
+    chunks = [(ids[i], *chunk) for i, chunk, _ in prepared.rows]
+    # sorted: concurrent writers lock latest rows in one order and never deadlock
+    latest = sorted((ids[i], *last) for i, _, last in prepared.rows)
+    if chunks:
+        insert_chunks(session, chunks)
+        raw = session.connection().connection.driver_connection
+        if pg:
+            with raw.cursor() as cur:
+                cur.executemany(_PG_LATEST, latest)
+        else:
+            raw.executemany(_SQLITE_LATEST, latest)
     _seen(session, run_id)
     return IngestResult(duplicate=False, n_points=n_points, series_ids=ids)
 
@@ -177,23 +224,6 @@ def _seen(session: Session, run_id: int) -> None:
     )
 
 
-def _rows(ids: list[int], batch: Batch, pack) -> tuple[list, list]:
-    """(chunk rows, latest rows) as tuples in column order, latest sorted by series id
-    so that concurrent writers lock latest rows in one order and never deadlock."""
-    seg = batch.segment
-    chunks, latest = [], []
-    for sid, s in zip(ids, batch.series, strict=True):
-        if not len(s.steps):
-            continue
-        steps, values, times = _columns(s)
-        lo, hi, n = int(steps[0]), int(steps[-1]), len(steps)
-        chunks.append((sid, seg, lo, hi, n, *pack(steps, values, times)))
-        last_time = float(times[-1]) if len(times) else None
-        latest.append((sid, seg, hi, float(values[-1]), last_time, n, lo))
-    latest.sort()
-    return chunks, latest
-
-
 def _pack_sqlite(steps, values, times) -> tuple:
     return raw_steps(steps), raw_floats(values), raw_floats(times)
 
@@ -224,18 +254,3 @@ def _latest_sql(param: str, least: str) -> str:
 
 _SQLITE_LATEST = _latest_sql("?", "min")
 _PG_LATEST = _latest_sql("%s", "least")
-
-
-def _write_sqlite(session: Session, ids: list[int], batch: Batch) -> None:
-    chunks, latest = _rows(ids, batch, _pack_sqlite)
-    if chunks:
-        insert_chunks(session, chunks)
-        session.connection().connection.driver_connection.executemany(_SQLITE_LATEST, latest)
-
-
-def _write_pg(session: Session, ids: list[int], batch: Batch) -> None:
-    chunks, latest = _rows(ids, batch, _pack_pg)
-    if chunks:
-        insert_chunks(session, chunks)
-        with session.connection().connection.driver_connection.cursor() as cur:
-            cur.executemany(_PG_LATEST, latest)
