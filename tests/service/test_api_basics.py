@@ -87,3 +87,27 @@ def test_bad_input_statuses(client, run_name):
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "query.max_points"
     # nothing of the rejected batches was stored, not even the run
     assert client.get(f"/api/v1/runs/{run_name}").status_code == 404
+
+
+def test_segments_buckets_and_pages_over_http(client, run_name):
+    first = Batch("c", 1, 0, [series_from_columns("loss", {}, range(100), [0.0] * 100)])
+    resumed = Batch("c", 2, 1, [series_from_columns("loss", {}, range(80, 120), [1.0] * 40)])
+    post(client, run_name, first)
+    post(client, run_name, resumed)
+    run = client.get(f"/api/v1/runs/{run_name}").json()
+    assert (run["max_segment"], run["last_step"]) == (1, 119)
+    url = f"/api/v1/runs/{run_name}/metrics/loss"
+    (newest,) = client.get(url).json()["series"]
+    assert newest["segment"] is None and newest["values"] == [0.0] * 80 + [1.0] * 40
+    every = client.get(url, params={"segments": "all"}).json()["series"]
+    assert [(s["segment"], len(s["steps"])) for s in every] == [(0, 100), (1, 40)]
+    (b,) = client.get(url, params={"max_points": 4}).json()["series"]
+    assert b["steps"] == [0, 30, 60, 90] and b["max"] == [0.0, 0.0, 1.0, 1.0]
+    assert b["count"] == [30, 30, 30, 30] and b["nan"] == [0, 0, 0, 0]
+    packed = client.get(url, params={"max_points": 4}, headers={"accept": "application/msgpack"})
+    doc = msgpack.unpackb(packed.content)
+    assert np.frombuffer(doc["series"][0]["last"], "<f8").tolist() == [0.0, 0.0, 1.0, 1.0]
+    page = client.get(url, params={"limit": 50}).json()
+    rest = client.get(url, params={"limit": 500, "cursor": page["next_cursor"]}).json()
+    assert page["series"][0]["steps"] + rest["series"][0]["steps"] == list(range(120))
+    assert rest["next_cursor"] is None
