@@ -61,13 +61,11 @@ def _document_errors(app: FastAPI) -> None:
                 for op in item.values():
                     responses = op.setdefault("responses", {})
                     for status in _DOCUMENTED:
-                        responses.setdefault(
-                            str(status),
-                            {
-                                "description": _CODES[status].replace("_", " "),
-                                "content": {"application/json": {"schema": _ERROR_SCHEMA}},
-                            },
-                        )
+                        # 422 too: ours is {"error", "detail": [{field, message}]}, not FastAPI's.
+                        responses[str(status)] = {
+                            "description": _CODES[status].replace("_", " "),
+                            "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+                        }
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -101,30 +101,36 @@ def bucketize(
     }
 
 
-def _chunks(session: Session, sid: int, start: int | None, end: int | None, want_times: bool):
-    """[(segment, steps, values, times)] in write order: segment, then chunk id."""
+def _chunks(
+    session: Session, sids: list[int], start: int | None, end: int | None, want_times: bool
+):
+    """Yield (series id, [(segment, steps, values, times)]) for each of `sids` in order, the
+    parts in write order (segment, then chunk id); one query for all series, read lazily."""
     c = Chunk.__table__.c
     pg = is_pg(session)
     payload = [c.steps, c["values"], c.times] if want_times else [c.steps, c["values"]]
     if pg:  # binary arrays, parsed by numpy (codec.pg_array)
         payload = [func.array_send(col) for col in payload]
-    q = select(c.segment, c.step_min, c.n, *payload).where(c.series_id == sid)
+    q = select(c.series_id, c.segment, c.step_min, c.n, *payload).where(c.series_id.in_(sids))
     if start is not None:
         q = q.where(c.step_max >= start)
     if end is not None:
         q = q.where(c.step_min <= end)
-    q = q.order_by(c.segment, c.id)
-    out = []
-    for row in session.execute(q):
-        seg, step_min, n = row[0], row[1], row[2]
-        if pg:
-            steps, values = pg_array(row[3], "i8"), pg_array(row[4], "f8")
-            times = pg_array(row[5], "f8") if want_times else _EMPTY_F
-        else:
-            steps, values = decode_steps(row[3], step_min, n), decode_floats(row[4], n)
-            times = decode_floats(row[5], n) if want_times else _EMPTY_F
-        out.append((seg, steps, values, times))
-    return out
+    rows = iter(session.execute(q.order_by(c.series_id, c.segment, c.id)))
+    row = next(rows, None)
+    for sid in sids:
+        parts = []
+        while row is not None and row[0] == sid:
+            seg, step_min, n = row[1], row[2], row[3]
+            if pg:
+                steps, values = pg_array(row[4], "i8"), pg_array(row[5], "f8")
+                times = pg_array(row[6], "f8") if want_times else _EMPTY_F
+            else:
+                steps, values = decode_steps(row[4], step_min, n), decode_floats(row[5], n)
+                times = decode_floats(row[6], n) if want_times else _EMPTY_F
+            parts.append((seg, steps, values, times))
+            row = next(rows, None)
+        yield sid, parts
 
 
 def merge_parts(parts: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -201,10 +207,12 @@ def read_points(
     result = ReadResult()
     budget = limit or DEFAULT_LIMIT
     after = _parse_cursor(cursor)
-    for sid, lab in matched:
-        if after and sid < after[0]:
-            continue
-        parts = _chunks(session, sid, start, end, times and max_points is None)
+    if after:
+        matched = [(sid, lab) for sid, lab in matched if sid >= after[0]]
+    labels_of = dict(matched)
+    sids = sorted(labels_of)
+    for sid, parts in _chunks(session, sids, start, end, times and max_points is None):
+        lab = labels_of[sid]
         groups: list[tuple[int | None, list]] = (
             [(seg, [p for p in parts if p[0] == seg]) for seg in sorted({p[0] for p in parts})]
             if segments_all
