@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.orm import Session
 
@@ -19,6 +19,9 @@ from .models import utcnow
 from .models_rules import Silence
 
 __all__ = ["router", "write_session"]
+
+#: A row id: beyond int64 the database itself errs (500s before this bound).
+RowId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 router = APIRouter(prefix="/api/v1", tags=["alerts"])
 
@@ -55,7 +58,7 @@ def list_alerts(
 
 
 @router.get("/alerts/{alert_id}", dependencies=[Depends(require("read"))], summary="One alert")
-def get_alert(alert_id: int, request: Request, session: SessionDep) -> dict:
+def get_alert(alert_id: RowId, request: Request, session: SessionDep) -> dict:
     visible = run_filter(request)
     for a in al.list_alerts(session, alert_id=alert_id):
         if visible(a["run"]):
@@ -71,7 +74,7 @@ class AckBody(BaseModel):
 @router.post(
     "/alerts/{alert_id}/ack", dependencies=[Depends(require("read"))], summary="Acknowledge"
 )
-def ack(alert_id: int, request: Request, body: AckBody | None = None) -> dict:
+def ack(alert_id: RowId, request: Request, body: AckBody | None = None) -> dict:
     """Mark an alert as seen; it keeps its state (and resolves on its own)."""
     visible = run_filter(request)
     with write_session(request) as session:
@@ -137,7 +140,7 @@ def create_silence(body: SilenceBody, request: Request) -> dict:
 
 
 @router.get("/silences/{silence_id}", dependencies=[Depends(require("read"))])
-def get_silence(silence_id: int, session: SessionDep) -> dict:
+def get_silence(silence_id: RowId, session: SessionDep) -> dict:
     s = session.get(Silence, silence_id)
     if s is not None:
         return al.silence_dict(s)
@@ -145,7 +148,7 @@ def get_silence(silence_id: int, session: SessionDep) -> dict:
 
 
 @router.delete("/silences/{silence_id}", dependencies=[Depends(require("admin"))])
-def delete_silence(silence_id: int, request: Request) -> dict:
+def delete_silence(silence_id: RowId, request: Request) -> dict:
     with write_session(request) as session:
         if not al.delete_silence(session, silence_id=silence_id):
             raise ApiError(404, "not_found", f"no silence {silence_id}")
