@@ -24,6 +24,7 @@ __all__ = [
     "encode_floats",
     "encode_steps",
     "pg_array",
+    "pg_array_bytes",
     "raw_floats",
     "raw_steps",
 ]
@@ -137,3 +138,17 @@ def pg_array(data: bytes | memoryview | None, kind: str) -> np.ndarray:
         return np.empty(0, dtype=out)
     cells = np.frombuffer(data, dtype=[("len", ">i4"), ("v", ">" + kind)], offset=_PG_HEADER)
     return cells["v"].astype(out)
+
+
+_PG_OIDS = {"i8": 20, "f8": 701}  # int8, float8
+
+
+def pg_array_bytes(a: np.ndarray, kind: str) -> bytes:
+    """The binary form PostgreSQL reads for a one-dimensional int8[]/float8[] (see pg_array)."""
+    oid = _PG_OIDS[kind]
+    if len(a) == 0:
+        return np.array([0, 0, oid], dtype=">i4").tobytes()
+    cells = np.empty(len(a), dtype=[("len", ">i4"), ("v", ">" + kind)])
+    cells["len"] = 8
+    cells["v"] = a
+    return np.array([1, 0, oid, len(a), 1], dtype=">i4").tobytes() + cells.tobytes()

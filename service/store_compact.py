@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .codec import decode_floats, decode_steps, encode_floats, encode_steps, pg_array
 from .models import Chunk, Run, Series
 from .store_read import merge_parts
-from .store_sql import insert_chunks, is_pg
+from .store_sql import insert_chunks, is_pg, pg_arrays
 
 __all__ = [
     "MERGE_CHUNKS",
@@ -82,7 +82,7 @@ def _suffix(session: Session, series_id: int, segment: int) -> list:
 
 def _encode(pg: bool, steps: np.ndarray, values: np.ndarray, times: np.ndarray) -> tuple:
     if pg:
-        return steps.tolist(), values.tolist(), times.tolist()
+        return pg_arrays(steps, values, times)
     return encode_steps(steps), encode_floats(values), encode_floats(times)
 
 

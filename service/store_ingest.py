@@ -20,7 +20,7 @@ from .codec import raw_floats, raw_steps
 from .models import Chunk, Latest, Run, utcnow
 from .models import Series as SeriesRow
 from .store_runs import ensure_run_id
-from .store_sql import cache, insert, insert_chunks, is_pg, labels_key, remember
+from .store_sql import cache, insert, insert_chunks, is_pg, labels_key, pg_arrays, remember
 
 __all__ = ["IngestResult", "LimitError", "Prepared", "ingest_batch", "prepare_batch"]
 
@@ -229,7 +229,7 @@ def _pack_sqlite(steps, values, times) -> tuple:
 
 
 def _pack_pg(steps, values, times) -> tuple:
-    return steps.tolist(), values.tolist(), times.tolist()
+    return pg_arrays(steps, values, times)
 
 
 # Newest point = largest (segment, step); NULL value means NaN on SQLite (see models.Latest).

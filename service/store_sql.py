@@ -5,11 +5,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-__all__ = ["cache", "insert", "insert_chunks", "is_pg", "labels_key", "remember"]
+from .codec import pg_array_bytes
+
+__all__ = [
+    "PgArray",
+    "PgInt8Array",
+    "cache",
+    "insert",
+    "insert_chunks",
+    "is_pg",
+    "labels_key",
+    "pg_arrays",
+    "remember",
+]
 
 
 def is_pg(session: Session) -> bool:
@@ -60,3 +73,49 @@ def insert_chunks(session: Session, rows: list[tuple], *, with_id: bool = False)
             cur.executemany(_PG_CHUNKS_ID if with_id else _PG_CHUNKS, rows)
     else:
         raw.executemany(_SQLITE_CHUNKS_ID if with_id else _SQLITE_CHUNKS, rows)
+
+
+class PgArray:
+    """A float8[] already in PostgreSQL's binary form (built by numpy, see codec.pg_array_bytes).
+
+    psycopg's own list dumper packs element by element in Python, which cost more than the
+    rest of a PostgreSQL ingest; this hands over bytes made in one numpy pass.
+    """
+
+    __slots__ = ("data",)
+    oid = 1022  # float8[]
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class PgInt8Array(PgArray):
+    __slots__ = ()
+    oid = 1016  # int8[]
+
+
+def pg_arrays(steps: np.ndarray, values: np.ndarray, times: np.ndarray) -> tuple:
+    return (
+        PgInt8Array(pg_array_bytes(steps, "i8")),
+        PgArray(pg_array_bytes(values, "f8")),
+        PgArray(pg_array_bytes(times, "f8")),
+    )
+
+
+def _register_pg_dumpers() -> None:
+    try:
+        import psycopg
+        from psycopg.adapt import Dumper
+        from psycopg.pq import Format
+    except ImportError:  # an SQLite-only install
+        return
+    for cls in (PgArray, PgInt8Array):
+        dumper = type(
+            f"{cls.__name__}Dumper",
+            (Dumper,),
+            {"format": Format.BINARY, "oid": cls.oid, "dump": lambda self, obj: obj.data},
+        )
+        psycopg.adapters.register_dumper(cls, dumper)
+
+
+_register_pg_dumpers()
