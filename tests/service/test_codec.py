@@ -58,3 +58,11 @@ def test_pg_binary_array():
     header = np.array([1, 0, 701, 3, 1], dtype=">i4").tobytes()
     assert pg_array(header + cells.tobytes(), "f8").tolist() == [1.5, math.inf, -2.0]
     assert len(pg_array(np.array([0, 0, 701], dtype=">i4").tobytes(), "f8")) == 0
+
+
+def test_pg_binary_form_round_trips():
+    from logitwatch.service.codec import pg_array_bytes
+
+    for a, kind in ((np.array([1, 2, 2**62]), "i8"), (np.array([math.nan, -0.0, 1e300]), "f8")):
+        assert pg_array(pg_array_bytes(a, kind), kind).tobytes() == a.tobytes()
+    assert len(pg_array(pg_array_bytes(np.empty(0), "f8"), "f8")) == 0
