@@ -177,17 +177,30 @@ def report(
         console.print(table)
 
 
+PARTS = ("sqlite", "postgres", "floors", "mlflow")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, no MLflow: < 1 minute")
     p.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres",
                    help="a PostgreSQL DSN allowed to create databases ('' to skip PostgreSQL)")  # fmt: skip
     p.add_argument("--no-mlflow", action="store_true", help="skip MLflow")
+    p.add_argument("--only", default=",".join(PARTS),
+                   help=f"comma-separated parts to run, of {', '.join(PARTS)} (default: all)")  # fmt: skip
     args = p.parse_args()
+    only = set(args.only.split(","))
+    if not only <= set(PARTS):
+        p.error(f"--only takes {', '.join(PARTS)}, not {args.only!r}")
+    if not args.pg:
+        only.discard("postgres")
+    if args.no_mlflow or args.quick:
+        only.discard("mlflow")
     plan = QUICK if args.quick else FULL
     console = Console()
     ingests: dict[str, Ingest] = {}
     reads: dict[str, Reads] = {}
+    failed: dict[str, str] = {}
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -204,38 +217,63 @@ def main() -> None:
             task = progress.add_task(name, total=total)
             return lambda n: progress.advance(task, n)
 
-        db = work / "logitwatch.db"
-        ingests["logitwatch SQLite"], reads["logitwatch SQLite"] = run_service(
-            f"sqlite:///{db}", work, plan, lambda: sqlite_bytes(db), progress, "SQLite"
-        )
-        floor_dir = work / "floor"
-        floor_dir.mkdir()
-        ingests["raw SQLite floor"] = sqlite_floor(
-            floor_dir, batches=plan.clients * plan.batches, series=SERIES, steps=STEPS,
-            tick=tick("raw SQLite floor (executemany)", plan.points),
-        )  # fmt: skip
-        if args.pg:
+        def sqlite_service() -> None:
+            db = work / "logitwatch.db"
+            ingests["logitwatch SQLite"], reads["logitwatch SQLite"] = run_service(
+                f"sqlite:///{db}", work, plan, lambda: sqlite_bytes(db), progress, "SQLite"
+            )
+
+        def postgres_service() -> None:
             with fresh_pg_db(args.pg, "svc") as dsn:
                 ingests["logitwatch PostgreSQL"], reads["logitwatch PostgreSQL"] = run_service(
-                    _sqlalchemy_url(dsn),
-                    work,
-                    plan,
-                    lambda: postgres_bytes(dsn),
-                    progress,
+                    _sqlalchemy_url(dsn), work, plan, lambda: postgres_bytes(dsn), progress,
                     "PostgreSQL",
-                )
-            with fresh_pg_db(args.pg, "floor") as dsn:
-                ingests["raw PostgreSQL floor"] = postgres_floor(
-                    dsn, batches=plan.clients * plan.batches, series=SERIES, steps=STEPS,
-                    tick=tick("raw PostgreSQL floor (COPY)", plan.points),
                 )  # fmt: skip
-        if plan.mlflow_batches and not args.no_mlflow:
+
+        def floors() -> None:
+            floor_dir = work / "floor"
+            floor_dir.mkdir()
+            ingests["raw SQLite floor"] = sqlite_floor(
+                floor_dir, batches=plan.clients * plan.batches, series=SERIES, steps=STEPS,
+                tick=tick("raw SQLite floor (executemany)", plan.points),
+            )  # fmt: skip
+            if args.pg:
+                with fresh_pg_db(args.pg, "floor") as dsn:
+                    ingests["raw PostgreSQL floor"] = postgres_floor(
+                        dsn, batches=plan.clients * plan.batches, series=SERIES, steps=STEPS,
+                        tick=tick("raw PostgreSQL floor (COPY)", plan.points),
+                    )  # fmt: skip
+
+        def mlflow() -> None:
             n = plan.clients * plan.mlflow_batches * SERIES * STEPS + plan.small_read
             ingests["MLflow server (SQLite)"] = mlflow_peer(
                 clients=plan.clients, batches=plan.mlflow_batches, series=SERIES, steps=STEPS,
                 read_points=plan.small_read, tick=tick("MLflow server (log_batch)", n),
             )  # fmt: skip
+
+        parts = {"sqlite": sqlite_service, "postgres": postgres_service, "floors": floors,
+                 "mlflow": mlflow}  # fmt: skip
+        for name, part in parts.items():
+            if name not in only:
+                continue
+            try:
+                part()
+            except Exception as exc:  # one part failing must not lose the others' figures
+                failed[name] = f"{type(exc).__name__}: {exc}"
+                progress.console.print(f"[red]{name} failed:[/] {failed[name]}", markup=True)
+                continue
+            for system, r in ingests.items():  # figures as they come, in case of a later crash
+                if system not in _printed:
+                    _printed.add(system)
+                    progress.console.print(
+                        f"{system}: {r.rate:,.0f} points/s, {r.bytes_per_point:.1f} bytes/point"
+                    )
     report(console, plan, ingests, reads)
+    for name, why in failed.items():
+        console.print(f"[red]{name} failed:[/] {why}")
+
+
+_printed: set[str] = set()
 
 
 def _sqlalchemy_url(dsn: str) -> str:

@@ -51,7 +51,7 @@ def _start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
     with open(workdir / "server.log", "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # its first start migrates a new database
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(
@@ -63,7 +63,7 @@ def _start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
         except OSError:
             time.sleep(0.3)
     proc.kill()
-    raise RuntimeError("mlflow server did not answer /health within 120 s")
+    raise RuntimeError("mlflow server did not answer /health within 300 s")
 
 
 def _metrics(series: int, start: int, n: int) -> list[Metric]:
