@@ -12,6 +12,7 @@ from . import store
 from .auth import require
 from .db import is_postgres
 from .errors import ApiError
+from .limits import check_run_quota
 
 __all__ = ["router"]
 
@@ -63,6 +64,7 @@ def post_points(run: str, request: Request, body: Annotated[bytes, Depends(raw_b
     # database's busy handler, and keep the transaction short (decoding and packing
     # happened above, while other requests could write).
     with state.write_lock, state.write_sessionmaker() as session:
+        check_run_quota(session, run=run, max_runs=state.settings.max_runs)
         result = store.ingest_batch(
             session,
             run=run,

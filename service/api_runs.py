@@ -21,6 +21,7 @@ from .api_render import render_read
 from .auth import require
 from .deps import SessionDep
 from .errors import ApiError
+from .limits import check_run_quota
 
 __all__ = ["RunIn", "RunOut", "router"]
 
@@ -80,6 +81,7 @@ def put_run(run: str, request: Request, response: Response, body: RunIn | None =
     body = body or RunIn()
     state = request.app.state
     with state.write_lock, state.write_sessionmaker() as session:
+        check_run_quota(session, run=run, max_runs=state.settings.max_runs)
         created = store.upsert_run(session, name=run, config=body.config, tags=body.tags)
         session.commit()
         info = store.get_run(session, name=run)

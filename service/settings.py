@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     metrics_auth: bool = False
     body_limit_bytes: int = Field(default=32 * MiB, ge=1024)
     max_series_per_run: int = Field(default=100_000, ge=1)
+    #: New run names beyond this many runs are refused (422): a runaway client cannot flood.
+    max_runs: int = Field(default=100_000, ge=1)
     #: Runs silent for longer drop out of /metrics, keeping its cardinality bounded.
     run_inactive_after_s: float = Field(default=3600.0, gt=0)
     rules_file: str | None = None
