@@ -18,7 +18,7 @@ from logitwatch.protocol import (
 
 from . import store
 from .api_render import render_read
-from .auth import require
+from .auth import require, run_filter
 from .deps import SessionDep
 from .errors import ApiError
 from .limits import check_run_quota
@@ -90,8 +90,9 @@ def put_run(run: str, request: Request, response: Response, body: RunIn | None =
 
 
 @router.get("", dependencies=_READ)
-def list_runs(session: SessionDep) -> dict[str, list[RunOut]]:
-    return {"runs": [_out(r) for r in store.list_runs(session)]}
+def list_runs(request: Request, session: SessionDep) -> dict[str, list[RunOut]]:
+    visible = run_filter(request)  # a run-scoped token sees only its runs
+    return {"runs": [_out(r) for r in store.list_runs(session) if visible(r.name)]}
 
 
 @router.get("/{run}", dependencies=_READ)
