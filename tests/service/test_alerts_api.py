@@ -114,26 +114,6 @@ def test_rules_get_put_and_validation(client, run_name):
     assert client.put("/api/v1/rules", json={"rules": []}).status_code == 200
 
 
-def test_serve_rules_file_installs_the_user_rules(tmp_path, _sqlite_template):
-    import shutil
-
-    from helpers.server import live_server
-
-    db = tmp_path / "lw.db"
-    shutil.copy(_sqlite_template, db)
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(
-        "- name: lr-too-high\n  metric: lr\n  condition: {kind: threshold, value: 0.01}\n"
-        "  hint: lower the LR\n"
-    )
-    args = ("--rules", str(rules))
-    with live_server(f"sqlite:///{db}", args=args) as server, server.client() as c:
-        body = c.get("/api/v1/rules").json()
-        assert body["source"] == str(rules) and body["rules"][0]["name"] == "lr-too-high"
-        (a,) = post(c, "r1", 1, S("lr", [1], [0.1], group="0"))
-        assert (a["rule"], a["hint"], a["threshold"]) == ("lr-too-high", "lower the LR", 0.01)
-
-
 def test_run_scoped_tokens_see_their_runs_alerts_only(db_url, run_name):
     from helpers.server import thread_server
 
@@ -155,3 +135,43 @@ def test_run_scoped_tokens_see_their_runs_alerts_only(db_url, run_name):
         assert c.get(f"/api/v1/alerts/{theirs['id']}").status_code == 404
         assert c.post(f"/api/v1/alerts/{theirs['id']}/ack").status_code == 404
         assert c.post(f"/api/v1/alerts/{mine['id']}/ack").json()["acked"]
+
+
+def test_two_service_processes_share_rules_and_state_and_fire_once(pg_url, run_name, tmp_path):
+    from helpers.server import live_server
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "- name: lr-too-high\n  metric: lr\n  condition: {kind: threshold, value: 0.01}\n"
+        "  hint: lower the LR\n"
+    )
+    with (
+        live_server(pg_url, args=("--rules", str(rules))) as a,
+        live_server(pg_url) as b,
+        a.client() as ca,
+        b.client() as cb,
+    ):
+        try:
+            # `serve --rules FILE` put the file's rules in the database: both processes use them.
+            body = cb.get("/api/v1/rules").json()
+            assert body["source"] == str(rules) and body["rules"][0]["name"] == "lr-too-high"
+            (lr,) = post(cb, run_name, 1, S("lr", [1], [0.1], group="0"))
+            assert (lr["rule"], lr["hint"], lr["threshold"]) == (
+                "lr-too-high",
+                "lower the LR",
+                0.01,
+            )
+            # attn-logit-high needs two points above 100: the first reaches one process, the
+            # second the other, which sees the first's state in the database.
+            attn = {"layer": "0", "head": "0"}
+            assert post(ca, run_name, 2, S("attn.logit_max", [10], [150.0], **attn)) == [lr]
+            fired = post(cb, run_name, 3, S("attn.logit_max", [20], [160.0], **attn))[1]
+            assert (fired["rule"], fired["first_step"], fired["last_step"]) == (
+                "attn-logit-high", 10, 20,
+            )  # fmt: skip
+            for i, c in enumerate([ca, cb, ca, cb]):
+                got = post(c, run_name, 4 + i, S("attn.logit_max", [30 + i], [150.0], **attn))
+                assert [x["id"] for x in got] == [lr["id"], fired["id"]]
+            assert len(cb.get("/api/v1/alerts", params={"run": run_name}).json()["alerts"]) == 2
+        finally:  # the PostgreSQL database is shared by the test session
+            ca.put("/api/v1/rules", json={"rules": []})
