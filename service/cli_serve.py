@@ -57,6 +57,14 @@ def run(args: argparse.Namespace) -> int:
             os.environ[f"LOGITWATCH_{name.upper()}"] = str(value)
     for name in ("webhook_urls", "cors_origins"):
         os.environ[f"LOGITWATCH_{name.upper()}"] = ",".join(getattr(settings, name))
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.auth:
+        # Anyone who can reach the port may then write and read every run.
+        print(
+            f"logitwatch: warning: listening on {settings.host} without --auth: "
+            "anyone who reaches this port can read and write every run",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
         f"logitwatch: serving on http://{settings.host}:{settings.port} "
         f"(docs at /docs, {settings.workers} worker{'s' if settings.workers > 1 else ''})",
