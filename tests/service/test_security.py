@@ -7,6 +7,7 @@ from __future__ import annotations
 import hmac
 import sqlite3
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -125,7 +126,7 @@ def live_servers_on(db_url: str, host: str, port: int, *args: str):
                  "--port", str(port), *args], stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
         try:
             wait_ready(f"http://127.0.0.1:{port}", 60, proc)
-            yield lambda: open(log_path).read()
+            yield lambda: Path(log_path).read_text()
         finally:
             proc.terminate()
             proc.wait(15)
