@@ -1,8 +1,10 @@
 """One zoo run: train a case through the real agent into a service, and keep what the plot needs.
 
 Runs in a worker process (spawned: torch and fork do not mix), single-threaded so that
-two runs share two cores. The zoo-only knobs are applied from outside the trainer: a forward
-pre-hook swaps corrupted batches in, and an optimizer pre-hook scales the LR after a resume.
+two runs share two cores. The zoo-only knobs are applied from outside the trainer: in this
+worker the trainer's sampler is swapped for one that returns a chunk of random bytes (inputs
+and targets: a binary blob in the corpus) at the corrupted steps, and an optimizer pre-hook
+scales the LR after a resume.
 """
 
 from __future__ import annotations
@@ -55,8 +57,6 @@ def run_case(case: Any, scale: Any, seed: int, server: str, prefix: str) -> RunO
     def factory(model, optimizer, *, start_step=None, **kwargs):
         from logitwatch.agent.sender import HttpSink
 
-        if corrupt:
-            _corrupt_batches(model, corrupt, start_step or 0)
         if resume is not None and start_step:
             _scale_lr(optimizer, case.resume_lr_scale)
         http = HttpSink(server, run, resume_from_step=start_step, spool_dir=spool / "spool")
@@ -77,6 +77,7 @@ def run_case(case: Any, scale: Any, seed: int, server: str, prefix: str) -> RunO
             "progress": False,
             "log_every": scale.every,
         }
+        sampler = _CorruptBatches(corrupt)
         try:
             if resume is None:
                 out.losses = train(TrainConfig(**base), monitor_factory=factory).losses
@@ -88,6 +89,8 @@ def run_case(case: Any, scale: Any, seed: int, server: str, prefix: str) -> RunO
                 out.losses += train(second, monitor_factory=factory).losses
         except Exception as exc:  # a run that crashes is a result too, not the zoo's end
             out.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            sampler.close()
     out.seconds = time.perf_counter() - start
     out.series = _plotted(memory)
     return out
@@ -97,23 +100,41 @@ def _on_report(step: float, every: int) -> int:
     return max(every, round(step / every) * every)
 
 
-def _corrupt_batches(model: Any, steps: list[int], start: int) -> None:
-    """Replace the model's input at ``steps`` with random bytes (the targets stay: a bad batch)."""
-    import torch
+class _CorruptBatches:
+    """While open, the trainer samples random bytes at ``steps`` (its n-th sample is step n).
 
-    state = {"step": start}
+    The worker process is reused for the next run, so ``close`` puts the real sampler back.
+    """
 
-    def hook(module, args):
-        if not module.training:
-            return None
-        step = state["step"]
-        state["step"] += 1
-        if step in steps:
-            idx = args[0]
-            return (torch.randint(0, module.config.vocab_size, idx.shape, device=idx.device),)
-        return None
+    def __init__(self, steps: list[int]) -> None:
+        import importlib
 
-    model.register_forward_pre_hook(hook)
+        import torch
+
+        # The module, not the function that logitwatch.agent re-exports under the same name.
+        trainer = importlib.import_module("logitwatch.agent.train")
+        self.trainer, self.original = trainer, trainer.BatchSampler
+        if not steps:
+            return
+        wanted = set(steps)
+
+        class Corrupting(self.original):
+            calls = 0
+
+            def sample(self):
+                x, y = super().sample()
+                step, self.calls = self.calls, self.calls + 1
+                if step not in wanted:
+                    return x, y
+                gen = torch.Generator().manual_seed(step)
+                rows = torch.randint(0, 256, (x.shape[0], x.shape[1] + 1), generator=gen)
+                rows = rows.to(x.device)
+                return rows[:, :-1], rows[:, 1:]
+
+        trainer.BatchSampler = Corrupting
+
+    def close(self) -> None:
+        self.trainer.BatchSampler = self.original
 
 
 def _scale_lr(optimizer: Any, scale: float) -> None:
