@@ -1,8 +1,9 @@
 """The periodic check behind ``absent`` rules: a run whose selected metrics stopped arriving.
 
 Every batch records, in the run's own rule_state row, when each absent rule last saw a
-matching metric; this check fires when that is older than the rule's ``seconds``. Runs
-silent for longer than the horizon count as finished: their alert resolves.
+matching metric; this check fires when that is older than the rule's ``seconds``. Runs that
+reached their configured number of steps, or are silent for longer than the horizon, count as
+finished: no alert, or their alert resolves.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from logitwatch.service import alerts as al
+from logitwatch.service.conditions import RunContext
 from logitwatch.service.db import WRITE
 from logitwatch.service.models import Run
 from logitwatch.service.models_rules import Alert, RuleState
@@ -33,7 +35,7 @@ def check_absent(engine, sm: sessionmaker[Session], *, now: datetime) -> int:
         if not rules:
             return 0
         q = (
-            select(_T.c.run_id, _T.c.state, Run.name)
+            select(_T.c.run_id, _T.c.state, Run.name, Run.config)
             .join(Run, Run.id == _T.c.run_id)
             .where(_T.c.series_key == RUN_KEY)
         )
@@ -41,8 +43,11 @@ def check_absent(engine, sm: sessionmaker[Session], *, now: datetime) -> int:
             # Another process checking (or a batch arriving) holds the row: skip it this time.
             q = q.with_for_update(of=_T, skip_locked=True)
         silences = None
-        for run_id, state, run in session.execute(q).all():
+        for run_id, state, run, config in session.execute(q).all():
             state = dict(state or {})
+            # A run that reached the number of steps its config declares has finished, not
+            # stopped: it is never "silent" (the trainer records config.train.steps).
+            total = RunContext.from_config(config).config_value("steps")
             seen, open_ = state.get("seen", {}), state.setdefault("absent_open", {})
             changed = False
             for rule in rules:
@@ -53,8 +58,9 @@ def check_absent(engine, sm: sessionmaker[Session], *, now: datetime) -> int:
                 alert = session.get(Alert, open_[rule.name]) if rule.name in open_ else None
                 if alert is not None and alert.state == "resolved":
                     alert = None
-                if silent > engine.absent_horizon_s or silent < rule.condition.seconds:
-                    if alert is not None and silent > engine.absent_horizon_s:
+                done = total is not None and last_step + 1 >= total
+                if done or silent > engine.absent_horizon_s or silent < rule.condition.seconds:
+                    if alert is not None and (done or silent > engine.absent_horizon_s):
                         al.resolve_alert(alert, step=last_step)
                         open_.pop(rule.name)
                         changed = True

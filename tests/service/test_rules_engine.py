@@ -198,3 +198,12 @@ def test_run_silent_fires_after_the_configured_time_and_resolves_on_data(writer,
     f.send(S("loss", [4], [1.0]))
     (a,) = alerts(writer, run_name)
     assert a["state"] == "resolved"
+
+
+def test_a_run_that_reached_its_declared_steps_is_finished_not_silent(writer, run_name):
+    engine = RuleEngine(writer)
+    f = Feeder(writer, engine, run_name)
+    f.config({"train": {"steps": 4}})
+    f.send(S("loss", [0, 1, 2, 3], [1.0] * 4))
+    engine.check_absent(now=utcnow() + timedelta(seconds=601))
+    assert alerts(writer, run_name) == []
