@@ -190,7 +190,7 @@ def spikes() -> list[dict]:
             "name": "loss-spike",
             "metric": "loss",
             "condition": spike | {"min_rel": 0.05},
-            "hint": f"{HINT_RESTART} if it does not recover; lower the LR",
+            "hint": f"if the loss does not recover: {HINT_RESTART}; lower the LR",
             "source": "OLMo 2 (Team OLMo 2024) spike score",
             **common,
         },
