@@ -43,7 +43,7 @@ class ZooResult:
 
     @property
     def passed(self) -> bool:
-        return all(s.passed for s in self.scores)
+        return all(s.passed is not False for s in self.scores)
 
 
 def run_zoo(
@@ -175,7 +175,7 @@ def print_table(result: ZooResult, console: Any = None) -> None:
     for r in result.scores:
         div = f"@{r.diverged_at} ({r.reason})" if r.diverged_at is not None else "no"
         lead = "-" if r.lead_steps is None else f"{r.lead_steps} steps"
-        mark = "[green]pass[/]" if r.passed else "[red]FAIL[/]"
+        mark = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[yellow]n/a[/]"}[r.passed]
         table.add_row(
             r.case, str(r.seed), r.kind, div, describe(r.first_warning),
             describe(r.first_critical), lead, f"{r.final_loss:.3f}", f"{mark} {r.why}",

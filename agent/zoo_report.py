@@ -81,7 +81,7 @@ class Score:
     first_critical: dict[str, Any] | None
     lead_steps: int | None
     cause_first: bool | None  # the earliest warning-or-worse names the case's real cause
-    passed: bool
+    passed: bool | None  # None: a failing case that neither diverged nor warned (no evidence)
     why: str
     alerts: list[dict[str, Any]] = field(default_factory=list)
     final_loss: float = math.nan
@@ -136,7 +136,7 @@ def score(
             else "another rule warned first"
         )
     elif step is None:  # nothing to be early for: a warning naming the cause still counts
-        passed = bool(cause_first)
+        passed = True if cause_first else None if not bad else False
         why = "no divergence at this scale; " + (
             "warned, cause named first"
             if passed

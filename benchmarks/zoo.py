@@ -39,8 +39,11 @@ def summary(result) -> None:
         rows = [s for s in result.scores if s.kind == kind]
         if not rows:
             continue
-        ok = sum(s.passed for s in rows)
-        line = f"{kind:8s} {ok}/{len(rows)} pass"
+        ok = sum(s.passed is True for s in rows)
+        na = sum(s.passed is None for s in rows)
+        line = f"{kind:8s} {ok}/{len(rows)} pass" + (
+            f" ({na} n/a: no divergence, silent)" if na else ""
+        )
         if kind == "failing":
             div = [s for s in rows if s.diverged_at is not None]
             leads = [s.lead_steps for s in div if s.lead_steps is not None and s.lead_steps > 0]

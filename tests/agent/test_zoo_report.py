@@ -82,3 +82,13 @@ def test_describe_and_bad_settings():
         ZooScale(steps=20, every=5)
     with pytest.raises(ValueError, match="cause 'attention' does not fit kind control"):
         ZooCase("x", "control", "attention", "doc")
+
+
+def test_a_failing_case_that_does_not_diverge_is_judged_on_its_warnings_alone():
+    case = cases_named(["resume-lr-x10"])[0]
+    warned = score(case, run(CONTROL), [alert("lr-off-schedule", 40)], CONTROL, **KW)
+    assert (warned.diverged_at, warned.passed) == (None, True)
+    silent = score(case, run(CONTROL), [], CONTROL, **KW)
+    assert silent.passed is None and "silent" in silent.why  # no evidence either way
+    wrong = score(case, run(CONTROL), [alert("loss-spike", 40)], CONTROL, **KW)
+    assert wrong.passed is False
