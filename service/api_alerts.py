@@ -96,7 +96,7 @@ class SilenceBody(BaseModel):
     rule: str | None = Field(default=None, max_length=64)
     labels: dict[str, str] = Field(default_factory=dict)
     until: datetime | None = None
-    duration_s: float | None = Field(default=None, gt=0)
+    duration_s: float | None = Field(default=None, gt=0, le=100 * 365 * 86400)  # < a century
     comment: str = Field(default="", max_length=1000)
     created_by: str | None = Field(default=None, max_length=128)
 
