@@ -21,7 +21,7 @@ class MonitorConfig:
 
     every: int = 1  # report steps with step % every == 0 (and the first step seen)
     sample_rows: int = 64  # query rows per attention probe; exact max when T <= sample_rows
-    sample_batch: int | None = 8  # batch items the attention probe reads; bounds its memory
+    sample_batch: int | None = 4  # batch items the attention probe reads: bounds its cost
     sample_tokens: int = 512  # token positions for log Z; exact when B*T <= sample_tokens
     per_head: bool = True  # attn.logit_max per head (else one max per layer)
     probes: tuple[str, ...] = PROBES  # which probe families run

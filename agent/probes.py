@@ -60,6 +60,25 @@ def even_rows(n: int, k: int, device: torch.device) -> torch.Tensor:
     return rows
 
 
+_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _causal(
+    rows: torch.Tensor, Tq: int, Tk: int, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 1, R, Tk) "may attend" and its additive 0/-inf twin, cached; query row i sits at key
+    position i + (Tk - Tq) (a KV cache precedes the queries)."""
+    key = (Tq, rows.numel(), Tk, causal, rows.device)
+    hit = _masks.get(key)
+    if hit is None:
+        keys = torch.arange(Tk, device=rows.device)
+        allowed = keys[None, :] <= rows[:, None] + (Tk - Tq) if causal else keys[None, :] >= 0
+        allowed = allowed.view(1, 1, -1, Tk)
+        bias = torch.zeros(allowed.shape, device=rows.device).masked_fill_(~allowed, float("-inf"))
+        _masks[key] = hit = (allowed, bias)
+    return hit
+
+
 def _rms(x: torch.Tensor) -> torch.Tensor:
     # vector_norm with dtype accumulates in fp32 without an fp32 copy of x.
     return torch.linalg.vector_norm(x, dtype=torch.float32) / math.sqrt(max(x.numel(), 1))
@@ -97,24 +116,24 @@ def attn_stats(
     qs = q.index_select(2, rows).float() * scale  # (B, H, R, hs), scaled: R·hs < R·Tk
     att = qs.reshape(B, Hkv, -1, hs) @ k.float().transpose(-2, -1)  # (B, Hkv, G·R, Tk)
     att = att.view(B, H, R, Tk)
-    allowed = torch.ones(1, 1, R, Tk, dtype=torch.bool, device=q.device)
-    if causal:  # query row i sits at key position i + (Tk - Tq) when a cache precedes it
-        keys = torch.arange(Tk, device=q.device)
-        allowed = (keys[None, :] <= rows[:, None] + (Tk - Tq)).view(1, 1, R, Tk)
-    if mask is not None:
+    allowed, bias = _causal(rows, Tq, Tk, causal)  # (1, 1, R, Tk)
+    if mask is None:
+        att.add_(bias)  # an add of 0/-inf is ~4x faster than masked_fill on CPU
+    else:
         m = mask[..., :Tk].index_select(-2, rows)
         m = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
         allowed = allowed & m
-    att.masked_fill_(~allowed, float("-inf"))
+        att.masked_fill_(~allowed, float("-inf"))
     row_max = att.amax(dim=-1, keepdim=True)  # (B, H, R, 1)
     logit_max = row_max.amax(dim=(0, 2, 3))  # (H,)
     # Entropy in one exp pass: with d = a - max, p = e^d / s and H = log s - sum(e^d · d) / s.
+    # Clamping d at -80 keeps exp off its slow underflow path (e^-80 ~ 1e-35: no effect on H)
+    # and turns masked -inf into terms that vanish instead of 0 · -inf = NaN.
     row_max = torch.where(row_max == float("-inf"), 0.0, row_max)  # fully masked rows
-    d = att.sub_(row_max)
+    d = att.sub_(row_max).clamp_(min=-80.0)
     e = d.exp()
-    d.masked_fill_(~allowed, 0.0)  # e is 0 there; avoids 0 · -inf
-    s = e.sum(-1).clamp_min(1e-30)  # (B, H, R); >= 1 unless the row is fully masked
-    ent = s.log() - (e.mul_(d)).sum(-1) / s  # (B, H, R) nats
+    s = e.sum(-1)  # (B, H, R)
+    ent = s.log() - e.mul_(d).sum(-1) / s  # (B, H, R) nats
     n_keys = allowed.sum(-1)  # (b, h, R)
     w = (n_keys >= 2).float().expand(B, H, R)  # rows with one key have entropy 0 by construction
     per_head = (ent * w).sum((0, 2)) / w.sum((0, 2)).clamp_min(1.0)  # (H,)

@@ -87,14 +87,19 @@ class ParamStats:
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        """Keep a copy of the weights (before an optimizer step) for the update ratio."""
-        self._prev = torch._foreach_mul([p.detach() for p in self.params], 1.0)
+        """Copy the weights (before an optimizer step) for the update ratio. The copy lives in
+        one buffer kept across steps: fresh memory each time costs page faults on the CPU."""
+        cur = [p.detach() for p in self.params]
+        if self._prev is None:
+            self._prev = [t.clone() for t in cur]
+        else:
+            torch._foreach_copy_(self._prev, cur)
         self._prev_sq = self._sq_norms(self._prev)
 
     @torch.no_grad()
     def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(global, *per layer) weight norms, and ||w - w_prev|| / ||w_prev|| when a snapshot
-        was taken (then released)."""
+        was taken since the last call."""
         cur = [p.detach() for p in self.params]
         norms = self._grouped(self._sq_norms(cur), self.index).sqrt()
         if self._prev is None or self._prev_sq is None:
@@ -102,5 +107,5 @@ class ParamStats:
         torch._foreach_sub_(self._prev, cur)  # in place: w_prev - w, no extra copy
         delta = self._grouped(self._sq_norms(self._prev), self.index)
         ratio = (delta / self._grouped(self._prev_sq, self.index).clamp_min(1e-30)).sqrt()
-        self._prev = self._prev_sq = None
+        self._prev_sq = None  # the buffer now holds the difference, not a snapshot
         return norms, ratio

@@ -14,6 +14,7 @@ V, T, B = 128, 16, 2
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)  # two ranks on a small box: no oversubscription
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     torch.manual_seed(0)  # same weights on both ranks
     model = torch.nn.parallel.DistributedDataParallel(

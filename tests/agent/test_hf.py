@@ -14,6 +14,15 @@ from logitwatch.agent.sink import MemorySink, series_key  # noqa: E402
 V, T, B = 128, 16, 2
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def gpt2(**kw):
     cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=T)
     return transformers.GPT2LMHeadModel(cfg, **kw)

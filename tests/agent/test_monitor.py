@@ -3,6 +3,8 @@
 import doctest
 import importlib
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,15 @@ from logitwatch.agent.sink import MemorySink, Sink, series_key
 attach_module = importlib.import_module("logitwatch.agent.attach")
 
 V, T, B = 128, 16, 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny() -> Decoder:
@@ -277,3 +288,9 @@ def test_offline_default_is_a_file_sink_under_dot_logitwatch(tmp_path, monkeypat
     path = tmp_path / ".logitwatch" / "runs" / "offline" / "offline.jsonl"
     text = path.read_text()
     assert "attn.logit_max" in text and '"lr": 0.001' in text
+
+
+def test_importing_the_agent_does_not_import_transformers_or_lightning():
+    code = "import sys, logitwatch.agent; print('transformers' in sys.modules or 'lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

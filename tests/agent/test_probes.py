@@ -14,6 +14,15 @@ from logitwatch.agent.sink import MemorySink, series_key
 V, T, B = 128, 16, 2
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(**kw) -> Decoder:
     torch.manual_seed(0)
     cfg = dict(vocab_size=V, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=T)
