@@ -259,15 +259,14 @@ def fast_path(
     """Handle a run of points in one go when none of them can satisfy ``cond`` (the common
     case: a level nobody reached); True when done, False when they must go one by one.
     The caller only asks when no alert is open or pending for this rule and series."""
+    if len(values) <= _SMALL:
+        return _fast_small(cond, state, steps.tolist(), values.tolist(), ctx)
     if isinstance(cond, NonFinite):
         return bool(np.isfinite(values).all())
     if isinstance(cond, Threshold):
-        limit = cond.value
-        if cond.of_config:
-            base = ctx.config_value(cond.of_config)
-            if not base:
-                return True
-            limit = cond.value * base
+        limit = _limit(cond, ctx)
+        if limit is None:
+            return True
         v = np.abs(values) if cond.abs else values
         with np.errstate(invalid="ignore"):
             return not bool(_OPS[cond.op](v, limit).any())
@@ -276,15 +275,48 @@ def fast_path(
         v = np.abs(values[ok])
         if not len(v):
             return True
-        if cond.ratio > 1:
-            # a rise fires only at |value| >= min_value
-            if cond.min_value <= 0 or (v >= cond.min_value).any():
-                return False
-        else:
-            # a drop fires only from a window maximum >= min_value
-            top = max(float(v.max()), max(state.get("w") or [0.0]))
-            if top >= cond.min_value:
-                return False
+        if not _growth_quiet(cond, state, float(v.max())):
+            return False
         _growth_window(cond, state, steps[ok], v)
         return True
     return False
+
+
+#: Below this many points, plain Python beats numpy's per-call overhead.
+_SMALL = 32
+
+
+def _fast_small(cond: Any, state: dict, steps: list, values: list, ctx: RunContext) -> bool:
+    if isinstance(cond, NonFinite):
+        return all(math.isfinite(v) for v in values)
+    if isinstance(cond, Threshold):
+        limit = _limit(cond, ctx)
+        if limit is None:
+            return True
+        op = _OPS[cond.op]
+        return not any(op(abs(v) if cond.abs else v, limit) for v in values)
+    if isinstance(cond, Growth):
+        pts = [(s, abs(v)) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
+        if not pts:
+            return True
+        if not _growth_quiet(cond, state, max(v for _, v in pts)):
+            return False
+        for s, v in pts:  # no verdict can hold: only the window moves
+            _growth(cond, state, s, v)
+        return True
+    return False
+
+
+def _limit(cond: Threshold, ctx: RunContext) -> float | None:
+    if not cond.of_config:
+        return cond.value
+    base = ctx.config_value(cond.of_config)
+    return cond.value * base if base else None
+
+
+def _growth_quiet(cond: Growth, state: dict, top: float) -> bool:
+    """No point can hold: a rise fires only at |value| >= min_value, a drop only from a window
+    maximum >= min_value."""
+    if cond.ratio > 1:
+        return cond.min_value > 0 and top < cond.min_value
+    return max(top, max(state.get("w") or [0.0])) < cond.min_value

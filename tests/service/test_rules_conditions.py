@@ -108,11 +108,12 @@ def test_growth_window_in_one_go_matches_point_by_point():
         steps = list(range(0, 600, 5))
         one, seq_state = run(c, vals, steps=steps)
         assert not any(v and v.active for v in one)
-        state: dict = {}
-        for lo in range(0, 120, 10):  # batches of 10, each quiet: handled in one go
-            s_np, v_np = np.array(steps[lo : lo + 10]), np.array(vals[lo : lo + 10])
-            assert fast_path(c, state, s_np, v_np, RunContext())
-        assert state == seq_state
+        for size in (10, 40):  # small batches go through Python, larger ones through numpy
+            state: dict = {}
+            for lo in range(0, 120, size):  # each batch is quiet: handled in one go
+                s_np, v_np = np.array(steps[lo : lo + size]), np.array(vals[lo : lo + size])
+                assert fast_path(c, state, s_np, v_np, RunContext())
+            assert state == seq_state
     # a rise past min_value is not quiet, and judged against the window's minimum
     rise = cond(kind="growth", ratio=2.0, over_steps=30, min_value=20)
     state = {"ws": [570, 590], "w": [3.0, 9.0]}
