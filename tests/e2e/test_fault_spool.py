@@ -11,6 +11,7 @@ import time
 
 import helpers.server
 import httpx
+import pytest
 
 import logitwatch.agent.spool as spool_mod
 from logitwatch.agent.sender import HttpSink, SenderConfig
@@ -46,6 +47,13 @@ def _stored(url: str, run: str) -> dict:
 def _produced(record: MemorySink) -> dict:
     keys = record.keys()
     return {k: record.series(k[0], **dict(k[1])) for k in keys}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One service for the tests that need it up from the start (a start costs seconds)."""
+    with helpers.server.live_server(f"sqlite:///{tmp_path_factory.mktemp('s') / 'lw.db'}") as s:
+        yield s
 
 
 def _server_on(monkeypatch, port: int, db_url: str):
@@ -89,9 +97,8 @@ def test_full_disk_then_service_back_nothing_lost(tmp_path, monkeypatch, caplog)
         assert len(steps) == 60
 
 
-def test_truncated_spool_replays_every_intact_record(tmp_path, monkeypatch, caplog):
-    port = helpers.server.free_port()
-    url = f"http://127.0.0.1:{port}"
+def test_truncated_spool_replays_every_intact_record(tmp_path, server, caplog):
+    url = f"http://127.0.0.1:{helpers.server.free_port()}"  # nobody listens there
     record = MemorySink()
     # A first process spools while the service is away, then dies.
     http = HttpSink(url, "cut", spool_dir=tmp_path / "spool", config=FAST)
@@ -104,11 +111,8 @@ def test_truncated_spool_replays_every_intact_record(tmp_path, monkeypatch, capl
     size = last.stat().st_size
     with open(last, "r+b") as f:  # the crash cut the last record short
         f.truncate(size - 7)
-    db_url = f"sqlite:///{tmp_path / 'lw.db'}"
-    with (
-        caplog.at_level(logging.WARNING, logger="logitwatch.agent"),
-        _server_on(monkeypatch, port, db_url) as server,
-    ):
+    with caplog.at_level(logging.WARNING, logger="logitwatch.agent"):
+        # The next process, same spool, the service now up: it replays what is intact.
         again = HttpSink(server.url, "cut", spool_dir=tmp_path / "spool", config=FAST)
         assert _wait(lambda: again.spool.pending() == 0)
         again.close(30)
@@ -123,24 +127,23 @@ def test_truncated_spool_replays_every_intact_record(tmp_path, monkeypatch, capl
     assert 0 < lost <= 3 * 30  # only the cut record's points are missing
 
 
-def test_clock_jumps_do_not_disturb_delivery(tmp_path, monkeypatch):
+def test_clock_jumps_do_not_disturb_delivery(tmp_path, server, monkeypatch):
     real_time = time.time
     offset = 0.0
     monkeypatch.setattr(time, "time", lambda: real_time() + offset)
     record = MemorySink()
-    with helpers.server.live_server(f"sqlite:///{tmp_path / 'lw.db'}") as server:
-        http = HttpSink(server.url, "clock", spool_dir=tmp_path / "spool", config=FAST)
-        sink = FanOutSink([http, record])
-        for step in range(45):
-            if step == 15:
-                offset = -3600.0  # NTP steps the clock back an hour
-            if step == 30:
-                offset = 86_400.0  # and then a day forward
-            _log(sink, step)
-            time.sleep(0.01)
-        assert http.flush(30)
-        sink.close(30)
-        stored = _stored(server.url, "clock")
+    http = HttpSink(server.url, "clock", spool_dir=tmp_path / "spool", config=FAST)
+    sink = FanOutSink([http, record])
+    for step in range(45):
+        if step == 15:
+            offset = -3600.0  # NTP steps the clock back an hour
+        if step == 30:
+            offset = 86_400.0  # and then a day forward
+        _log(sink, step)
+        time.sleep(0.01)
+    assert http.flush(30)
+    sink.close(30)
+    stored = _stored(server.url, "clock")
     for key, (steps, values) in _produced(record).items():
         got_steps, got_values, times = stored[key]
         assert (got_steps, got_values) == (steps, values)

@@ -19,7 +19,7 @@ import helpers.server
 from helpers.server import free_port
 
 RUN = "trainer-kill"
-TRAIN = ["--preset", "llama2", "--steps", "40", "--batch-size", "2", "--seq-len", "16",
+TRAIN = ["--preset", "llama2", "--steps", "30", "--batch-size", "2", "--seq-len", "16",
          "--warmup", "4", "--every", "1", "--log-every", "1", "--corpus-bytes", "20000",
          "--save-every", "10", "--device", "cpu", "--no-progress", "--run", RUN]  # fmt: skip
 
@@ -40,9 +40,9 @@ def test_trainer_killed_and_resumed_from_checkpoint(tmp_path, monkeypatch):
     first = _train(tmp_path, url, "--metrics-out", str(tmp_path / "m1.jsonl"))
     ckpt = tmp_path / "ckpt"
     deadline = time.monotonic() + 240
-    while not (ckpt / "step_000030.pt").exists():
+    while not (ckpt / "step_000020.pt").exists():
         assert first.poll() is None, (tmp_path / "train.log").read_text()
-        assert time.monotonic() < deadline, "no checkpoint at step 30"
+        assert time.monotonic() < deadline, "no checkpoint at step 20"
         time.sleep(0.05)
     time.sleep(1.5)  # a little past the checkpoint: steps the resumed run will redo
     os.kill(first.pid, signal.SIGKILL)
@@ -50,10 +50,10 @@ def test_trainer_killed_and_resumed_from_checkpoint(tmp_path, monkeypatch):
     spooled = list((tmp_path / "spool").glob("*.spool"))
     assert spooled and sum(p.stat().st_size for p in spooled) > 0
 
-    # Phase 2: the service is up; resume from the checkpoint at step 20 with the same spool.
+    # Phase 2: the service is up; resume from the checkpoint at step 10 with the same spool.
     monkeypatch.setattr(helpers.server, "free_port", lambda: port)  # the URL the trainer knows
     with helpers.server.live_server(db_url) as server:
-        second = _train(tmp_path, server.url, "--resume", str(ckpt / "step_000020.pt"),
+        second = _train(tmp_path, server.url, "--resume", str(ckpt / "step_000010.pt"),
                         "--metrics-out", str(tmp_path / "m2.jsonl"))  # fmt: skip
         assert second.wait(240) == 0, (tmp_path / "train.log").read_text()
         with server.client() as c:
@@ -62,20 +62,20 @@ def test_trainer_killed_and_resumed_from_checkpoint(tmp_path, monkeypatch):
             every = c.get(f"/api/v1/runs/{RUN}/metrics/loss",
                           params={"limit": 10_000, "segments": "all"}).json()  # fmt: skip
 
-    assert info["max_segment"] == 1 and info["last_step"] == 39
+    assert info["max_segment"] == 1 and info["last_step"] == 29
     resumed = {}
     for line in (tmp_path / "m2.jsonl").read_text().splitlines():
         row = json.loads(line)
         resumed[row["step"]] = row["loss"]
-    assert min(resumed) == 20 and max(resumed) == 39
+    assert min(resumed) == 10 and max(resumed) == 29
     (series,) = newest["series"]
     got = dict(zip(series["steps"], series["values"], strict=True))
-    assert sorted(got) == list(range(40))  # steps 0-19 from the replayed spool, one per step
+    assert sorted(got) == list(range(30))  # steps 0-9 from the replayed spool, one per step
     for step, loss in resumed.items():  # the resumed values win where both segments have one
         assert abs(got[step] - loss) <= 1e-6 * abs(loss), step
     segments = {}
     for e in every["series"]:
         for step in e["steps"]:
             segments.setdefault(e.get("segment", 0), set()).add(step)
-    assert segments[1] == set(range(20, 40))
-    assert set(range(20)) <= segments[0] and max(segments[0]) >= 29  # old spool replayed
+    assert segments[1] == set(range(10, 30))
+    assert set(range(10)) <= segments[0] and max(segments[0]) >= 19  # old spool replayed
