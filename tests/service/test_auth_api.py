@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 
 import httpx
 import pytest
@@ -63,8 +64,11 @@ def auth_app(db_url):
         tokens = {
             scope: create_token(s, scope=scope).secret for scope in ("ingest", "read", "admin")
         }
-        tokens["exp-ingest"] = create_token(s, scope="ingest", run_pattern="exp-*").secret
-        tokens["exp-read"] = create_token(s, scope="read", run_pattern="exp-*").secret
+        # the PostgreSQL database is shared by the test session: a pattern of this test's own
+        pattern = f"exp{uuid.uuid4().hex[:8]}-*"
+        tokens["exp-ingest"] = create_token(s, scope="ingest", run_pattern=pattern).secret
+        tokens["exp-read"] = create_token(s, scope="read", run_pattern=pattern).secret
+        tokens["pattern"] = pattern
     with thread_server(app) as server, server.client() as c:
         yield app, c, tokens
 
@@ -89,15 +93,20 @@ def test_every_api_route_needs_a_token_of_its_scope(auth_app):
 
 def test_run_patterns_fence_runs(auth_app):
     _, c, tokens = auth_app
+    mine, other = tokens["pattern"].replace("*", "1"), f"prod-{uuid.uuid4().hex[:8]}"
     body = encode_batch(Batch("t", 0, 0, [series_from_columns("loss", {}, [1], [2.0])]))
     ingest = {**MSGPACK, **_bearer(tokens["exp-ingest"])}
-    assert c.post("/api/v1/runs/exp-1/points", content=body, headers=ingest).status_code == 200
-    r = c.post("/api/v1/runs/prod-1/points", content=body, headers=ingest)
-    assert r.status_code == 403 and "prod-1" in r.json()["detail"]
+    assert c.post(f"/api/v1/runs/{mine}/points", content=body, headers=ingest).status_code == 200
+    r = c.post(f"/api/v1/runs/{other}/points", content=body, headers=ingest)
+    assert r.status_code == 403 and other in r.json()["detail"]
+    assert c.put(f"/api/v1/runs/{other}", headers=_bearer(tokens["admin"])).status_code == 201
     read = _bearer(tokens["exp-read"])
-    assert c.get("/api/v1/runs/exp-1/metrics/loss", headers=read).status_code == 200
-    assert c.get("/api/v1/runs/prod-1", headers=read).status_code == 403
-    assert c.get("/api/v1/alerts", params={"run": "prod-1"}, headers=read).status_code == 403
+    assert [r["name"] for r in c.get("/api/v1/runs", headers=read).json()["runs"]] == [mine]
+    everything = c.get("/api/v1/runs", headers=_bearer(tokens["read"])).json()["runs"]
+    assert {mine, other} <= {r["name"] for r in everything}
+    assert c.get(f"/api/v1/runs/{mine}/metrics/loss", headers=read).status_code == 200
+    assert c.get(f"/api/v1/runs/{other}", headers=read).status_code == 403
+    assert c.get("/api/v1/alerts", params={"run": other}, headers=read).status_code == 403
 
 
 def test_health_is_open_and_metrics_open_by_default(auth_app):

@@ -84,8 +84,17 @@ def test_service_figures_and_promtool(client, run_name):
     assert got[("logitwatch_http_requests_total", (("method", "GET"), ("route", "unmatched"), ("status", "404")))] == 1  # fmt: skip
     assert got[("logitwatch_http_request_duration_seconds_count", post[:2])] == 1
     assert got[("logitwatch_db_seconds_count", (("operation", "insert"),))] >= 1
-    assert ("logitwatch_batch_points_count", ()) in got
-    assert ("logitwatch_points_ingested_total", ()) in got
+    assert got[("logitwatch_points_ingested_total", ())] == 9
+    assert (
+        got[("logitwatch_batch_points_count", ())],
+        got[("logitwatch_batch_points_sum", ())],
+    ) == (1, 9)
+    # a resent batch is acknowledged, not stored again, and not counted again
+    assert client.post(f"/api/v1/runs/{run_name}/points", content=_batch(), headers=MSGPACK).json()[
+        "duplicate"
+    ]
+    again = _samples(client.get("/metrics").text)
+    assert again[("logitwatch_points_ingested_total", ())] == 9
     promtool = shutil.which("promtool") or "promtool"  # scripts/setup.sh installs it
     check = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True
