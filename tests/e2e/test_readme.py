@@ -58,17 +58,18 @@ def test_every_logitwatch_command_parses(line):
     assert module is not None and args._command == argv[0]
 
 
-def test_cheap_commands_run_for_real(tmp_path):
-    env_home = {"LOGITWATCH_HOME": str(tmp_path)}
+def test_cheap_commands_run_for_real(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LOGITWATCH_HOME", str(tmp_path))
     for line in _lines("logitwatch presets") + _lines("logitwatch lint"):
-        out = _run(line, env_home)
-        assert out.returncode == 0, out.stderr
-    t5 = _run("logitwatch lint --preset t5 --full", env_home).stdout
+        assert cli.main(shlex.split(line)[1:]) == 0, line
+    capsys.readouterr()
+    assert cli.main(["lint", "--preset", "t5", "--full"]) == 0
+    t5 = capsys.readouterr().out
     assert "16" in t5 and "64" in t5
-    (token,) = [line for line in _lines("logitwatch token create")]
-    out = _run(token + f" --db sqlite:///{tmp_path}/tokens.db", env_home)
-    assert out.returncode == 0, out.stderr
-    assert re.search(r"lw_\w{20,}", out.stdout)
+    (token,) = _lines("logitwatch token create")
+    argv = [*shlex.split(token)[1:], "--db", f"sqlite:///{tmp_path}/tokens.db"]
+    assert cli.main(argv) == 0
+    assert re.search(r"lw_[\w-]{20,}", capsys.readouterr().out)
 
 
 def _run(line: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -160,3 +161,11 @@ def test_monitor_snippet_runs_against_a_live_service(tmp_path):
     metrics = {s["metric"] for s in series}
     assert {"loss", "attn.logit_max", "logz.mean", "grad.norm", "lr"} <= metrics
     assert max(s["last_step"] for s in series if s["metric"] == "loss") == 10
+
+
+def test_rules_table_lists_every_built_in_rule():
+    from logitwatch.service.rules_builtin import builtin_rules
+
+    names = {r.name for r in builtin_rules()}
+    documented = set(re.findall(r"^\| `([a-z-]+)` \|", README, flags=re.M))
+    assert names <= documented, names - documented
