@@ -9,7 +9,9 @@ floats b""            empty array (times not sent)
        b"X"+zlib      float64 bit patterns XORed with their predecessor, byte-shuffled:
                       exact for every value (NaN payloads and ±Inf included), and the
                       sign/exponent bytes of a smooth series compress to almost nothing
-       b"R"+raw       raw little-endian float64 when compression saves under a quarter
+       b"U"+raw       raw little-endian float64, when compression saves under a quarter
+       b"R"+raw       raw little-endian float64 written by ingest (see raw_floats): the
+                      compactor tells the chunks it has not merged yet by this tag
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def encode_floats(values: np.ndarray) -> bytes:
     packed = zlib.compress(_shuffle(xored), _LEVEL)
     if len(packed) > 6 * n:
         # Noisy values barely compress (~7.5 of 8 bytes); raw ones read back with no work.
-        return b"R" + words.tobytes()
+        return b"U" + words.tobytes()
     return b"X" + packed
 
 
@@ -102,7 +104,7 @@ def decode_floats(blob: bytes, n: int) -> np.ndarray:
     if tag == b"X":
         words = _unshuffle(zlib.decompress(body), n)
         return np.bitwise_xor.accumulate(words).view(_F8)
-    if tag == b"R":
+    if tag in (b"R", b"U"):
         return np.frombuffer(body, dtype=_F8).copy()
     raise ValueError(f"unknown floats encoding {tag!r}")
 

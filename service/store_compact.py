@@ -51,7 +51,7 @@ _C = Chunk.__table__.c
 
 def _suffix(session: Session, series_id: int, segment: int) -> list:
     """The small chunks written after the series-segment's last final chunk, oldest first,
-    as (id, (segment, steps, values, times))."""
+    as (id, (segment, steps, values, times), written by ingest and not merged yet)."""
     last_final = session.scalar(
         select(func.max(_C.id)).where(
             _C.series_id == series_id, _C.segment == segment, _C.n >= TARGET
@@ -76,7 +76,8 @@ def _suffix(session: Session, series_id: int, segment: int) -> list:
                 decode_floats(values, n),
                 decode_floats(times, n),
             )
-        out.append((cid, (segment, *arrays)))
+        # values tagged b"R" were written by ingest and never merged (codec.py)
+        out.append((cid, (segment, *arrays), not pg and values[:1] == b"R"))
     return out
 
 
@@ -93,15 +94,25 @@ def compact_series(
     segment: int,
     min_chunks: int = MERGE_CHUNKS,
     lock: contextlib.AbstractContextManager | None = None,
+    fresh_only: bool = False,
 ) -> int:
-    """Merge the series-segment's small chunks if there are at least min_chunks; returns how many."""
+    """Merge the series-segment's small chunks if there are at least min_chunks; returns how many.
+
+    fresh_only merges only the newest run of chunks that ingest wrote (SQLite), leaving
+    earlier merged ones alone: its cost is the new points, not the whole tail again.
+    """
     with sessions() as session:
         rows = _suffix(session, series_id, segment)
+        if fresh_only:
+            first = len(rows)
+            while first > 0 and rows[first - 1][2]:
+                first -= 1
+            rows = rows[first:]
         if len(rows) < max(2, min_chunks):
             return 0
         pg = is_pg(session)
-        steps, values, times = merge_parts([parts for _, parts in rows])
-    ids = [cid for cid, _ in rows]
+        steps, values, times = merge_parts([parts for _, parts, _ in rows])
+    ids = [cid for cid, _, _ in rows]
     pieces = max(1, len(steps) // TARGET)  # pieces of TARGET..2*TARGET points
     bounds = np.linspace(0, len(steps), pieces + 1).astype(int)
     new = []
@@ -173,8 +184,9 @@ class Compactor:
 
     It works when ingest has been quiet for `idle_s` (compression is CPU the ingest path
     would otherwise compete for) or when `max_wait_s` has passed since the first due work.
-    After `deep_idle_s` of quiet it also merges the short tails (2+ chunks) of every series
-    it saw, so a finished run ends up fully compacted.
+    After `deep_idle_s` of quiet it also merges the fresh chunks (2+) of every series it saw
+    (fresh_only: already merged ones are not rewritten), so that a run that stops or pauses
+    ends up compacted.
     """
 
     def __init__(
@@ -184,7 +196,7 @@ class Compactor:
         *,
         idle_s: float = 1.0,
         max_wait_s: float = 30.0,
-        deep_idle_s: float = 10.0,
+        deep_idle_s: float = 2.0,
     ) -> None:
         self._sessions = sessions
         self._lock = lock
@@ -232,8 +244,8 @@ class Compactor:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def _take(self) -> tuple[list[tuple[int, int]], int] | None:
-        """(keys, min_chunks) to compact if it is time, else None."""
+    def _take(self) -> tuple[list[tuple[int, int]], bool] | None:
+        """(keys, deep) to compact if it is time, else None."""
         with self._mutex:
             self._wake.clear()  # wake again on new work; else look every idle_s
             quiet_for = time.monotonic() - self._last_ingest
@@ -244,16 +256,16 @@ class Compactor:
                 )
                 if quiet_for >= self._idle_s or overdue:
                     work, self._due, self._due_since = sorted(self._due), set(), None
-                    return work, MERGE_CHUNKS
+                    return work, False
             elif self._touched and quiet_for >= self._deep_idle_s:
-                work, self._touched, self._counts = sorted(self._touched), set(), {}
-                return work, 2
+                work, self._touched = sorted(self._touched), set()
+                return work, True
             return None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(timeout=self._idle_s)
-            work, min_chunks = self._take() or ((), 0)
+            work, deep = self._take() or ((), False)
             merged = 0
             for sid, seg in work:
                 if self._stop.is_set():
@@ -263,8 +275,9 @@ class Compactor:
                         self._sessions,
                         series_id=sid,
                         segment=seg,
-                        min_chunks=min_chunks,
+                        min_chunks=2 if deep else MERGE_CHUNKS,
                         lock=self._lock,
+                        fresh_only=deep,
                     )
                 except Exception:  # a failed merge leaves the chunks as they were
                     log.exception("compaction of series %s segment %s failed", sid, seg)

@@ -47,7 +47,7 @@ def test_smooth_series_compress_and_noise_stays_raw():
     times = 1.75e9 + np.arange(10_000) * 0.5
     assert len(encode_floats(times)) < 0.1 * times.nbytes
     noise = np.random.default_rng(0).random(10_000)
-    assert encode_floats(noise)[:1] == b"R"
+    assert encode_floats(noise)[:1] == b"U"  # kept raw; b"R" marks ingest's unmerged chunks
     nan_payload = np.frombuffer(b"\x01\x00\x00\x00\x00\x00\xf8\x7f", dtype=np.float64)
     assert decode_floats(encode_floats(nan_payload), 1).tobytes() == nan_payload.tobytes()
 
