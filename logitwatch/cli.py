@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sync": ("logitwatch.agent.cli_sync", "upload a local spool or metrics file to a service"),
     "zoo": ("logitwatch.agent.zoo", "train the instability zoo and score the rules"),
     "serve": ("logitwatch.service.cli_serve", "run the metrics service"),
-    "db": ("logitwatch.service.cli_db", "database maintenance (upgrade)"),
+    "db": ("logitwatch.service.cli_db", "database maintenance: upgrade, compact, stats"),
     "token": ("logitwatch.service.cli_token", "create, list and revoke API tokens"),
     "runs": ("logitwatch.service.cli_read", "list runs"),
     "series": ("logitwatch.service.cli_read", "list a run's series"),

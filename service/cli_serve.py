@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--db", metavar="URL", help="database URL (default: an SQLite file, printed at start)"
     )
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
     parser.add_argument("--workers", type=int, help="worker processes (default 1)")
     parser.add_argument("--auth", action="store_true", default=None, help="require API tokens")
     parser.add_argument("--rules", metavar="FILE", help="YAML file of alert rules")
