@@ -137,7 +137,8 @@ def _sender(url: str, run: str, series: int, seconds: float, rate: float, nan_at
         time.sleep(max(0.0, start + step / rate - time.monotonic()))
     sink.close(timeout=120)
     Path(out).write_text(json.dumps({"produced": produced, "timings": timings, "codes": codes,
-                                     "nan_logged": nan_logged, "pending": sink.spool.pending()}))  # fmt: skip
+                                     "nan_logged": nan_logged, "pending": sink.spool.pending(),
+                                     "troubles": dict(sink.once.counts)}))  # fmt: skip
 
 
 def _stored_points(db_url: str) -> int:
@@ -204,6 +205,8 @@ def run_setup(label: str, kind: str, n_services: int, args) -> dict:
         "peak_rss_mb": round(peak / 1024, 1),
         "http_429": codes.get("429", 0),
         "errors": {c: n for c, n in codes.items() if not c.startswith("2") and c != "429"},
+        # Requests the senders gave up waiting for and retried (idempotent: never stored twice).
+        "timeouts_retried": sum(r["troubles"].get("timeout", 0) for r in results),
     }
 
 
