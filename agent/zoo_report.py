@@ -179,5 +179,6 @@ def describe(alert: dict[str, Any] | None) -> str:
         return "-"
     labels = alert.get("labels") or {}
     order = sorted(labels, key=lambda k: (k != "layer", k != "head", k))  # layer, head, rest
-    where = "/".join(f"{'L' if k == 'layer' else k[0]}{labels[k]}" for k in order)
+    short = {"layer": "L", "head": "h"}  # others in full: group=no_decay
+    where = "/".join(f"{short.get(k, k + '=')}{labels[k]}" for k in order)
     return f"{alert['rule']}{' ' + where if where else ''} @{alert.get('first_step')}"
