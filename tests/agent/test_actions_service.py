@@ -13,8 +13,8 @@ def test_an_attention_alert_from_the_service_lowers_the_lr_once(tmp_path):
     with live_server(f"sqlite:///{tmp_path}/lw.db") as server:
         cfg = TrainConfig(
             preset=None, model=dict(n_layers=1, d_model=32, n_heads=2), qk_norm=False, lr=1e-1,
-            steps=120, batch_size=4, seq_len=32, corpus_bytes=50_000, eval_batches=0,
-            progress=False, device="cpu", every=2, server=server.url, run="act",
+            steps=80, batch_size=4, seq_len=32, corpus_bytes=50_000, eval_batches=0,
+            progress=False, device="cpu", every=4, server=server.url, run="act",
             spool=str(tmp_path / "spool"), on_alert=("lower-lr",),
         )  # fmt: skip
         result = train(cfg)
