@@ -58,6 +58,8 @@ class ParamStats:
         self.device = device
         self._prev: list[torch.Tensor] | None = None
         self._prev_sq: torch.Tensor | None = None
+        self._cur_sq: torch.Tensor | None = None
+        self._versions: list[int] = []
 
     def _sq_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         norms = torch._foreach_norm(tensors)
@@ -94,14 +96,21 @@ class ParamStats:
             self._prev = [t.clone() for t in cur]
         else:
             torch._foreach_copy_(self._prev, cur)
-        self._prev_sq = self._sq_norms(self._prev)
+        # Reporting every step: the weights have not moved since weights() took their norms
+        # (no in-place op bumped a version counter), so those norms are ||w_prev|| already.
+        if self._cur_sq is not None and [p._version for p in self.params] == self._versions:
+            self._prev_sq = self._cur_sq
+        else:
+            self._prev_sq = self._sq_norms(self._prev)
 
     @torch.no_grad()
     def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(global, *per layer) weight norms, and ||w - w_prev|| / ||w_prev|| when a snapshot
         was taken since the last call."""
         cur = [p.detach() for p in self.params]
-        norms = self._grouped(self._sq_norms(cur), self.index).sqrt()
+        self._cur_sq = cur_sq = self._sq_norms(cur)
+        self._versions = [p._version for p in self.params]
+        norms = self._grouped(cur_sq, self.index).sqrt()
         if self._prev is None or self._prev_sq is None:
             return norms, None
         torch._foreach_sub_(self._prev, cur)  # in place: w_prev - w, no extra copy

@@ -167,7 +167,7 @@ def test_grad_norm_is_read_before_clipping_and_update_ratio():
         lambda o, a, k: after.append([p.detach().clone() for p in model.parameters()])
     )
     with Monitor(model, opt, run="t", sink=sink) as monitor:
-        train(model, opt, monitor, steps=1)
+        train(model, opt, monitor, steps=2)
     values = sink.rows[0][2]
     names = [n for n, _ in model.named_parameters()]
     copy = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads[0]]
@@ -185,11 +185,11 @@ def test_grad_norm_is_read_before_clipping_and_update_ratio():
         assert values[series_key("update.ratio", layer=layer)] == pytest.approx(d / w, rel=1e-4)
         pn = math.sqrt(sum(float(after[0][i].pow(2).sum()) for i in mine))
         assert values[series_key("param.norm", layer=layer)] == pytest.approx(pn, rel=1e-5)
-    d = math.sqrt(
-        sum(float((a - b).pow(2).sum()) for a, b in zip(after[0], before[0], strict=True))
-    )
-    w = math.sqrt(sum(float(b.pow(2).sum()) for b in before[0]))
-    assert values[series_key("update.ratio")] == pytest.approx(d / w, rel=1e-4)
+    for step in (0, 1):  # step 1 reuses step 0's weight norms as ||w_prev||
+        pairs = zip(after[step], before[step], strict=True)
+        d = math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in pairs))
+        w = math.sqrt(sum(float(b.pow(2).sum()) for b in before[step]))
+        assert sink.rows[step][2][series_key("update.ratio")] == pytest.approx(d / w, rel=1e-4)
 
 
 def test_loss_lr_and_nonfinite_count():
