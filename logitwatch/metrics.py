@@ -68,6 +68,26 @@ def spec(name: str) -> MetricSpec | None:
     return CATALOGUE.get(name)
 
 
+#: Suffixes Prometheus reserves for counters, histograms and summaries, and the abbreviated
+#: units promtool rejects: a gauge named with them is renamed so that `promtool check
+#: metrics` stays clean ('nonfinite.count' -> logitwatch_nonfinite_values).
+_PROM_SUFFIXES = {
+    "_count": "_values",
+    "_total": "_total_value",
+    "_sum": "_sum_value",
+    "_bucket": "_bucket_value",
+    "_per_s": "_per_second",
+}
+
+
 def prometheus_name(metric: str) -> str:
-    """'attn.logit_max' -> 'logitwatch_attn_logit_max' (STYLE.md: logitwatch_ prefix)."""
-    return "logitwatch_" + metric.replace(".", "_")
+    """'attn.logit_max' -> 'logitwatch_attn_logit_max' (STYLE.md: logitwatch_ prefix).
+
+    >>> prometheus_name("throughput.tokens_per_s"), prometheus_name("nonfinite.count")
+    ('logitwatch_throughput_tokens_per_second', 'logitwatch_nonfinite_values')
+    """
+    name = "logitwatch_" + metric.replace(".", "_")
+    for suffix, replacement in _PROM_SUFFIXES.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + replacement
+    return name
