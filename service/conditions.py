@@ -25,7 +25,16 @@ from logitwatch.service.rules import (
     Threshold,
 )
 
-__all__ = ["RunContext", "Verdict", "evaluate", "fast_path", "reset_windows"]
+__all__ = [
+    "Bounds",
+    "RunContext",
+    "Verdict",
+    "batch_bounds",
+    "evaluate",
+    "fast_path",
+    "quiet",
+    "reset_windows",
+]
 
 #: The most points a window keeps, whatever the condition asks (bounds the JSON blob).
 MAX_WINDOW = 2000
@@ -144,16 +153,23 @@ def _growth(c: Growth, state: dict, step: int, value: float) -> Verdict | None:
 
 def _growth_window(c: Growth, state: dict, steps: np.ndarray, values: np.ndarray) -> None:
     """The deque of ``_growth`` after all of ``values`` (finite, |.|), computed in one go."""
-    S = np.concatenate([np.asarray(state.get("ws") or [], dtype=np.int64), steps])
-    V = np.concatenate([np.asarray(state.get("w") or [], dtype=np.float64), values])
+    if len(steps) and steps[0] < steps[-1] - c.over_steps:
+        # the old window and the new points before the last over_steps all fall out
+        i = int(np.searchsorted(steps, steps[-1] - c.over_steps))
+        S, V = steps[i:], values[i:]
+    else:
+        S = np.concatenate([np.asarray(state.get("ws") or [], dtype=np.int64), steps])
+        V = np.concatenate([np.asarray(state.get("w") or [], dtype=np.float64), values])
     if len(S) != len(V) or not len(V):
         return
+    keep = np.empty(len(V), dtype=bool)
+    keep[-1] = True
     if c.ratio > 1:  # keep the points smaller than everything after them
         after = np.minimum.accumulate(V[::-1])[::-1]
-        keep = np.append(V[:-1] < after[1:], True)
+        np.less(V[:-1], after[1:], out=keep[:-1])
     else:
         after = np.maximum.accumulate(V[::-1])[::-1]
-        keep = np.append(V[:-1] > after[1:], True)
+        np.greater(V[:-1], after[1:], out=keep[:-1])
     keep &= S[-1] - c.over_steps <= S
     state["ws"], state["w"] = S[keep].tolist(), V[keep].tolist()
 
@@ -254,12 +270,26 @@ def evaluate(cond: Any, state: dict[str, Any], step: int, value: float, ctx: Run
 
 
 def fast_path(
-    cond: Any, state: dict, steps: np.ndarray, values: np.ndarray, ctx: RunContext
+    cond: Any,
+    state: dict,
+    steps: np.ndarray,
+    values: np.ndarray,
+    ctx: RunContext,
+    bounds: Bounds | None = None,
 ) -> bool:
     """Handle a run of points in one go when none of them can satisfy ``cond`` (the common
     case: a level nobody reached); True when done, False when they must go one by one.
-    The caller only asks when no alert is open or pending for this rule and series."""
-    if len(values) <= _SMALL:
+    The caller only asks when no alert is open or pending for this rule and series.
+    ``bounds``, when given, hold for a superset of ``values``."""
+    if bounds is not None and quiet(cond, bounds, ctx):
+        return True
+    small = len(values) <= _SMALL
+    if isinstance(cond, Growth) and bounds is not None and bounds.finite and not small:
+        if not _growth_quiet(cond, state, bounds.finite_abs_hi):
+            return False
+        _growth_window(cond, state, steps, np.abs(values))
+        return True
+    if small:
         return _fast_small(cond, state, steps.tolist(), values.tolist(), ctx)
     if isinstance(cond, NonFinite):
         return bool(np.isfinite(values).all())
@@ -279,6 +309,51 @@ def fast_path(
             return False
         _growth_window(cond, state, steps[ok], v)
         return True
+    return False
+
+
+@dataclass(slots=True)
+class Bounds:
+    """Extremes of one series' new points (NaN left out; ±inf kept), for verdicts that no
+    point of the series can reach: a quiet threshold needs no per-series numpy call."""
+
+    hi: float  # max value (-inf when all NaN)
+    lo: float  # min value (+inf when all NaN)
+    abs_hi: float  # max |value|
+    abs_lo: float  # min |value|
+    finite: bool  # every value finite
+    finite_abs_hi: float  # max |value| over finite values (0 when none)
+
+
+def batch_bounds(values: list[np.ndarray]) -> list[Bounds]:
+    """Bounds of each non-empty array, with a handful of numpy calls for the whole batch."""
+    starts = np.cumsum([0, *(len(v) for v in values[:-1])])
+    v = np.concatenate(values)
+    nan = np.isnan(v)
+    fin = np.isfinite(v)
+    a = np.abs(v)
+    cols = (
+        np.maximum.reduceat(np.where(nan, -np.inf, v), starts).tolist(),
+        np.minimum.reduceat(np.where(nan, np.inf, v), starts).tolist(),
+        np.maximum.reduceat(np.where(nan, -np.inf, a), starts).tolist(),
+        np.minimum.reduceat(np.where(nan, np.inf, a), starts).tolist(),
+        np.logical_and.reduceat(fin, starts).tolist(),
+        np.maximum.reduceat(np.where(fin, a, 0.0), starts).tolist(),
+    )
+    return [Bounds(*b) for b in zip(*cols, strict=True)]
+
+
+def quiet(cond: Any, b: Bounds, ctx: RunContext) -> bool:
+    """True when no point within ``b`` can satisfy a stateless ``cond`` (threshold, nonfinite):
+    the series needs no further look. False means "maybe": take the per-point path."""
+    if isinstance(cond, NonFinite):
+        return b.finite
+    if isinstance(cond, Threshold):
+        limit = _limit(cond, ctx)
+        if limit is None:
+            return True
+        hi, lo = (b.abs_hi, b.abs_lo) if cond.abs else (b.hi, b.lo)
+        return not _OPS[cond.op](hi if cond.op[0] == ">" else lo, limit)
     return False
 
 

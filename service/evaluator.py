@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from logitwatch.protocol import Batch
 from logitwatch.service import alerts as al
-from logitwatch.service.conditions import RunContext
+from logitwatch.service.conditions import RunContext, batch_bounds
 from logitwatch.service.models import Run, utcnow
 from logitwatch.service.notify import Notifier
 from logitwatch.service.rule_job import BatchJob, Restarts
@@ -93,13 +93,14 @@ class RuleEngine:
 
     def on_batch(self, session: Session, *, run: str, batch: Batch) -> None:
         """Evaluate the batch (the caller has stored it and commits afterwards)."""
-        q = select(Run).where(Run.name == run)
+        t = Run.__table__  # Core, not the ORM entity: a cheaper statement on every batch
+        q = select(t.c.id, t.c.name, t.c.config).where(t.c.name == run)
         if is_pg(session):
             # One evaluator per run at a time, across processes. NO KEY UPDATE (what ingest's
             # UPDATE of last_seen_at already holds) does not conflict with the KEY SHARE locks
             # that other transactions' foreign keys take on the run row, so no deadlock.
             q = q.with_for_update(key_share=True)  # renders FOR NO KEY UPDATE
-        run_row = session.scalars(q).one()
+        run_row = session.execute(q).one()
         rules = self.rules(session)
         series = [s for s in batch.series if len(s.steps)]
         if not series or not rules:
@@ -120,6 +121,11 @@ class RuleEngine:
         for s, key, (ungated, gated, _) in plans:
             if ungated or gated:
                 todo.append((s, job.points(key, s), ungated, gated))
+        # One pass over the whole batch tells which series no threshold can touch.
+        fresh = [pts for _, pts, _, _ in todo if len(pts.values)]
+        if fresh:
+            for pts, b in zip(fresh, batch_bounds([p.values for p in fresh]), strict=True):
+                pts.bounds = b
         # Rules gated on another rule's triggers run last, so this batch's triggers count.
         for s, pts, ungated, _ in todo:
             for rule in ungated:

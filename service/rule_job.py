@@ -102,7 +102,9 @@ class BatchJob:
         if "on" not in st and "open" not in st and not near_restart:
             i0 = int(np.searchsorted(pts.steps, start)) if start > 0 else 0
             try:
-                done = fast_path(rule.condition, st, pts.steps[i0:], pts.values[i0:], self.ctx)
+                done = fast_path(
+                    rule.condition, st, pts.steps[i0:], pts.values[i0:], self.ctx, pts.bounds
+                )
             except (TypeError, ValueError):
                 reset_windows(st)  # a window left by a rule of this name with another kind
                 done = False

@@ -2,20 +2,22 @@
 
 One row per series (``metric{labels_key}``) holds every rule's memory of it as JSON
 (``{"rule": {...}}``); the run's own row (key ``""``) holds trigger steps and absent-rule times.
-Core statements, not ORM objects: a batch touches one row per series it carries.
+Driver-level statements (no ORM, no per-row type processing, one JSON encode per changed
+row): a batch touches one row per series it carries, on every batch, so this is the hot path.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from logitwatch.service.models import utcnow
 from logitwatch.service.models_rules import RuleState
+from logitwatch.service.store_sql import is_pg
 
 __all__ = ["RUN_KEY", "Points", "StateRow", "StateRows"]
 
@@ -40,6 +42,20 @@ class Points:
     steps: np.ndarray  # int64
     values: np.ndarray  # float64
     row: StateRow
+    #: Bounds of ``values`` (see conditions.Bounds), set for the whole batch in one go.
+    bounds: Any = None
+
+
+_LOAD = "SELECT series_key, segment, last_step, state FROM rule_state WHERE run_id = {p}"
+_LOAD_KEYS = _LOAD + " AND series_key IN ({keys})"
+_INSERT = (
+    "INSERT INTO rule_state (run_id, series_key, segment, last_step, state, updated_at)"
+    " VALUES ({p}, {p}, {p}, {p}, {state}, {p})"
+)
+_UPDATE = (
+    "UPDATE rule_state SET segment = {p}, last_step = {p}, state = {state}, updated_at = {p}"
+    " WHERE run_id = {p} AND series_key = {p}"
+)
 
 
 @dataclass
@@ -49,13 +65,21 @@ class StateRows:
     segment: int
     rows: dict[str, StateRow] = field(default_factory=dict)
 
+    def _sql(self, template: str, **kw: str) -> str:
+        if is_pg(self.session):
+            return template.format(p="%s", state="CAST(%s AS JSONB)", **kw)
+        return template.format(p="?", state="?", **kw)
+
     def load(self, keys: list[str]) -> None:
         wanted = sorted({*keys, RUN_KEY})
+        conn = self.session.connection()
         for i in range(0, len(wanted), 500):
-            q = select(_T.c.series_key, _T.c.segment, _T.c.last_step, _T.c.state).where(
-                _T.c.run_id == self.run_id, _T.c.series_key.in_(wanted[i : i + 500])
-            )
-            for key, seg, last, state in self.session.execute(q):
+            part = wanted[i : i + 500]
+            ph = "%s" if is_pg(self.session) else "?"
+            sql = self._sql(_LOAD_KEYS, keys=", ".join([ph] * len(part)))
+            for key, seg, last, state in conn.exec_driver_sql(sql, (self.run_id, *part)):
+                if isinstance(state, str):  # SQLite hands JSON back as text; psycopg parses it
+                    state = json.loads(state)
                 self.rows[key] = StateRow(seg, last, dict(state or {}))
 
     def get(self, key: str) -> StateRow:
@@ -68,30 +92,20 @@ class StateRows:
         return self.get(RUN_KEY).state
 
     def save(self) -> None:
+        conn = self.session.connection()
+        stamp = _T.c.updated_at.type.bind_processor(conn.dialect)
         now = utcnow()
+        now = stamp(now) if stamp is not None else now
         new, old = [], []
         for key, row in self.rows.items():
             if not row.dirty:
                 continue
-            values = {"segment": row.segment, "last_step": row.last_step, "state": row.state}
+            state = json.dumps(row.state)
             if row.new:
-                new.append({"run_id": self.run_id, "series_key": key, "updated_at": now, **values})
+                new.append((self.run_id, key, row.segment, row.last_step, state, now))
             else:
-                old.append(
-                    {"k_run": self.run_id, "k_key": key, "k_at": now}
-                    | {f"k_{k}": v for k, v in values.items()}
-                )
+                old.append((row.segment, row.last_step, state, now, self.run_id, key))
         if new:
-            self.session.execute(insert(_T), new)
+            conn.exec_driver_sql(self._sql(_INSERT), new)
         if old:
-            stmt = (
-                update(_T)
-                .where(_T.c.run_id == bindparam("k_run"), _T.c.series_key == bindparam("k_key"))
-                .values(
-                    segment=bindparam("k_segment"),
-                    last_step=bindparam("k_last_step"),
-                    state=bindparam("k_state", type_=_T.c.state.type),
-                    updated_at=bindparam("k_at", type_=_T.c.updated_at.type),
-                )
-            )
-            self.session.execute(stmt, old)
+            conn.exec_driver_sql(self._sql(_UPDATE), old)

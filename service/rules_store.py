@@ -24,7 +24,8 @@ _ROW = 1
 
 
 def user_rules_version(session: Session) -> int:
-    return session.scalar(select(UserRules.version).where(UserRules.id == _ROW)) or 0
+    t = UserRules.__table__  # Core: asked on every ingested batch
+    return session.scalar(select(t.c.version).where(t.c.id == _ROW)) or 0
 
 
 def get_user_rules(session: Session) -> tuple[int, list[Rule], str]:
