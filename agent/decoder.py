@@ -379,5 +379,7 @@ def loss_fn(
     ce = F.cross_entropy(logits, targets, ignore_index=ignore_index)
     if not z_loss:
         return ce, torch.zeros((), device=logits.device)
-    log_z = torch.logsumexp(logits, dim=-1)[targets != ignore_index]  # (N,)
-    return ce, z_loss * log_z.pow(2).mean()
+    # A masked mean, not boolean indexing: indexing needs the count on the host (a device sync).
+    keep = (targets != ignore_index).float()  # (B*T,)
+    log_z2 = torch.logsumexp(logits, dim=-1).pow(2)  # (B*T,)
+    return ce, z_loss * (log_z2 * keep).sum() / keep.sum().clamp_min(1.0)
