@@ -275,6 +275,9 @@ def test_every_dashboard_query_returns_data_in_its_panels_shape(tmp_path):
         grafana_reader(db_url) as reader,
         prometheus(server.port, tmp_path) as prom,
     ):
+        # A scrape before training: on a fast machine the runs finish within one scrape
+        # interval, and a counter seen only after its rise has no rate.
+        wait_for_scrapes(prom, 1)
         train(server.url, tmp_path)
         with server.client() as client:  # a user's mistakes, for the Errors panel
             assert client.get("/api/v1/runs/no-such-run").status_code == 404
