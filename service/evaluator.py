@@ -16,11 +16,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from logitwatch.protocol import Batch
 from logitwatch.service import alerts as al
-from logitwatch.service.conditions import RunContext, batch_bounds
+from logitwatch.service.conditions import RunContext, batch_bounds, quiet
 from logitwatch.service.models import Run, utcnow
 from logitwatch.service.notify import Notifier
 from logitwatch.service.rule_job import BatchJob, Restarts
-from logitwatch.service.rule_state import StateRows
+from logitwatch.service.rule_state import Points, StateRows
 from logitwatch.service.rules import Rule
 from logitwatch.service.rules_builtin import builtin_rules
 from logitwatch.service.rules_store import effective_rules, get_user_rules, user_rules_version
@@ -129,10 +129,12 @@ class RuleEngine:
         # Rules gated on another rule's triggers run last, so this batch's triggers count.
         for s, pts, ungated, _ in todo:
             for rule in ungated:
-                job.run_rule(rule, s, pts)
+                if not _idle(rule, pts, ctx):
+                    job.run_rule(rule, s, pts)
         for s, pts, _, gated in todo:
             for rule in gated:
-                job.run_rule(rule, s, pts)
+                if not _idle(rule, pts, ctx):
+                    job.run_rule(rule, s, pts)
         absent = {r.name: r for _, _, plan in plans for r in plan[2]}
         for rule in absent.values():
             job.saw_data(rule, upto)
@@ -175,3 +177,13 @@ class RuleEngine:
                 self.check_absent()
             except Exception:  # keep checking; the database may come back
                 logging.getLogger("logitwatch.service.rules").exception("absent check failed")
+
+
+def _idle(rule: Rule, pts: Points, ctx: RunContext) -> bool:
+    """Nothing to do: the rule holds no memory of the series and no new point reaches its
+    level (most thresholds on most batches), so its verdicts are all "no" and change nothing."""
+    return (
+        pts.bounds is not None
+        and rule.name not in pts.row.state
+        and quiet(rule.condition, pts.bounds, ctx)
+    )

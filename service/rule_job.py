@@ -82,8 +82,9 @@ class BatchJob:
             steps, values = steps[order], values[order]
             keep = np.append(steps[1:] != steps[:-1], True)
             steps, values = steps[keep], values[keep]
-        new = steps > prev
-        steps, values = steps[new], values[new]
+        if len(steps) and steps[0] <= prev:  # sorted by now: drop the steps seen before
+            i = int(np.searchsorted(steps, prev, side="right"))
+            steps, values = steps[i:], values[i:]
         if len(steps):
             row.last_step = int(steps[-1])
             row.dirty = True
