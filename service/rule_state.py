@@ -93,7 +93,7 @@ class StateRows:
 
     def save(self) -> None:
         conn = self.session.connection()
-        stamp = _T.c.updated_at.type.bind_processor(conn.dialect)
+        stamp = _T.c.updated_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
         now = utcnow()
         now = stamp(now) if stamp is not None else now
         new, old = [], []
