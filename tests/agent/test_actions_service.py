@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 from helpers.server import live_server
 
@@ -17,7 +19,9 @@ def test_an_attention_alert_from_the_service_lowers_the_lr_once(tmp_path):
             progress=False, device="cpu", every=4, server=server.url, run="act",
             spool=str(tmp_path / "spool"), on_alert=("lower-lr",),
         )  # fmt: skip
-        result = train(cfg)
+        # The alert travels back in an ingest answer (the sender posts about once a second):
+        # pace the steps so that a loaded machine still gives it time to arrive mid-run.
+        result = train(cfg, callbacks=[lambda info: time.sleep(0.05)])
         alerts = httpx.get(f"{server.url}/api/v1/alerts", params={"run": "act"}).json()["alerts"]
     assert any(a["rule"].startswith("attn-") for a in alerts)
     first = min(a["first_step"] for a in alerts if a["severity"] in ("warning", "critical"))

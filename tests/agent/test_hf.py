@@ -11,16 +11,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noq
 from logitwatch.agent import LogitwatchCallback, Monitor  # noqa: E402
 from logitwatch.agent.sink import MemorySink, series_key  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 V, T, B = 128, 16, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def gpt2(**kw):

@@ -9,16 +9,9 @@ from logitwatch.agent import LogitwatchLightningCallback  # noqa: E402
 from logitwatch.agent.decoder import Decoder, DecoderConfig, loss_fn  # noqa: E402
 from logitwatch.agent.sink import MemorySink  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 V, T, B = 128, 16, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class LitDecoder(pl.LightningModule):

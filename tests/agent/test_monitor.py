@@ -14,19 +14,12 @@ from logitwatch.agent.decoder import Decoder, DecoderConfig, loss_fn
 from logitwatch.agent.probes_hooks import QKSite
 from logitwatch.agent.sink import MemorySink, Sink, series_key
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # The package's `attach` function shadows its module of the same name.
 attach_module = importlib.import_module("logitwatch.agent.attach")
 
 V, T, B = 128, 16, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny() -> Decoder:

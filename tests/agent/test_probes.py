@@ -11,16 +11,9 @@ from logitwatch.agent.optim import ClippedAdamW
 from logitwatch.agent.probes import attn_stats, even_rows, logits_stats
 from logitwatch.agent.sink import MemorySink, series_key
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 V, T, B = 128, 16, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**kw) -> Decoder:
