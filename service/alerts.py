@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
@@ -25,6 +26,7 @@ __all__ = [
     "active_silences",
     "alert_dict",
     "create_silence",
+    "dashboard_link",
     "delete_silence",
     "firing",
     "firing_counts",
@@ -35,6 +37,7 @@ __all__ = [
     "open_alert",
     "resolve_alert",
     "silence_dict",
+    "with_links",
 ]
 
 ALERT_STATES = ("pending", "firing", "resolved")
@@ -58,6 +61,30 @@ def _iso(t: datetime | None) -> str | None:
 
 def _num(x: float | None) -> float | str | None:
     return None if x is None else dump_float(x)
+
+
+def dashboard_link(
+    base: str | None, run: str, step: int | None, *, margin: int = 200
+) -> str | None:
+    """The run deep-dive dashboard zoomed on the alert's step (None without a dashboard URL).
+
+    >>> dashboard_link("http://grafana:3000/", "r 1", 500)
+    'http://grafana:3000/d/logitwatch-run/run-deep-dive?var-run=r%201&var-step_min=300&var-step_max=700'
+    """
+    if not base:
+        return None
+    step = step or 0
+    return (
+        f"{base.rstrip('/')}/d/logitwatch-run/run-deep-dive?var-run={quote(run, safe='')}"
+        f"&var-step_min={max(step - margin, 0)}&var-step_max={step + margin}"
+    )
+
+
+def with_links(alerts: list[dict[str, Any]], base: str | None) -> list[dict[str, Any]]:
+    """Each alert with ``dashboard``: the link to its run's dashboard at its first step."""
+    for a in alerts:
+        a["dashboard"] = dashboard_link(base, a["run"], a.get("first_step"))
+    return alerts
 
 
 def alert_dict(alert: Alert, run: str, *, silenced: bool = False) -> dict[str, Any]:

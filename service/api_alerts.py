@@ -54,7 +54,8 @@ def list_alerts(
         raise _invalid("severity", f"must be one of {', '.join(al.SEVERITIES)}")
     rows = al.list_alerts(session, run=run, state=state, severity=severity, limit=limit)
     visible = run_filter(request)  # a run-scoped token sees its runs' alerts only
-    return {"alerts": [a for a in rows if visible(a["run"])]}
+    base = request.app.state.settings.dashboard_url
+    return {"alerts": al.with_links([a for a in rows if visible(a["run"])], base)}
 
 
 @router.get("/alerts/{alert_id}", dependencies=[Depends(require("read"))], summary="One alert")
@@ -62,7 +63,7 @@ def get_alert(alert_id: RowId, request: Request, session: SessionDep) -> dict:
     visible = run_filter(request)
     for a in al.list_alerts(session, alert_id=alert_id):
         if visible(a["run"]):
-            return a
+            return al.with_links([a], request.app.state.settings.dashboard_url)[0]
     raise ApiError(404, "not_found", f"no alert {alert_id}")
 
 

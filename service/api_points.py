@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from logitwatch.protocol import check_run_name, decode_batch
 
 from . import store
+from .alerts import with_links
 from .auth import require
 from .db import is_postgres
 from .errors import ApiError
@@ -74,7 +75,7 @@ def post_points(run: str, request: Request, body: Annotated[bytes, Depends(raw_b
         )
         if not result.duplicate:
             state.rules.on_batch(session, run=run, batch=batch)
-        alerts = state.rules.firing(session, run=run)
+        alerts = with_links(state.rules.firing(session, run=run), state.settings.dashboard_url)
         session.commit()
     if not result.duplicate:
         state.compactor.touch(result.series_ids, batch.segment)

@@ -18,6 +18,7 @@ import httpx
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from logitwatch.service.alerts import dashboard_link
 from logitwatch.service.db import WRITE
 from logitwatch.service.models import utcnow
 from logitwatch.service.models_rules import Alert, Delivery
@@ -56,8 +57,9 @@ def render_payload(
     fmt: str, alert: dict[str, Any], event: str, dashboard_url: str | None
 ) -> dict[str, Any]:
     line = summary_line(alert, event)
+    link = dashboard_link(dashboard_url, alert["run"], alert.get("first_step"))
     if fmt == "slack":
-        text = line if not dashboard_url else f"{line} <{dashboard_url}|dashboard>"
+        text = line if not link else f"{line} <{link}|dashboard at step {alert.get('first_step')}>"
         return {
             "text": line,
             "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}}],
@@ -67,7 +69,7 @@ def render_payload(
         "event": event,
         "summary": line,
         "alert": alert,
-        "dashboard_url": dashboard_url,
+        "dashboard_url": link,
     }
 
 
