@@ -169,3 +169,28 @@ def test_rules_table_lists_every_built_in_rule():
     names = {r.name for r in builtin_rules()}
     documented = set(re.findall(r"^\| `([a-z-]+)` \|", README, flags=re.M))
     assert names <= documented, names - documented
+
+
+def _script_mentions() -> list[tuple[str, list[str]]]:
+    """(script, its --flags) for each benchmark or build script the README names in code."""
+    found = []
+    for span in re.findall(r"`([^`\n]*?(?:benchmarks|dashboards)/\w+\.py[^`\n]*)`", README):
+        words = shlex.split(span)
+        (script,) = [w for w in words if w.endswith(".py")]
+        found.append((script, [w.split("=")[0] for w in words if w.startswith("--")]))
+    return found
+
+
+@pytest.mark.parametrize("script,flags", _script_mentions(), ids=lambda x: str(x)[:50])
+def test_every_script_the_readme_names_takes_its_flags(script, flags):
+    path = ROOT / script
+    if "*" in script:
+        assert list(ROOT.glob(script)), script
+        return
+    assert path.exists(), script
+    out = subprocess.run(
+        [sys.executable, str(path), "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    for flag in flags:
+        assert flag in out.stdout, f"{script} has no {flag}"
