@@ -107,7 +107,11 @@ def wait_for_scrapes(prom: str, n: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     first = None
     while time.monotonic() < deadline:
-        data = prom_get(prom, "query", query='count_over_time(up{job="logitwatch"}[10m])')
+        try:
+            data = prom_get(prom, "query", query='count_over_time(up{job="logitwatch"}[10m])')
+        except httpx.TransportError:  # prometheus is still starting
+            time.sleep(0.5)
+            continue
         seen = int(float(data["result"][0]["value"][1])) if data["result"] else 0
         first = seen if first is None else first
         if seen - first >= n:
@@ -275,9 +279,9 @@ def test_every_dashboard_query_returns_data_in_its_panels_shape(tmp_path):
         grafana_reader(db_url) as reader,
         prometheus(server.port, tmp_path) as prom,
     ):
-        # A scrape before training: on a fast machine the runs finish within one scrape
+        # Scrapes before training: on a fast machine the runs finish within one scrape
         # interval, and a counter seen only after its rise has no rate.
-        wait_for_scrapes(prom, 1)
+        wait_for_scrapes(prom, 2)
         train(server.url, tmp_path)
         with server.client() as client:  # a user's mistakes, for the Errors panel
             assert client.get("/api/v1/runs/no-such-run").status_code == 404
