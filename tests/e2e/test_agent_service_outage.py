@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import httpx
 import torch
+from helpers.reads import stored_points
 from helpers.server import free_port, wait_ready
 
 from logitwatch.agent.decoder import Decoder, DecoderConfig, loss_fn
@@ -60,17 +61,7 @@ def _train_step(model, opt, data, step) -> dict:
 
 
 def _stored(url: str) -> dict:
-    out = {}
-    with httpx.Client(base_url=url, timeout=30) as c:
-        series = c.get(f"/api/v1/runs/{RUN}/series").json()["series"]
-        for metric in sorted({s["metric"] for s in series}):
-            body = c.get(f"/api/v1/runs/{RUN}/metrics/{metric}", params={"limit": 100_000}).json()
-            assert body["next_cursor"] is None
-            for e in body["series"]:
-                key = series_key(metric, **e["labels"])
-                assert key not in out, f"{key} came back twice"
-                out[key] = (list(e["steps"]), list(e["values"]))
-    return out
+    return stored_points(url, RUN)
 
 
 def test_points_survive_a_service_outage_exactly_once(tmp_path):

@@ -20,12 +20,13 @@ import httpx
 import pytest
 import torch
 from helpers.pg import fresh_database
+from helpers.reads import stored_points
 from helpers.server import free_port, wait_ready
 
 from logitwatch.agent import Monitor
 from logitwatch.agent.decoder import Decoder, DecoderConfig, loss_fn
 from logitwatch.agent.sender import HttpSink, SenderConfig
-from logitwatch.agent.sink import FanOutSink, MemorySink, series_key
+from logitwatch.agent.sink import FanOutSink, MemorySink
 
 RUN = "kill-e2e"
 
@@ -48,17 +49,7 @@ def _spawn(db_url: str, port: int, log) -> subprocess.Popen:
 
 
 def _stored(url: str) -> dict:
-    out = {}
-    with httpx.Client(base_url=url, timeout=30) as c:
-        series = c.get(f"/api/v1/runs/{RUN}/series").json()["series"]
-        for metric in sorted({s["metric"] for s in series}):
-            body = c.get(f"/api/v1/runs/{RUN}/metrics/{metric}", params={"limit": 100_000}).json()
-            assert body["next_cursor"] is None
-            for e in body["series"]:
-                key = series_key(metric, **e["labels"])
-                assert key not in out, f"{key} came back twice"
-                out[key] = (list(e["steps"]), list(e["values"]))
-    return out
+    return stored_points(url, RUN)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])

@@ -9,7 +9,7 @@ import uuid
 
 import httpx
 import pytest
-from fastapi.routing import APIRoute
+from helpers.routes import routes_of
 from helpers.server import live_server, thread_server
 
 from logitwatch.cli import main
@@ -24,32 +24,13 @@ _PARAMS = {"run": "exp-1", "metric": "loss"}
 _WEAKER = {"ingest": "read", "read": "ingest", "admin": "read"}
 
 
-def _scope_of(route: APIRoute) -> str | None:
-    stack = list(route.dependant.dependencies)
-    while stack:
-        dep = stack.pop()
-        if hasattr(dep.call, "scope"):
-            return dep.call.scope
-        stack.extend(dep.dependencies)
-    return None
-
-
-def _walk(routes, prefix: str = ""):
-    for route in routes:
-        if hasattr(route, "original_router"):  # an included router (FastAPI keeps it nested)
-            yield from _walk(route.original_router.routes, prefix + route.include_context.prefix)
-        elif isinstance(route, APIRoute):
-            yield prefix + route.path, route
-
-
 def _api_routes(app) -> list[tuple[str, str, str]]:
     out = []
-    for template, route in _walk(app.routes):
+    for method, template, scope in routes_of(app):
         if template.startswith("/api"):
             path = re.sub(r"\{(\w+)(:\w+)?\}", lambda m: _PARAMS.get(m.group(1), "1"), template)
-            scope = _scope_of(route)
             assert scope is not None, f"{template} has no require(scope) dependency"
-            out.extend((method, path, scope) for method in sorted(route.methods))
+            out.append((method, path, scope))
     return out
 
 
