@@ -8,7 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin logitwatch
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY logitwatch ./logitwatch
 COPY agent ./agent
 COPY service ./service

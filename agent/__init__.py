@@ -1,15 +1,15 @@
 """logitwatch.agent: what runs inside the training process (needs torch, never the service)."""
 
-from logitwatch.agent.actions import Checkpoint, LocalGuard, LowerLR, StopTraining
-from logitwatch.agent.attach import attach
-from logitwatch.agent.decoder import Decoder, DecoderConfig, HookPoint, loss_fn
-from logitwatch.agent.filesink import FileSink
-from logitwatch.agent.monitor import Monitor, MonitorConfig
-from logitwatch.agent.optim import build_optimizer
-from logitwatch.agent.presets import PRESETS, get_preset
-from logitwatch.agent.schedule import SGDR, WarmupCosine, build_scheduler
-from logitwatch.agent.sender import HttpSink, SenderConfig
-from logitwatch.agent.train import TrainConfig, train
+from logitwatch.agent.monitoring.actions import Checkpoint, LocalGuard, LowerLR, StopTraining
+from logitwatch.agent.monitoring.attach import attach
+from logitwatch.agent.monitoring.monitor import Monitor, MonitorConfig
+from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, HookPoint, loss_fn
+from logitwatch.agent.reference.optim import build_optimizer
+from logitwatch.agent.reference.presets import PRESETS, get_preset
+from logitwatch.agent.reference.schedule import SGDR, WarmupCosine, build_scheduler
+from logitwatch.agent.reference.train import TrainConfig, train
+from logitwatch.agent.transport.filesink import FileSink
+from logitwatch.agent.transport.sender import HttpSink, SenderConfig
 
 __all__ = [
     "PRESETS",
@@ -42,11 +42,11 @@ __all__ = [
 def __getattr__(name: str):
     # Lazy: importing transformers or lightning takes seconds; only their users pay for it.
     if name == "LogitwatchCallback":
-        from logitwatch.agent.hf import LogitwatchCallback
+        from logitwatch.agent.integrations.hf import LogitwatchCallback
 
         return LogitwatchCallback
     if name == "LogitwatchLightningCallback":
-        from logitwatch.agent.lightning import LogitwatchLightningCallback
+        from logitwatch.agent.integrations.lightning import LogitwatchLightningCallback
 
         return LogitwatchLightningCallback
     raise AttributeError(f"module 'logitwatch.agent' has no attribute {name!r}")

@@ -24,10 +24,10 @@ from rich.console import Console
 from rich.table import Table
 
 from logitwatch.agent import Monitor, MonitorConfig
-from logitwatch.agent.decoder import Decoder, DecoderConfig, loss_fn
-from logitwatch.agent.filesink import FileSink
-from logitwatch.agent.optim import build_optimizer
-from logitwatch.agent.probes import act_rms, attn_stats, logits_stats
+from logitwatch.agent.probes.reductions import act_rms, attn_stats, logits_stats
+from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, loss_fn
+from logitwatch.agent.reference.optim import build_optimizer
+from logitwatch.agent.transport.filesink import FileSink
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from logitwatch.service.db import upgrade
+from logitwatch.service.store.db import upgrade
 
 SERIES, STEPS = 100, 100  # one batch: 100 series x 100 steps = 10,000 points
 BIG, SMALL = "bench.read_big", "bench.read_small"  # the series the read figures read

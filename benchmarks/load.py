@@ -32,7 +32,10 @@ import httpx
 import psycopg
 from sqlalchemy import create_engine, text
 
-from logitwatch.agent.sender import HttpSink, SenderConfig  # imported once, before forking
+from logitwatch.agent.transport.sender import (  # imported once, before forking
+    HttpSink,
+    SenderConfig,
+)
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 

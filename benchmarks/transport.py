@@ -164,7 +164,7 @@ def _thread_cpu_s(native_id: int | None) -> float:
 
 
 def _ours(label: str, n: int, steps: int, gap_ms: float, warmup: int, up: bool) -> dict:
-    from logitwatch.agent.sender import HttpSink
+    from logitwatch.agent.transport.sender import HttpSink
 
     ns: dict = {}
     exec(HARNESS, ns)

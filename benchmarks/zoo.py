@@ -11,8 +11,9 @@ import argparse
 import statistics
 import sys
 
-from logitwatch.agent.zoo import print_table, run_zoo
-from logitwatch.agent.zoo_cases import ZooScale, cases_named
+from logitwatch.agent.cli.zoo import print_table
+from logitwatch.agent.zoo.cases import ZooScale, cases_named
+from logitwatch.agent.zoo.run import run_zoo
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,18 +16,18 @@ __all__ = ["COMMANDS", "main"]
 #: name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("logitwatch.demo", "start the service and stream two demo training runs into it"),
-    "train": ("logitwatch.agent.cli_train", "train the reference decoder on the CPU or a GPU"),
-    "presets": ("logitwatch.agent.cli_presets", "print the lecture's model table as presets"),
-    "lint": ("logitwatch.agent.cli_lint", "check a config against the lecture's consensus"),
-    "sync": ("logitwatch.agent.cli_sync", "upload a local spool or metrics file to a service"),
-    "zoo": ("logitwatch.agent.zoo", "train the instability zoo and score the rules"),
-    "serve": ("logitwatch.service.cli_serve", "run the metrics service"),
-    "db": ("logitwatch.service.cli_db", "database maintenance: upgrade, compact, stats"),
-    "token": ("logitwatch.service.cli_token", "create, list and revoke API tokens"),
-    "runs": ("logitwatch.service.cli_read", "list runs"),
-    "series": ("logitwatch.service.cli_read", "list a run's series"),
-    "query": ("logitwatch.service.cli_read", "print a metric of a run"),
-    "alerts": ("logitwatch.service.cli_read", "list alerts"),
+    "train": ("logitwatch.agent.cli.train", "train the reference decoder on the CPU or a GPU"),
+    "presets": ("logitwatch.agent.cli.presets", "print the lecture's model table as presets"),
+    "lint": ("logitwatch.agent.cli.lint", "check a config against the lecture's consensus"),
+    "sync": ("logitwatch.agent.cli.sync", "upload a local spool or metrics file to a service"),
+    "zoo": ("logitwatch.agent.cli.zoo", "train the instability zoo and score the rules"),
+    "serve": ("logitwatch.service.cli.serve", "run the metrics service"),
+    "db": ("logitwatch.service.cli.db", "database maintenance: upgrade, compact, stats"),
+    "token": ("logitwatch.service.cli.token", "create, list and revoke API tokens"),
+    "runs": ("logitwatch.service.cli.read", "list runs"),
+    "series": ("logitwatch.service.cli.read", "list a run's series"),
+    "query": ("logitwatch.service.cli.read", "print a metric of a run"),
+    "alerts": ("logitwatch.service.cli.read", "list alerts"),
 }
 
 

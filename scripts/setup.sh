@@ -36,7 +36,7 @@ fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=".venv/.logitwatch-setup"
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing torch 2.13.0 and logitwatch[all] into .venv" >&2
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null

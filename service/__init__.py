@@ -14,8 +14,8 @@ _WHERE = {
     "Settings": "settings",
     "create_app": "app",
     "load_settings": "settings",
-    "make_engine": "db",
-    "upgrade": "db",
+    "make_engine": "store.db",
+    "upgrade": "store.db",
 }
 
 

@@ -3,35 +3,48 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from . import api_alerts, api_health, api_points, api_rules, api_runs, prom
-from .db import WRITE, is_postgres, make_engine, make_sessionmaker
-from .errors import BodyLimit, install_error_handlers
-from .evaluator import RuleEngine
-from .notify import Notifier
-from .settings import Settings, load_settings
-from .store_compact import Compactor
+from logitwatch.service.api import prom
+from logitwatch.service.api.errors import BodyLimit, install_error_handlers
+from logitwatch.service.api.main import api_router
+from logitwatch.service.rules.engine import RuleEngine
+from logitwatch.service.rules.notify import Notifier
+from logitwatch.service.settings import Settings, load_settings
+from logitwatch.service.store.compact import Compactor
+from logitwatch.service.store.db import Writer, make_engine, make_sessionmaker
 
 __all__ = ["app_from_env", "create_app"]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The service on `settings.db_url` (migrated beforehand: db.upgrade or `logitwatch db upgrade`)."""
+    """The service on `settings.db_url` (migrated beforehand: db.upgrade or `logitwatch db upgrade`).
+
+    What the endpoints use lives on ``app.state`` and reaches them only through
+    ``logitwatch.service.api.deps``.
+    """
     settings = settings or load_settings()
     engine = make_engine(settings.db_url)
+    reads = make_sessionmaker(engine)
+    writer = Writer(engine, reads)
+    rules = RuleEngine(
+        writer.sessionmaker,
+        notifier=Notifier(
+            writer.sessionmaker, urls=settings.webhook_urls, dashboard_url=settings.dashboard_url
+        ),
+    )
+    compactor = Compactor(writer.sessionmaker, writer.lock)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.compactor.start()
-        app.state.rules.start()
+        compactor.start()
+        rules.start()
         yield
-        app.state.rules.close()
-        app.state.compactor.close()
+        rules.close()
+        compactor.close()
         engine.dispose()
 
     app = FastAPI(
@@ -42,22 +55,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.sessionmaker = make_sessionmaker(engine)
-    # Writers take SQLite's write lock at BEGIN (see db.WRITE) and, within a process,
-    # queue on a plain lock; PostgreSQL writers run concurrently.
-    app.state.write_sessionmaker = make_sessionmaker(
-        engine.execution_options(**{WRITE: True}), cache=app.state.sessionmaker.kw["info"]["cache"]
-    )
-    app.state.write_lock = contextlib.nullcontext() if is_postgres(engine) else threading.Lock()
-    app.state.rules = RuleEngine(
-        app.state.write_sessionmaker,
-        notifier=Notifier(
-            app.state.write_sessionmaker,
-            urls=settings.webhook_urls,
-            dashboard_url=settings.dashboard_url,
-        ),
-    )
-    app.state.compactor = Compactor(app.state.write_sessionmaker, app.state.write_lock)
+    app.state.sessionmaker = reads
+    app.state.writer = writer
+    app.state.rules = rules
+    app.state.compactor = compactor
 
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.body_limit_bytes)
@@ -68,11 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    app.include_router(api_health.router)
-    app.include_router(api_runs.router)
-    app.include_router(api_points.router)
-    app.include_router(api_alerts.router)
-    app.include_router(api_rules.router)
+    app.include_router(api_router)
     prom.install(app, settings)
     return app
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from logitwatch.agent.actions import (
+from logitwatch.agent.monitoring.actions import (
     AlertDispatcher,
     Checkpoint,
     LocalGuard,
@@ -15,10 +15,10 @@ from logitwatch.agent.actions import (
     StopTraining,
     install_actions,
 )
-from logitwatch.agent.decoder import Decoder, DecoderConfig, loss_fn
-from logitwatch.agent.monitor import Monitor
-from logitwatch.agent.schedule import WarmupCosine
-from logitwatch.agent.sink import MemorySink, series_key
+from logitwatch.agent.monitoring.monitor import Monitor
+from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, loss_fn
+from logitwatch.agent.reference.schedule import WarmupCosine
+from logitwatch.agent.transport.sink import MemorySink, series_key
 
 
 def alert(severity="warning", rule="attn-logit-high", ident=1, step=10):

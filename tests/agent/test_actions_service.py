@@ -7,7 +7,7 @@ import time
 import httpx
 from helpers.server import live_server
 
-from logitwatch.agent.train import TrainConfig, train
+from logitwatch.agent.reference.train import TrainConfig, train
 from logitwatch.schedules import lr_at
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from logitwatch.agent.train import TrainConfig, train
+from logitwatch.agent.reference.train import TrainConfig, train
 
 TINY = dict(preset=None, model=dict(n_layers=1, d_model=32, n_heads=2), batch_size=2, seq_len=16,
             corpus_bytes=20_000, eval_batches=0, progress=False, device="cpu")  # fmt: skip

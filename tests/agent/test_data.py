@@ -5,8 +5,8 @@ import doctest
 import pytest
 import torch
 
-import logitwatch.agent.data as data_mod
-from logitwatch.agent.data import BatchSampler, build_corpus, decode, stdlib_files
+import logitwatch.agent.reference.data as data_mod
+from logitwatch.agent.reference.data import BatchSampler, build_corpus, decode, stdlib_files
 
 
 @pytest.fixture(scope="module")

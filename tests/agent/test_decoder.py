@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from logitwatch.agent import Decoder, DecoderConfig, HookPoint, loss_fn
-from logitwatch.agent.decoder import MLP, RMSNorm, apply_rope, rope_tables
+from logitwatch.agent.reference.decoder import MLP, RMSNorm, apply_rope, rope_tables
 
 SMALL = dict(vocab_size=64, n_layers=2, d_model=32, n_heads=4, max_seq_len=16)
 

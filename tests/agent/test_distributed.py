@@ -7,8 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from logitwatch.agent import Monitor, MonitorConfig
-from logitwatch.agent.decoder import Decoder, DecoderConfig, loss_fn
-from logitwatch.agent.sink import MemorySink
+from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, loss_fn
+from logitwatch.agent.transport.sink import MemorySink
 
 V, T, B = 128, 16, 2
 

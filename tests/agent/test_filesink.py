@@ -8,9 +8,9 @@ import math
 import pytest
 from test_sender_helpers import Receiver
 
-from logitwatch.agent.filesink import FileSink
-from logitwatch.agent.sender import HttpSink, SenderConfig
-from logitwatch.agent.sink import series_key
+from logitwatch.agent.transport.filesink import FileSink
+from logitwatch.agent.transport.sender import HttpSink, SenderConfig
+from logitwatch.agent.transport.sink import series_key
 from logitwatch.cli import main
 
 

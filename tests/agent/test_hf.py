@@ -9,7 +9,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
 from logitwatch.agent import LogitwatchCallback, Monitor  # noqa: E402
-from logitwatch.agent.sink import MemorySink, series_key  # noqa: E402
+from logitwatch.agent.transport.sink import MemorySink, series_key  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

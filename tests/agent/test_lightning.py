@@ -6,8 +6,8 @@ import torch
 pl = pytest.importorskip("lightning.pytorch")
 
 from logitwatch.agent import LogitwatchLightningCallback  # noqa: E402
-from logitwatch.agent.decoder import Decoder, DecoderConfig, loss_fn  # noqa: E402
-from logitwatch.agent.sink import MemorySink  # noqa: E402
+from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, loss_fn  # noqa: E402
+from logitwatch.agent.transport.sink import MemorySink  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from logitwatch.agent import DecoderConfig, get_preset
-from logitwatch.agent.lint import SEVERITIES, TrainSettings, lint, load_lint_config
+from logitwatch.agent.reference.lint import SEVERITIES, TrainSettings, lint, load_lint_config
 from logitwatch.cli import main
 
 GOOD_TRAIN = TrainSettings(warmup=2000, weight_decay=0.1)

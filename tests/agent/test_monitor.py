@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from logitwatch.agent import Monitor, MonitorConfig, attach
-from logitwatch.agent.decoder import Decoder, DecoderConfig, loss_fn
-from logitwatch.agent.probes_hooks import QKSite
-from logitwatch.agent.sink import MemorySink, Sink, series_key
+from logitwatch.agent.probes.hooks import QKSite
+from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, loss_fn
+from logitwatch.agent.transport.sink import MemorySink, Sink, series_key
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # The package's `attach` function shadows its module of the same name.
-attach_module = importlib.import_module("logitwatch.agent.attach")
+attach_module = importlib.import_module("logitwatch.agent.monitoring.attach")
 
 V, T, B = 128, 16, 2
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-import logitwatch.agent.optim as optim_mod
-from logitwatch.agent.optim import ClippedAdamW, build_optimizer
+import logitwatch.agent.reference.optim as optim_mod
+from logitwatch.agent.reference.optim import ClippedAdamW, build_optimizer
 
 
 class Tiny(nn.Module):

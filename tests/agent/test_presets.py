@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from logitwatch.agent import PRESETS, Decoder, get_preset, loss_fn
-from logitwatch.agent.presets import preset_params
+from logitwatch.agent.reference.presets import preset_params
 from logitwatch.cli import main
 
 DECODER_ONLY = {"gpt3": 175e9, "lamda": 137e9, "palm": 540e9, "llama2": 70e9}

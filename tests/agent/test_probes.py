@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from logitwatch.agent import Monitor, MonitorConfig
-from logitwatch.agent.decoder import Decoder, DecoderConfig, loss_fn
-from logitwatch.agent.optim import ClippedAdamW
-from logitwatch.agent.probes import attn_stats, even_rows, logits_stats
-from logitwatch.agent.sink import MemorySink, series_key
+from logitwatch.agent.probes.reductions import attn_stats, even_rows, logits_stats
+from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, loss_fn
+from logitwatch.agent.reference.optim import ClippedAdamW
+from logitwatch.agent.transport.sink import MemorySink, series_key
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

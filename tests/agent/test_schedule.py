@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-import logitwatch.agent.schedule as schedule_mod
-from logitwatch.agent.schedule import SGDR, Constant, WarmupCosine, build_scheduler
+import logitwatch.agent.reference.schedule as schedule_mod
+from logitwatch.agent.reference.schedule import SGDR, Constant, WarmupCosine, build_scheduler
 from logitwatch.schedules import ScheduleConfig, lr_at
 
 

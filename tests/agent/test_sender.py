@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from test_sender_helpers import Receiver
 
-from logitwatch.agent.sender import HttpSink, SenderConfig
-from logitwatch.agent.sink import series_key
-from logitwatch.agent.spool import Spool
+from logitwatch.agent.transport.sender import HttpSink, SenderConfig
+from logitwatch.agent.transport.sink import series_key
+from logitwatch.agent.transport.spool import Spool
 
 FAST = SenderConfig(batch_interval_s=0.05, backoff_initial_s=0.05, backoff_max_s=0.2)
 
@@ -129,8 +129,8 @@ def test_new_sink_replays_the_spool_of_a_crashed_process(receiver, tmp_path):
     # A training process that cannot reach the service and then dies without closing.
     code = textwrap.dedent(f"""
         import os, time
-        from logitwatch.agent.sender import HttpSink, SenderConfig
-        from logitwatch.agent.sink import series_key
+        from logitwatch.agent.transport.sender import HttpSink, SenderConfig
+        from logitwatch.agent.transport.sink import series_key
         sink = HttpSink("http://127.0.0.1:{port}", "r1", spool_dir={str(tmp_path)!r},
                         config=SenderConfig(batch_interval_s=0.05, backoff_initial_s=0.05))
         for step in range(10):
@@ -158,7 +158,7 @@ def test_new_sink_replays_the_spool_of_a_crashed_process(receiver, tmp_path):
 def test_full_disk_keeps_batches_in_memory(receiver, tmp_path, monkeypatch, caplog):
     import errno
 
-    import logitwatch.agent.spool as spool_mod
+    import logitwatch.agent.transport.spool as spool_mod
 
     def no_space(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -273,8 +273,8 @@ def test_sender_config_names_the_bad_field(field, value):
 
 def test_a_script_that_forgets_close_still_delivers(receiver, tmp_path):
     code = textwrap.dedent(f"""
-        from logitwatch.agent.sender import HttpSink
-        from logitwatch.agent.sink import series_key
+        from logitwatch.agent.transport.sender import HttpSink
+        from logitwatch.agent.transport.sink import series_key
         sink = HttpSink({receiver.url!r}, "r1", spool_dir={str(tmp_path)!r})
         for step in range(5):
             sink.log(step, {{series_key("loss"): float(step)}})
@@ -311,7 +311,7 @@ def test_a_full_outbox_spills_to_disk_instead_of_dropping(receiver, tmp_path):
 
 def test_sinks_are_exported_and_are_sinks():
     import logitwatch.agent as agent
-    from logitwatch.agent.sink import Sink
+    from logitwatch.agent.transport.sink import Sink
 
     assert {"FileSink", "HttpSink", "SenderConfig"} <= set(agent.__all__)
     assert issubclass(agent.HttpSink, Sink) and issubclass(agent.FileSink, Sink)

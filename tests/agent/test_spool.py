@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from logitwatch.agent.spool import BATCH, RUN, Spool, SpoolBusy, read_state, write_state
+from logitwatch.agent.transport.spool import BATCH, RUN, Spool, SpoolBusy, read_state, write_state
 
 
 def _drain(spool: Spool) -> list[bytes]:
@@ -81,7 +81,7 @@ def test_corrupted_record_fails_its_checksum(tmp_path, caplog):
 def test_failed_write_leaves_no_half_record(tmp_path, monkeypatch):
     import errno
 
-    import logitwatch.agent.spool as spool_mod
+    import logitwatch.agent.transport.spool as spool_mod
 
     real = spool_mod._write_all
     with Spool(tmp_path) as s:

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from logitwatch.agent.cli_train import add_arguments, config_from_args
-from logitwatch.agent.train import TrainConfig, train
-from logitwatch.agent.train_config import load_config_file
+from logitwatch.agent.cli.train import add_arguments, config_from_args
+from logitwatch.agent.reference.train import TrainConfig, train
+from logitwatch.agent.reference.train_config import load_config_file
 from logitwatch.schedules import lr_at
 
 TINY = {"n_layers": 2, "d_model": 64, "n_heads": 4, "head_dim": 16, "n_kv_heads": 2, "d_ff": 160}
@@ -86,7 +86,7 @@ def test_published_size_is_refused_before_allocating():
 def test_monitor_gets_every_step_and_is_closed(tmp_path):
     calls = []
 
-    class Recorder:  # a stand-in for logitwatch.agent.monitor.Monitor in this unit test
+    class Recorder:  # a stand-in for logitwatch.agent.monitoring.monitor.Monitor in this unit test
         def __init__(self, model, optimizer, **kw):
             calls.append(("init", kw))
             self.optimizer = optimizer
@@ -219,8 +219,8 @@ def test_cli_end_to_end_summary_and_clean_error(tmp_path):
 
 
 def test_doctests():
-    # importlib: ``logitwatch.agent.train`` as an attribute is the re-exported function.
-    for name in ("logitwatch.agent.train", "logitwatch.agent.train_config"):
+    # importlib: ``logitwatch.agent.reference.train`` as an attribute is the re-exported function.
+    for name in ("logitwatch.agent.reference.train", "logitwatch.agent.reference.train_config"):
         assert doctest.testmod(importlib.import_module(name)).failed == 0
 
 

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from logitwatch.agent.zoo_cases import ZooCase, ZooScale, cases_named
-from logitwatch.agent.zoo_report import describe, divergence, score, smoothed
-from logitwatch.agent.zoo_runs import RunOutput
+from logitwatch.agent.zoo.cases import ZooCase, ZooScale, cases_named
+from logitwatch.agent.zoo.report import describe, divergence, score, smoothed
+from logitwatch.agent.zoo.runs import RunOutput
 
 KW = dict(vocab=256, warmup=10, window=10)
 CONTROL = [5.5 - 3 * (1 - math.exp(-i / 20)) for i in range(100)]  # 5.5 -> ~2.5

@@ -10,8 +10,8 @@ from helpers.pg import fresh_database
 from sqlalchemy import inspect, text
 
 from logitwatch.protocol import Batch, series_from_columns
-from logitwatch.service.db import make_engine, make_sessionmaker, upgrade
 from logitwatch.service.store import ingest_batch
+from logitwatch.service.store.db import make_engine, make_sessionmaker, upgrade
 
 
 @pytest.fixture

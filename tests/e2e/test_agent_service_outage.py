@@ -19,9 +19,9 @@ import torch
 from helpers.reads import stored_points
 from helpers.server import free_port, wait_ready
 
-from logitwatch.agent.decoder import Decoder, DecoderConfig, loss_fn
-from logitwatch.agent.sender import HttpSink, SenderConfig
-from logitwatch.agent.sink import FanOutSink, MemorySink, series_key
+from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, loss_fn
+from logitwatch.agent.transport.sender import HttpSink, SenderConfig
+from logitwatch.agent.transport.sink import FanOutSink, MemorySink, series_key
 
 RUN = "outage-e2e"
 

@@ -12,8 +12,8 @@ import httpx
 from helpers.pgcluster import pg_cluster
 from helpers.server import live_server
 
-from logitwatch.agent.sender import HttpSink, SenderConfig
-from logitwatch.agent.sink import FanOutSink, MemorySink, series_key
+from logitwatch.agent.transport.sender import HttpSink, SenderConfig
+from logitwatch.agent.transport.sink import FanOutSink, MemorySink, series_key
 
 RUN = "db-outage"
 KEYS = [series_key("loss"), *(series_key("grad.norm", layer=i) for i in range(4))]

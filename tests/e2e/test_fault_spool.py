@@ -13,9 +13,9 @@ import helpers.server
 import httpx
 import pytest
 
-import logitwatch.agent.spool as spool_mod
-from logitwatch.agent.sender import HttpSink, SenderConfig
-from logitwatch.agent.sink import FanOutSink, MemorySink, series_key
+import logitwatch.agent.transport.spool as spool_mod
+from logitwatch.agent.transport.sender import HttpSink, SenderConfig
+from logitwatch.agent.transport.sink import FanOutSink, MemorySink, series_key
 
 FAST = SenderConfig(batch_interval_s=0.05, backoff_initial_s=0.05, backoff_max_s=0.2)
 KEYS = [series_key("loss"), series_key("grad.norm", layer=0), series_key("grad.norm", layer=1)]

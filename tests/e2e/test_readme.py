@@ -132,7 +132,7 @@ def test_compose_commands_match_the_compose_file():
 
 _PREAMBLE = """
 import torch
-from logitwatch.agent.decoder import Decoder, DecoderConfig, loss_fn
+from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, loss_fn
 
 class _Out:
     def __init__(self, loss): self.loss = loss
@@ -164,7 +164,7 @@ def test_monitor_snippet_runs_against_a_live_service(tmp_path):
 
 
 def test_rules_table_lists_every_built_in_rule():
-    from logitwatch.service.rules_builtin import builtin_rules
+    from logitwatch.service.rules.builtin import builtin_rules
 
     names = {r.name for r in builtin_rules()}
     documented = set(re.findall(r"^\| `([a-z-]+)` \|", README, flags=re.M))

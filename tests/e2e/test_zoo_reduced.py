@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 from helpers.server import live_server
 
-from logitwatch.agent.zoo import run_zoo
-from logitwatch.agent.zoo_cases import CAUSES, REDUCED, cases_named
+from logitwatch.agent.zoo.cases import CAUSES, REDUCED, cases_named
+from logitwatch.agent.zoo.run import run_zoo
 
 BAD = ("warning", "critical")
 

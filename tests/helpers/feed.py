@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from logitwatch.protocol import Batch, Series, series_from_columns
 from logitwatch.service import store
-from logitwatch.service.alerts import list_alerts
+from logitwatch.service.rules.alerts import list_alerts
 
 __all__ = ["Feeder", "S", "alerts"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from logitwatch.agent.sink import SeriesKey, series_key
+from logitwatch.agent.transport.sink import SeriesKey, series_key
 
 __all__ = ["stored_points"]
 

@@ -17,8 +17,8 @@ from helpers.pg import fresh_database
 from helpers.server import thread_server
 
 from logitwatch.service.app import create_app
-from logitwatch.service.db import make_engine, make_sessionmaker, upgrade
 from logitwatch.service.settings import load_settings
+from logitwatch.service.store.db import make_engine, make_sessionmaker, upgrade
 
 
 @pytest.fixture(scope="session")

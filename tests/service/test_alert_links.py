@@ -11,7 +11,7 @@ from helpers.server import thread_server
 
 from logitwatch.protocol import Batch, encode_batch, series_from_columns
 from logitwatch.service.app import create_app
-from logitwatch.service.notify import render_payload
+from logitwatch.service.rules.notify import render_payload
 from logitwatch.service.settings import load_settings
 
 GRAFANA = "http://grafana.example:3000"

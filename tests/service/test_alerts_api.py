@@ -119,7 +119,7 @@ def test_run_scoped_tokens_see_their_runs_alerts_only(db_url, run_name):
 
     from logitwatch.service.app import create_app
     from logitwatch.service.settings import load_settings
-    from logitwatch.service.tokens import create_token
+    from logitwatch.service.store.tokens import create_token
 
     app = create_app(load_settings(db_url=db_url, auth=True))
     with app.state.sessionmaker() as s, s.begin():

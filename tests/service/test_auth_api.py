@@ -16,7 +16,7 @@ from logitwatch.cli import main
 from logitwatch.protocol import Batch, encode_batch, series_from_columns
 from logitwatch.service.app import create_app
 from logitwatch.service.settings import load_settings
-from logitwatch.service.tokens import create_token
+from logitwatch.service.store.tokens import create_token
 
 MSGPACK = {"content-type": "application/msgpack"}
 _PARAMS = {"run": "exp-1", "metric": "loss"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from logitwatch.service.models import Token
-from logitwatch.service.tokens import (
+from logitwatch.service.store.models import Token
+from logitwatch.service.store.tokens import (
     PREFIX,
     authenticate,
     create_token,

@@ -11,9 +11,9 @@ from helpers.routes import routes_of
 from helpers.server import thread_server
 
 from logitwatch.service.app import create_app
-from logitwatch.service.db import upgrade
 from logitwatch.service.settings import load_settings
-from logitwatch.service.tokens import create_token
+from logitwatch.service.store.db import upgrade
+from logitwatch.service.store.tokens import create_token
 
 RUN = "exp-1"
 _PARAMS = {"run": RUN, "metric": "loss"}

@@ -11,9 +11,9 @@ from helpers.server import free_port, thread_server
 from logitwatch.cli import main
 from logitwatch.protocol import Batch, encode_batch, series_from_columns
 from logitwatch.service.app import create_app
-from logitwatch.service.db import upgrade
 from logitwatch.service.settings import load_settings
-from logitwatch.service.tokens import create_token
+from logitwatch.service.store.db import upgrade
+from logitwatch.service.store.tokens import create_token
 
 
 @pytest.fixture(scope="module")

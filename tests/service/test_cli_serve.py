@@ -49,7 +49,7 @@ def test_db_upgrade_and_bad_settings(tmp_path):
 
 def test_db_compact_and_stats(tmp_path):
     from logitwatch.service import store
-    from logitwatch.service.db import make_engine, make_sessionmaker, upgrade
+    from logitwatch.service.store.db import make_engine, make_sessionmaker, upgrade
 
     url = f"sqlite:///{tmp_path}/c.db"
     upgrade(url)

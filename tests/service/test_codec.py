@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from logitwatch.service.codec import (
+from logitwatch.service.store.codec import (
     decode_floats,
     decode_steps,
     encode_floats,
@@ -61,7 +61,7 @@ def test_pg_binary_array():
 
 
 def test_pg_binary_form_round_trips():
-    from logitwatch.service.codec import pg_array_bytes
+    from logitwatch.service.store.codec import pg_array_bytes
 
     for a, kind in ((np.array([1, 2, 2**62]), "i8"), (np.array([math.nan, -0.0, 1e300]), "f8")):
         assert pg_array(pg_array_bytes(a, kind), kind).tobytes() == a.tobytes()

@@ -15,11 +15,11 @@ import pytest
 from helpers.feed import Feeder, S, alerts
 from sqlalchemy import select
 
-from logitwatch.service.db import WRITE, make_engine, make_sessionmaker
-from logitwatch.service.evaluator import RuleEngine
-from logitwatch.service.models import Run
-from logitwatch.service.models_rules import Alert, Delivery
-from logitwatch.service.notify import Notifier, parse_webhook
+from logitwatch.service.rules.engine import RuleEngine
+from logitwatch.service.rules.notify import Notifier, parse_webhook
+from logitwatch.service.store.db import WRITE, make_engine, make_sessionmaker
+from logitwatch.service.store.models import Run
+from logitwatch.service.store.rule_tables import Alert, Delivery
 
 
 @pytest.fixture

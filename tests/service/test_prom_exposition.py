@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 
 from logitwatch.protocol import Batch, encode_batch, series_from_columns
-from logitwatch.service.models import Run
-from logitwatch.service.prom import worker_metrics_dir
+from logitwatch.service.api.prom import worker_metrics_dir
+from logitwatch.service.store.models import Run
 
 MSGPACK = {"content-type": "application/msgpack"}
 

@@ -8,14 +8,14 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logitwatch.service.conditions import (
+from logitwatch.service.rules.conditions import (
     RunContext,
     batch_bounds,
     evaluate,
     fast_path,
     quiet,
 )
-from logitwatch.service.rules import parse_rules
+from logitwatch.service.rules.model import parse_rules
 
 
 def cond(**c):

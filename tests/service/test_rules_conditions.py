@@ -9,8 +9,8 @@ import random
 import numpy as np
 
 from logitwatch.schedules import ScheduleConfig, lr_at
-from logitwatch.service.conditions import RunContext, evaluate
-from logitwatch.service.rules import parse_rules
+from logitwatch.service.rules.conditions import RunContext, evaluate
+from logitwatch.service.rules.model import parse_rules
 
 
 def cond(**c):
@@ -99,7 +99,7 @@ def test_threshold_relative_to_the_runs_config_and_nonfinite_values():
 
 
 def test_growth_window_in_one_go_matches_point_by_point():
-    from logitwatch.service.conditions import fast_path
+    from logitwatch.service.rules.conditions import fast_path
 
     rng = random.Random(1)
     for ratio in (2.0, 0.5):

@@ -9,11 +9,11 @@ from datetime import timedelta
 import pytest
 from helpers.feed import Feeder, S, alerts
 
-from logitwatch.service.db import WRITE, make_engine, make_sessionmaker
-from logitwatch.service.evaluator import RuleEngine
-from logitwatch.service.models import utcnow
-from logitwatch.service.rules import parse_rules
-from logitwatch.service.rules_store import put_user_rules
+from logitwatch.service.rules.engine import RuleEngine
+from logitwatch.service.rules.model import parse_rules
+from logitwatch.service.rules.user import put_user_rules
+from logitwatch.service.store.db import WRITE, make_engine, make_sessionmaker
+from logitwatch.service.store.models import utcnow
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from logitwatch.service.rules import RuleError, load_rules_file, parse_rules, parse_rules_text
-from logitwatch.service.rules_builtin import builtin_rules
-from logitwatch.service.rules_store import effective_rules
+from logitwatch.service.rules.builtin import builtin_rules
+from logitwatch.service.rules.model import RuleError, load_rules_file, parse_rules, parse_rules_text
+from logitwatch.service.rules.user import effective_rules
 
 GOOD = """
 rules:

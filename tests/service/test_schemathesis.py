@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
 from logitwatch.service.app import create_app
-from logitwatch.service.db import upgrade
 from logitwatch.service.settings import load_settings
-from logitwatch.service.tokens import create_token
+from logitwatch.service.store.db import upgrade
+from logitwatch.service.store.tokens import create_token
 
 EXAMPLES = 8
 

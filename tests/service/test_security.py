@@ -15,10 +15,10 @@ from helpers.server import free_port, live_server, thread_server
 
 from logitwatch.cli import main
 from logitwatch.protocol import Batch, encode_batch, series_from_columns
-from logitwatch.service import tokens as tokens_mod
 from logitwatch.service.app import create_app
-from logitwatch.service.db import upgrade
 from logitwatch.service.settings import load_settings
+from logitwatch.service.store import tokens as tokens_mod
+from logitwatch.service.store.db import upgrade
 
 SECRET_VALUE = 98765.4321  # a payload value that must never reach a log
 SECRET_LABEL = "zzsecretlabelzz"

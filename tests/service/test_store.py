@@ -11,15 +11,16 @@ import pytest
 from sqlalchemy import func, select, text
 
 from logitwatch.protocol import Batch, series_from_columns
-from logitwatch.service import store, store_stats
-from logitwatch.service.db import make_engine, make_sessionmaker, upgrade
-from logitwatch.service.models import Chunk
-from logitwatch.service.store_compact import (
+from logitwatch.service import store
+from logitwatch.service.store import stats as store_stats
+from logitwatch.service.store.compact import (
     Compactor,
     compact_all,
     compact_series,
     release_space,
 )
+from logitwatch.service.store.db import make_engine, make_sessionmaker, upgrade
+from logitwatch.service.store.models import Chunk
 
 
 def ingest(sessions, run, batch, **kw):

@@ -1,0 +1,1 @@
+"""The agent's `logitwatch` subcommands: train, presets, lint, sync, zoo."""

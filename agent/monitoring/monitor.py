@@ -1,0 +1,337 @@
+"""The Monitor: probes on a model and its optimizer, reported to a sink every ``every`` steps.
+
+It never raises into training and never synchronises with the device between reporting
+steps; on a reporting step it starts one device-to-host copy and a worker thread does the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from logitwatch.agent.monitoring.actions import AlertDispatcher, LocalGuard
+from logitwatch.agent.monitoring.attach import discover
+from logitwatch.agent.monitoring.config import MonitorConfig
+from logitwatch.agent.monitoring.report import Reporter
+from logitwatch.agent.probes.hooks import ProbeSet, Sites
+from logitwatch.agent.probes.optim import ParamStats, layer_of_param
+from logitwatch.agent.probes.reductions import Slots
+from logitwatch.agent.transport.sink import FanOutSink, NullSink, Sink, series_key
+
+__all__ = ["Monitor", "MonitorConfig"]
+
+log = logging.getLogger("logitwatch.agent")
+
+
+class Monitor:
+    """Watch a model's stability metrics during training.
+
+    >>> import torch
+    >>> from logitwatch.agent import Monitor
+    >>> from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, loss_fn
+    >>> from logitwatch.agent.transport.sink import MemorySink
+    >>> model = Decoder(DecoderConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=2))
+    >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    >>> sink = MemorySink()
+    >>> with Monitor(model, opt, run="demo", sink=sink, every=2) as monitor:
+    ...     for step in range(4):
+    ...         idx = torch.randint(0, 64, (2, 16))
+    ...         ce, z = loss_fn(model(idx), idx, z_loss=0.0)
+    ...         (ce + z).backward(); opt.step(); opt.zero_grad()
+    ...         monitor.step(step, loss=ce + z, tokens=idx.numel())
+    >>> sink.series("attn.logit_max", layer=1, head=0)[0]
+    [0, 2]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        run: str,
+        server: str | None = None,
+        every: int | None = None,
+        config: MonitorConfig | None = None,
+        sink: Sink | None = None,
+        token: str | None = None,
+        spool_dir: str | os.PathLike | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        start_step: int | None = None,
+        sites: Sites | None = None,
+    ) -> None:
+        if not isinstance(run, str) or not run:
+            raise ValueError(f"run must be a non-empty name; got {run!r}.")
+        cfg = config or MonitorConfig()
+        self.config = cfg = replace(cfg, every=every) if every is not None else cfg
+        self.model, self.run = model, run
+        self.optimizer = _unwrap(optimizer)
+        self.rank = _rank(cfg)
+        self.label = {"rank": str(self.rank)} if cfg.per_rank else {}
+        self.active = cfg.per_rank or self.rank == 0  # rank 0 reports unless per_rank is on
+        self._closed = False
+        self.alerts = AlertDispatcher()  # on_alert callbacks, run at step boundaries
+        self._handles: list[Any] = []
+        self._probes: ProbeSet | None = None
+        self._grads_recorded = False
+        self._backward_norms: list[torch.Tensor | None] = []
+        self._tokens = 0
+        self._last_report: float | None = None
+        if not self.active:
+            self.sink: Sink = NullSink()
+            self._reporter = Reporter(self.sink, self.label, cfg.max_pending)
+            return
+        self.sink = (
+            sink if sink is not None else self._default_sink(server, token, spool_dir, start_step)
+        )
+        try:
+            self.sink.register_run(run, config=dict(run_config or {}))
+        except Exception as e:
+            log.warning("logitwatch: could not register run %r (%s)", run, e)
+        # The local guard raises non-finite alerts with no service at all.
+        reported = FanOutSink([self.sink, LocalGuard()])
+        self._reporter = Reporter(reported, self.label, cfg.max_pending)
+        self._reporter.on_alert(self.alerts.notify)
+        param = next(model.parameters(), None)
+        self.slots = Slots(param.device if param is not None else "cpu")
+        self.use_sites(sites if sites is not None else discover(model))
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step))
+            self._handles.append(self.optimizer.register_step_post_hook(self._post_step))
+
+    def _default_sink(self, server, token, spool_dir, start_step) -> Sink:
+        try:
+            if server is not None:
+                from logitwatch.agent.transport.sender import HttpSink
+
+                return HttpSink(
+                    server, self.run, token=token, spool_dir=spool_dir, resume_from_step=start_step
+                )
+
+            from logitwatch.agent.transport.filesink import FileSink
+
+            directory = Path(".logitwatch") / "runs" / self.run
+            if self.config.per_rank:
+                directory = directory / f"rank{self.rank}"
+            return FileSink(directory, self.run)
+        except ImportError as e:  # the transport is missing: still never break training
+            log.warning("logitwatch: no transport available (%s); metrics are discarded", e)
+            return NullSink()
+
+    # -- probe sites ------------------------------------------------------------------------
+
+    def use_sites(self, sites: Sites) -> None:
+        """Replace the model probes (``attach`` calls this)."""
+        if not self.active:
+            return
+        armed = self._probes.armed if self._probes is not None else True  # first step reports
+        if self._probes is not None:
+            self._probes.close()
+        for h in getattr(self, "_param_handles", []):
+            h.remove()
+        self._param_handles: list[Any] = []
+        self._probes = ProbeSet(sites, self.slots, self.config, self.label)
+        self._probes.armed = armed
+        self.params = ParamStats(
+            self.model.named_parameters(), layer_of_param(sites.layer_prefixes), self.slots.device
+        )
+        if self.config.grads == "backward" and "grad" in self.config.probes:
+            self._backward_norms = [None] * len(self.params.params)
+            for j, p in enumerate(self.params.params):
+                self._param_handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(j)))
+
+    @property
+    def armed(self) -> bool:
+        return self._probes is not None and self._probes.armed
+
+    # -- optimizer side ---------------------------------------------------------------------
+
+    def record_grads(self) -> None:
+        """Read the gradients now (call before clipping when clipping happens outside step())."""
+        if self.active and self.armed and "grad" in self.config.probes:
+            self._guard("grad", self._write_grads, None)
+
+    def _write_grads(self, norms: list[torch.Tensor] | None) -> None:
+        values = self.params.grads(norms)
+        if values is None:
+            return
+        keys = [series_key("grad.norm", **self.label)]
+        keys += [series_key("grad.norm", layer=i, **self.label) for i in self.params.layers]
+        keys.append(series_key("_nonfinite.grads"))
+        self.slots.write("grad", keys, values)
+        self._grads_recorded = True
+
+    def _grad_hook(self, j: int) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            if self.armed and p.grad is not None:
+                # Each micro-batch overwrites: the last one sees the whole accumulated gradient.
+                self._backward_norms[j] = torch.linalg.vector_norm(
+                    p.grad.detach(), dtype=torch.float32
+                )
+
+        return hook
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        if not self.armed:
+            return
+        on = self.config.probes
+        if "grad" in on and self.config.grads == "optimizer" and not self._grads_recorded:
+            self._guard("grad", self._write_grads, None)
+        if "update" in on:
+            self._guard("update", self.params.snapshot)
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        if self.armed and ({"param", "update"} & set(self.config.probes)):
+            self._guard("param", self._write_weights)
+
+    def _write_weights(self) -> None:
+        norms, ratio = self.params.weights()
+        layers = self.params.layers
+        if "param" in self.config.probes:
+            keys = [series_key("param.norm", **self.label)]
+            keys += [series_key("param.norm", layer=i, **self.label) for i in layers]
+            self.slots.write("param", keys, norms)
+        if ratio is not None and "update" in self.config.probes:
+            keys = [series_key("update.ratio", **self.label)]
+            keys += [series_key("update.ratio", layer=i, **self.label) for i in layers]
+            self.slots.write("update", keys, ratio)
+
+    def _guard(self, kind: str, fn: Callable[..., None], *args: Any) -> None:
+        if self._probes is None or kind in self._probes.disabled:
+            return
+        self._probes.guard(kind, fn, *args)
+
+    # -- the training loop's call -----------------------------------------------------------
+
+    def step(
+        self,
+        step: int,
+        loss: torch.Tensor | float | None = None,
+        loss_z: torch.Tensor | float | None = None,
+        tokens: int | None = None,
+    ) -> None:
+        """Call once after each optimizer step. Never raises, never waits for the device."""
+        if not self.active or self._closed:
+            return
+        try:
+            self._tokens += int(tokens or 0)
+            if self.armed:
+                self._report(step, loss, loss_z)
+            if self._probes is not None:
+                self._probes.armed = (step + 1) % self.config.every == 0
+            self._grads_recorded = False
+            self.alerts.run_pending(step)
+        except Exception as e:
+            self._reporter.warn_once(
+                "step", "step() failed (%s: %s); monitoring goes on", type(e).__name__, e
+            )
+
+    def _report(self, step: int, loss: Any, loss_z: Any) -> None:
+        on, label, host = self.config.probes, self.label, {}
+        if "loss" in on:
+            for name, value in (("loss", loss), ("loss.z", loss_z)):
+                if isinstance(value, torch.Tensor):
+                    v = value.detach().float().reshape(1)
+                    keys = [series_key(name, **label), series_key("_nonfinite." + name)]
+                    self.slots.write(name, keys, torch.cat([v, (~torch.isfinite(v)).float()]))
+                elif value is not None:
+                    host[series_key(name, **label)] = float(value)
+        if "lr" in on and self.optimizer is not None:
+            for i, group in enumerate(self.optimizer.param_groups):
+                host[series_key("lr", group=group.get("name", i), **label)] = float(group["lr"])
+        if "grad" in on and not self._grads_recorded:
+            if self.config.grads == "backward":
+                self._guard("grad", self._write_grads, self._backward_norms)
+                self._backward_norms = [None] * len(self._backward_norms)
+            elif self.optimizer is None:  # no step pre-hook: the gradients are read now
+                self._guard("grad", self._write_grads, None)
+        if self.optimizer is None and "param" in on:
+            self._guard("param", self._write_weights)
+        now = time.perf_counter()
+        if "throughput" in on and self._last_report is not None and self._tokens:
+            host[series_key("throughput.tokens_per_s", **label)] = self._tokens / max(
+                now - self._last_report, 1e-9
+            )
+        self._last_report, self._tokens = now, 0
+        self._reporter.ship(step, self.slots, self.slots.take(), host)
+
+    # -- alerts and shutdown ----------------------------------------------------------------
+
+    def firing_alerts(self) -> list[dict[str, Any]]:
+        """The run's firing alerts: the service's last answer, plus the local guard's."""
+        try:
+            return self._reporter.sink.firing_alerts()
+        except Exception:
+            return []
+
+    def on_alert(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``callback(alert)`` for each newly firing alert, on the training thread in step().
+
+        Built-in actions (logitwatch.agent.monitoring.actions): Checkpoint, LowerLR, StopTraining.
+        """
+        self.alerts.add(callback)
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a StopTraining action asked the loop to stop at this step boundary."""
+        return self.alerts.should_stop
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until every reported step reached the sink, then flush the sink."""
+        start = time.monotonic()
+        done = self._reporter.drain(timeout)
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        return done and bool(self.sink.flush(left))
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Remove every hook, flush, and close the sink; returns within ``timeout``."""
+        if self._closed:
+            return
+        self._closed = True
+        start = time.monotonic()
+        if self._probes is not None:
+            self._probes.close()
+        for h in [*self._handles, *getattr(self, "_param_handles", [])]:
+            h.remove()
+        self._handles, self._param_handles = [], []
+        self._reporter.drain(timeout)
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        self._reporter.stop(left)
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        try:
+            self.sink.close(left)
+        except Exception as e:
+            log.warning("logitwatch: closing the sink failed (%s)", e)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside wrappers (accelerate's AcceleratedOptimizer, Lightning's)."""
+    while optimizer is not None and not type(optimizer).__module__.startswith("torch.optim"):
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _rank(cfg: MonitorConfig) -> int:
+    if cfg.rank is not None:
+        return cfg.rank
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)

@@ -1,0 +1,157 @@
+"""Train the instability zoo through the real agent into a service, and score it.
+
+Each case (stable controls, failing configurations, corrupted batches) runs for several seeds in
+worker processes; the service's alerts are read back and set against when each run diverged.
+
+Divergence: a non-finite loss; or a trailing-mean loss that stays above ln(vocab) to the end; or
+one that stays at least 0.2 nats above the stable control of the same seed to the end (at this
+scale runs without QK-norm stall rather than blow up, so the gap is what shows it).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from logitwatch.agent.zoo.cases import CASES, ZooCase, ZooScale
+from logitwatch.agent.zoo.report import Score, score
+from logitwatch.agent.zoo.runs import RunOutput, run_case
+
+__all__ = ["ZooResult", "run_zoo"]
+
+
+@dataclass
+class ZooResult:
+    scale: ZooScale
+    scores: list[Score]
+    outputs: list[RunOutput]
+    seconds: float
+    server: str
+
+    @property
+    def passed(self) -> bool:
+        return all(s.passed is not False for s in self.scores)
+
+
+def run_zoo(
+    cases: list[ZooCase],
+    scale: ZooScale,
+    *,
+    server: str | None = None,
+    jobs: int = 2,
+    out: str | os.PathLike[str] | None = None,
+    plots: bool = True,
+) -> ZooResult:
+    """Train every case x seed (``jobs`` at a time), fetch the alerts, score, plot."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1; got {jobs!r}.")
+    if not any(c.name == "stable" for c in cases):  # every divergence is judged against it
+        cases = [c for c in CASES if c.name == "stable"] + list(cases)
+    start = time.perf_counter()
+    prefix = f"zoo-{time.strftime('%Y%m%d-%H%M%S')}-"
+    with contextlib.ExitStack() as stack:
+        url = server or stack.enter_context(_local_service())
+        work = [(c, seed) for seed in range(scale.seeds) for c in cases]
+        work.sort(key=lambda cs: not cs[0].overrides.get("bf16", False))  # slowest first
+        ctx = multiprocessing.get_context("spawn")  # fork and torch's threads do not mix
+        with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(run_case, c, scale, seed, url, prefix) for c, seed in work]
+            outputs = [f.result() for f in futures]
+        alerts = {o.run: _alerts(url, o.run) for o in outputs}
+    scores = _score_all(cases, scale, outputs, alerts)
+    result = ZooResult(scale, scores, outputs, time.perf_counter() - start, url)
+    if out is not None:
+        _write(result, Path(out), plots)
+    return result
+
+
+def _score_all(cases, scale, outputs, alerts) -> list[Score]:
+    from logitwatch.agent.reference.train_config import TrainConfig
+
+    by_name = {c.name: c for c in cases}
+    control = {o.seed: o.losses for o in outputs if o.case == "stable" and not o.error}
+    probe = TrainConfig(**scale.train_overrides())
+    warmup = probe.schedule_config().warmup_steps
+    vocab = probe.decoder_config().vocab_size
+    window = max(10, scale.steps // 15)
+    scores = []
+    for o in outputs:
+        ref = None if o.case == "stable" else control.get(o.seed)
+        scores.append(
+            score(by_name[o.case], o, alerts[o.run], ref, vocab=vocab, warmup=warmup, window=window)
+        )
+    order = {c.name: i for i, c in enumerate(cases)}
+    return sorted(scores, key=lambda s: (order[s.case], s.seed))
+
+
+def _alerts(url: str, run: str) -> list[dict[str, Any]]:
+    import httpx
+
+    answer = httpx.get(f"{url}/api/v1/alerts", params={"run": run, "limit": 10_000}, timeout=30)
+    answer.raise_for_status()
+    return answer.json()["alerts"]
+
+
+@contextlib.contextmanager
+def _local_service() -> Iterator[str]:
+    """``logitwatch serve`` on a free loopback port with a throwaway SQLite file."""
+    import httpx
+
+    with tempfile.TemporaryDirectory(prefix="lwzoo-db-") as tmp:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "logitwatch", "serve", "--port", str(port),
+               "--db", f"sqlite:///{tmp}/zoo.db"]  # fmt: skip
+        log = open(Path(tmp) / "serve.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    text = (Path(tmp) / "serve.log").read_text(errors="replace")
+                    raise RuntimeError(f"zoo: the service did not start:\n{text}")
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+def _write(result: ZooResult, out: Path, plots: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    data = {
+        "scale": asdict(result.scale),
+        "seconds": result.seconds,
+        "scores": [asdict(s) for s in result.scores],
+        "runs": [asdict(o) for o in result.outputs],
+    }
+    (out / "zoo.json").write_text(json.dumps(data, indent=1, default=str))
+    if plots:
+        from logitwatch.agent.zoo.plot import plot_run
+
+        by_run = {s.run: s for s in result.scores}
+        control = {o.seed: o for o in result.outputs if o.case == "stable"}
+        for o in result.outputs:
+            plot_run(o, by_run[o.run], control.get(o.seed), out / f"{o.case}-s{o.seed}.png")

@@ -1,0 +1,85 @@
+"""Every FastAPI dependency of the service, as an ``Annotated`` alias.
+
+This is the only module of the API that reads ``app.state``: endpoints and the auth layer
+declare what they need (``SettingsDep``, ``SessionDep``, ``WriterDep``, ``RulesDep``…) and get it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from logitwatch.service.api.prom import ServiceMetrics
+from logitwatch.service.rules.engine import RuleEngine
+from logitwatch.service.settings import Settings
+from logitwatch.service.store.compact import Compactor
+from logitwatch.service.store.db import Writer
+
+__all__ = [
+    "CompactorDep",
+    "EngineDep",
+    "MetricsDep",
+    "ReadsDep",
+    "RulesDep",
+    "SessionDep",
+    "SettingsDep",
+    "WriterDep",
+    "get_compactor",
+    "get_engine",
+    "get_metrics",
+    "get_reads",
+    "get_rules",
+    "get_session",
+    "get_settings",
+    "get_writer",
+]
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def get_reads(request: Request) -> sessionmaker[Session]:
+    """The read-session factory, for a dependency that needs a session only sometimes (auth)."""
+    return request.app.state.sessionmaker
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A read session for one request, shared by its dependencies (auth) and its endpoint."""
+    with request.app.state.sessionmaker() as session:
+        yield session
+
+
+def get_writer(request: Request) -> Writer:
+    """Write transactions: ``with writer() as session: …; session.commit()``."""
+    return request.app.state.writer
+
+
+def get_rules(request: Request) -> RuleEngine:
+    return request.app.state.rules
+
+
+def get_compactor(request: Request) -> Compactor:
+    return request.app.state.compactor
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.prom
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+ReadsDep = Annotated[sessionmaker[Session], Depends(get_reads)]
+SessionDep = Annotated[Session, Depends(get_session)]
+WriterDep = Annotated[Writer, Depends(get_writer)]
+RulesDep = Annotated[RuleEngine, Depends(get_rules)]
+CompactorDep = Annotated[Compactor, Depends(get_compactor)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]

@@ -1,0 +1,218 @@
+"""One batch through the rules: each series' new points in step order, rule by rule, with the
+alert transitions (pending -> firing -> resolved) and webhook events they cause."""
+
+from __future__ import annotations
+
+import bisect
+import time
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from logitwatch.protocol import Batch, Series
+from logitwatch.service.rules import alerts as al
+from logitwatch.service.rules.conditions import (
+    RunContext,
+    Verdict,
+    evaluate,
+    fast_path,
+    reset_windows,
+)
+from logitwatch.service.rules.model import Rule
+from logitwatch.service.rules.state import Points, StateRows
+from logitwatch.service.store.models import utcnow
+from logitwatch.service.store.rule_tables import Alert
+
+__all__ = ["BatchJob", "Restarts"]
+
+#: Trigger steps kept per rule, for ``preceded_by`` look-ups.
+_MAX_TRIGGERS = 8
+_NO_STEPS = np.zeros(0, dtype=np.int64)
+_NO_VALUES = np.zeros(0, dtype=np.float64)
+
+
+class Restarts:
+    """Scheduled SGDR restarts up to the batch's last step, searched by bisection."""
+
+    def __init__(self, ctx: RunContext, upto: int) -> None:
+        self.steps = ctx.restarts(-1, upto)
+
+    def crossed(self, lo: int, hi: int) -> bool:
+        """Any restart r with lo < r <= hi."""
+        i = bisect.bisect_right(self.steps, lo)
+        return i < len(self.steps) and self.steps[i] <= hi
+
+    def last(self, step: int) -> int | None:
+        i = bisect.bisect_right(self.steps, step)
+        return self.steps[i - 1] if i else None
+
+
+class BatchJob:
+    """One batch's evaluation: per-series points, rule states, and alert transitions."""
+
+    def __init__(self, engine, session, run_row, batch, ctx, restarts, rows) -> None:
+        self.engine = engine
+        self.session: Session = session
+        self.run = run_row
+        self.batch: Batch = batch
+        self.ctx: RunContext = ctx
+        self.restarts: Restarts = restarts
+        self.rows: StateRows = rows
+        self.run_state = rows.run_state()
+        self._silences = None
+
+    def points(self, key: str, s: Series) -> Points:
+        """The series' new points in step order, and the step before the first of them."""
+        row = self.rows.get(key)
+        seg = self.batch.segment
+        if seg < row.segment:
+            return Points(-1, _NO_STEPS, _NO_VALUES, row)  # a late batch from before a resume
+        if seg > row.segment:
+            # A resume opened a new segment: steps start over; open alerts stay open.
+            for st in row.state.values():
+                reset_windows(st)
+            row.segment, row.last_step = seg, -1
+        prev = row.last_step
+        steps = np.frombuffer(s.steps, dtype=np.int64)
+        values = np.frombuffer(s.values, dtype=np.float64)
+        if len(steps) > 1 and not (steps[1:] > steps[:-1]).all():
+            # the store keeps a step's last value when a batch repeats it, so do we
+            order = np.argsort(steps, kind="stable")
+            steps, values = steps[order], values[order]
+            keep = np.append(steps[1:] != steps[:-1], True)
+            steps, values = steps[keep], values[keep]
+        if len(steps) and steps[0] <= prev:  # sorted by now: drop the steps seen before
+            i = int(np.searchsorted(steps, prev, side="right"))
+            steps, values = steps[i:], values[i:]
+        if len(steps):
+            row.last_step = int(steps[-1])
+            row.dirty = True
+        return Points(prev, steps, values, row)
+
+    def run_rule(self, rule: Rule, s: Series, pts: Points) -> None:
+        if not len(pts.steps):
+            return
+        st: dict[str, Any] = pts.row.state.get(rule.name) or {}
+        start = rule.min_step
+        if rule.skip_warmup:
+            start = max(start, self.ctx.warmup_steps)
+        mute = rule.mute_after_restart
+        last_step = int(pts.steps[-1])
+        near_restart = mute and self.restarts.crossed(pts.prev - mute, last_step)
+        if "on" not in st and "open" not in st and not near_restart:
+            i0 = int(np.searchsorted(pts.steps, start)) if start > 0 else 0
+            try:
+                done = fast_path(
+                    rule.condition, st, pts.steps[i0:], pts.values[i0:], self.ctx, pts.bounds
+                )
+            except (TypeError, ValueError):
+                reset_windows(st)  # a window left by a rule of this name with another kind
+                done = False
+            if done:
+                self._keep(rule, pts, st)
+                return
+        last = pts.prev
+        for step, value in zip(pts.steps.tolist(), pts.values.tolist(), strict=True):
+            if mute and self.restarts.crossed(last, step):
+                reset_windows(st)
+            last = step
+            if step < start:
+                continue
+            if mute:
+                restart = self.restarts.last(step)
+                if restart is not None and step < restart + mute:
+                    continue
+            try:
+                verdict = evaluate(rule.condition, st, step, value, self.ctx)
+            except (TypeError, ValueError, IndexError):
+                # a window left by an earlier rule of this name with another condition kind
+                reset_windows(st)
+                verdict = evaluate(rule.condition, st, step, value, self.ctx)
+            if verdict is not None:
+                self._apply(rule, s, st, step, verdict)
+        self._keep(rule, pts, st)
+
+    @staticmethod
+    def _keep(rule: Rule, pts: Points, st: dict[str, Any]) -> None:
+        if st:
+            pts.row.state[rule.name] = st
+        else:
+            pts.row.state.pop(rule.name, None)
+
+    def _triggers(self, rule: str) -> list[int]:
+        return self.run_state.setdefault("trig", {}).get(rule, [])
+
+    def _apply(self, rule: Rule, s: Series, st: dict, step: int, v: Verdict) -> None:
+        if not v.active and "on" not in st and "open" not in st:
+            return  # the common case: nothing holds, nothing was holding
+        was_on = bool(st.get("on"))
+        st["on"] = v.active
+        if v.active and not was_on:
+            trig = self.run_state.setdefault("trig", {})
+            trig[rule.name] = [*trig.get(rule.name, []), step][-_MAX_TRIGGERS:]
+            self.rows.get("").dirty = True
+            if rule.preceded_by is not None:
+                p = rule.preceded_by
+                st["blocked"] = not any(
+                    step - p.within_steps <= t < step for t in self._triggers(p.rule)
+                )
+        active = v.active and not (rule.preceded_by is not None and st.get("blocked"))
+        alert = self._alert(st.get("open"))
+        if active:
+            st["streak"] = st.get("streak", 0) + 1
+            state = "firing" if st["streak"] >= rule.for_steps else "pending"
+            if alert is None:
+                alert = al.open_alert(
+                    self.session, run_id=self.run.id, rule=rule.name, severity=rule.severity,
+                    metric=s.metric, labels=s.labels, step=step, segment=self.batch.segment,
+                    value=v.value, threshold=v.threshold, hint=rule.hint, state=state,
+                )  # fmt: skip
+                st["open"] = alert.id
+                if state == "firing":
+                    self._notify(alert, "firing")
+                return
+            alert.last_step, alert.value, alert.threshold = step, v.value, v.threshold
+            alert.updated_at = utcnow()
+            if alert.state == "pending" and state == "firing":
+                alert.state, alert.fired_at = "firing", utcnow()
+                self._notify(alert, "firing")
+            return
+        st.pop("streak", None)
+        st.pop("open", None)
+        if not v.active:
+            st.pop("on", None)
+            st.pop("blocked", None)
+        if alert is None:
+            return
+        if alert.state == "pending":
+            self.session.delete(alert)  # it never fired: like Prometheus, forget it
+        else:
+            al.resolve_alert(alert, step=step)
+            self._notify(alert, "resolved")
+        self.session.flush()  # free the (run, rule, series) slot for the next episode
+
+    def _alert(self, alert_id: int | None) -> Alert | None:
+        if alert_id is None:
+            return None
+        alert = self.session.get(Alert, alert_id)
+        return alert if alert is not None and alert.state != "resolved" else None
+
+    def _notify(self, alert: Alert, event: str) -> None:
+        if not self.engine.notifier.enabled:
+            return
+        if self._silences is None:
+            self._silences = al.active_silences(self.session)
+        if not al.is_silenced(self._silences, alert, self.run.name):
+            self.engine.notifier.enqueue(self.session, alert=alert, run=self.run.name, event=event)
+
+    def saw_data(self, rule: Rule, upto: int) -> None:
+        """An absent rule's data arrived: remember when, and resolve its alert if open."""
+        seen = self.run_state.setdefault("seen", {})
+        prev = seen.get(rule.name, [0.0, -1])
+        seen[rule.name] = [time.time(), max(upto, prev[1])]
+        alert = self._alert(self.run_state.setdefault("absent_open", {}).pop(rule.name, None))
+        if alert is not None:
+            al.resolve_alert(alert, step=upto)
+            self._notify(alert, "resolved")
+        self.rows.get("").dirty = True

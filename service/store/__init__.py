@@ -1,0 +1,41 @@
+"""Data access for the service: keyword-only functions that take a Session (one module per concern).
+
+Runs and series live in store_runs.py, batch ingest in store_ingest.py, reads in
+store_read.py, background chunk compaction in store_compact.py; this module is the facade.
+"""
+
+from __future__ import annotations
+
+from logitwatch.service.store.ingest import IngestResult, Prepared, ingest_batch, prepare_batch
+from logitwatch.service.store.limits import LimitError, check_run_quota
+from logitwatch.service.store.read import Buckets, Points, ReadResult, bucketize, read_points
+from logitwatch.service.store.runs import (
+    RunInfo,
+    SeriesInfo,
+    ensure_run_id,
+    get_run,
+    list_runs,
+    list_series,
+    upsert_run,
+)
+
+__all__ = [
+    "Buckets",
+    "IngestResult",
+    "LimitError",
+    "Points",
+    "Prepared",
+    "ReadResult",
+    "RunInfo",
+    "SeriesInfo",
+    "bucketize",
+    "check_run_quota",
+    "ensure_run_id",
+    "get_run",
+    "ingest_batch",
+    "list_runs",
+    "list_series",
+    "prepare_batch",
+    "read_points",
+    "upsert_run",
+]
