@@ -9,7 +9,7 @@ migration 0003_views; `$step_min`/`$step_max` (empty: the whole run) narrow ever
 
 from __future__ import annotations
 
-from build import (
+from panels import (
     FLEET_UID,
     POSTGRES,
     RUN_UID,
@@ -19,8 +19,11 @@ from build import (
     dashboard_link,
     ds,
     ds_variable,
+    sql,
+    table,
+    timeseries,
+    xy,
 )
-from panels import sql, table, timeseries, xy
 
 STEPS = "'$step_min', '$step_max'"
 IN_RANGE = (

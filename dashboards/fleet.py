@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from build import (
+from panels import (
     FLEET_UID,
     PROMETHEUS,
     RUN_UID,
@@ -12,8 +12,11 @@ from build import (
     dashboard_link,
     ds,
     ds_variable,
+    prom,
+    stat,
+    table,
+    timeseries,
 )
-from panels import prom, stat, table, timeseries
 
 RUN = 'run=~"$run"'
 RATE = "$__rate_interval"

@@ -21,10 +21,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+
+from logitwatch.client import ApiClient, ServiceError, runs_path
 
 __all__ = ["add_arguments", "run"]
 
@@ -70,18 +71,6 @@ def _start_service(db: str, port: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
-def _wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the service exited with status {proc.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise RuntimeError(f"the service at {url} did not become ready in {timeout:.0f} s")
-
-
 def _start_trainer(url: str, run: str, steps: int, extra: list[str], log: Path) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "logitwatch", "train", "--preset", "llama2", "--steps", str(steps),
@@ -97,27 +86,27 @@ def _num(v) -> float:
     return math.nan if v is None else float(v)
 
 
-def _latest(client: httpx.Client, url: str, run: str, metric: str) -> tuple[int, float]:
+def _latest(api: ApiClient, run: str, metric: str) -> tuple[int, float]:
     """(last step, max over the metric's series of their last value)."""
-    r = client.get(f"{url}/api/v1/runs/{run}/series", params={"metric": metric})
-    if r.status_code != 200:
+    try:
+        series = api.series(run, metric=metric)
+    except ServiceError as exc:
+        if exc.status is None:  # unreachable: _poll skips this round
+            raise
         return 0, math.nan
-    rows = [s for s in r.json().get("series", []) if s.get("last_step") is not None]
+    rows = [s for s in series if s.get("last_step") is not None]
     vals = [_num(s.get("last_value")) for s in rows]
     vals = [v for v in vals if not math.isnan(v)]
     step = max((int(s["last_step"]) for s in rows), default=0)
     return step, (max(vals) if vals else math.nan)
 
 
-def _poll(client: httpx.Client, url: str, view: RunView) -> None:
-    with contextlib.suppress(httpx.HTTPError, ValueError):
-        view.step, view.loss = _latest(client, url, view.name, "loss")
-        view.logz = _latest(client, url, view.name, "logz.mean")[1]
-        view.attn_max = _latest(client, url, view.name, "attn.logit_max")[1]
-        r = client.get(f"{url}/api/v1/alerts", params={"run": view.name})
-        if r.status_code == 200:
-            body = r.json()
-            view.alerts = body.get("alerts", body) if isinstance(body, dict) else body
+def _poll(api: ApiClient, view: RunView) -> None:
+    with contextlib.suppress(ServiceError, ValueError):
+        view.step, view.loss = _latest(api, view.name, "loss")
+        view.logz = _latest(api, view.name, "logz.mean")[1]
+        view.attn_max = _latest(api, view.name, "attn.logit_max")[1]
+        view.alerts = list(api.alerts(run=view.name))
 
 
 def _grouped(views: list[RunView]) -> list[tuple[str, str, str, int, int, str]]:
@@ -165,7 +154,7 @@ def _table(views: list[RunView], steps: int) -> Group:
     return Group(t, hints)
 
 
-def _chart(client: httpx.Client, url: str, views: list[RunView], path: Path) -> Path | None:
+def _chart(api: ApiClient, views: list[RunView], path: Path) -> Path | None:
     try:
         import matplotlib
 
@@ -178,7 +167,7 @@ def _chart(client: httpx.Client, url: str, views: list[RunView], path: Path) -> 
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 10), sharex=True)
     for ax, (metric, title) in zip(axes, panels, strict=True):
         for v in views:
-            steps, vals = _series_points(client, url, v.name, metric)
+            steps, vals = _series_points(api, v.name, metric)
             if steps:
                 ax.plot(steps, vals, label=v.name)
             for a in v.alerts:
@@ -196,13 +185,16 @@ def _chart(client: httpx.Client, url: str, views: list[RunView], path: Path) -> 
     return path
 
 
-def _series_points(client: httpx.Client, url: str, run: str, metric: str):
+def _series_points(api: ApiClient, run: str, metric: str):
     """Per step, the max over all of the metric's series (layers, heads, groups)."""
-    r = client.get(f"{url}/api/v1/runs/{run}/metrics/{metric}", params={"times": "false"})
-    if r.status_code != 200:
+    try:
+        doc = api.metric(run, metric, times=False)
+    except ServiceError as exc:
+        if exc.status is None:
+            raise
         return [], []
     best: dict[int, float] = {}
-    for s in r.json().get("series", []):
+    for s in doc["series"]:
         for step, raw in zip(s.get("steps", []), s.get("values", []), strict=False):
             val = _num(raw)
             if not math.isnan(val):
@@ -226,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
         service = _start_service(db, port, out / "service.log")
     trainers: list[subprocess.Popen] = []
     try:
-        _wait_ready(url, service)
+        with ApiClient(url) as api:
+            api.wait_ready(60, process=service, interval=0.3)
         views = [
             RunView(HEALTHY, "QK-norm + z-loss 1e-4, warmup + cosine"),
             RunView(UNSTABLE, f"no QK-norm, no z-loss, LR {args.lr_unstable:g}"),
@@ -240,26 +233,26 @@ def run(args: argparse.Namespace) -> int:
                 logs / "unstable.log",
             ),
         ]  # fmt: skip
-        with httpx.Client(timeout=5) as client, Live(console=console, refresh_per_second=2) as live:
+        with ApiClient(url, timeout=5) as api, Live(console=console, refresh_per_second=2) as live:
             while any(t.poll() is None for t in trainers):
                 for v in views:
-                    _poll(client, url, v)
+                    _poll(api, v)
                 live.update(_table(views, args.steps))
                 time.sleep(1.0)
             time.sleep(1.5)  # the senders' last batches
             for v in views:
-                _poll(client, url, v)
+                _poll(api, v)
             live.update(_table(views, args.steps))
         for t, name in zip(trainers, ("healthy", "unstable"), strict=True):
             if t.returncode != 0:
                 console.print(
                     f"[red]the {name} trainer exited with {t.returncode}; see {logs}[/red]"
                 )
-        with httpx.Client(timeout=30) as client:
-            chart = _chart(client, url, views, out / "demo.png")
+        with ApiClient(url, timeout=30) as api:
+            chart = _chart(api, views, out / "demo.png")
         if chart:
             console.print(f"chart: {chart}")
-        console.print(f"REST: {url}/api/v1/runs   metrics: {url}/metrics   docs: {url}/docs")
+        console.print(f"REST: {url}{runs_path()}   metrics: {url}/metrics   docs: {url}/docs")
         if service is not None and not args.no_serve:
             console.print("the service keeps running; Ctrl-C to stop")
             service.wait()

@@ -1,7 +1,7 @@
 """The metric catalogue: every metric the agent reports, its labels, unit and meaning.
 
-The service uses it to name Prometheus gauges and to aggregate per-head series for
-exposition; the agent uses it to name what it reports; rules and dashboards refer to it.
+The service's Prometheus exposition names its gauges from it and folds per-head series by
+it; tests hold the dashboards' queries and the README's metric table to it.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ _PROM_SUFFIXES = {
 
 
 def prometheus_name(metric: str) -> str:
-    """'attn.logit_max' -> 'logitwatch_attn_logit_max' (STYLE.md: logitwatch_ prefix).
+    """'attn.logit_max' -> 'logitwatch_attn_logit_max' (Prometheus naming: one prefix, base units).
 
     >>> prometheus_name("throughput.tokens_per_s"), prometheus_name("nonfinite.count")
     ('logitwatch_throughput_tokens_per_second', 'logitwatch_nonfinite_values')

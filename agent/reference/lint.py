@@ -152,10 +152,6 @@ def lint(config: DecoderConfig, train: TrainSettings | None = None) -> list[Find
     return _shape_findings(config) + _training_findings(config, train or TrainSettings())
 
 
-def lint_preset(name: str, full: bool = False, train: TrainSettings | None = None) -> list[Finding]:
-    return lint(get_preset(name, full=full), train)
-
-
 def _trainer_keys() -> set[str]:
     """Settings of `logitwatch train`'s config files, accepted (and not checked) here."""
     try:

@@ -29,7 +29,7 @@ class TrainConfig:
 
     preset: str | None = "llama2"  # None: DecoderConfig's defaults plus ``model``
     full: bool = False  # the published size (far too big for a CPU; for --help and lint)
-    config_file: str | None = None  # recorded only; cli_train merges the file into these fields
+    config_file: str | None = None  # recorded only; `logitwatch train` merges the file into these
     model: dict[str, Any] = field(default_factory=dict)  # any DecoderConfig field
     # Technique switches: None keeps the preset's choice; "off" removes a soft-cap.
     qk_norm: bool | None = None

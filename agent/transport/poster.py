@@ -13,11 +13,11 @@ import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
 from logitwatch.agent.transport.spool import BATCH, RUN
+from logitwatch.client import auth_headers, points_path, run_path
 from logitwatch.protocol import MSGPACK_CONTENT_TYPE
 
 __all__ = ["Backoff", "Outcome", "Poster", "parse_retry_after"]
@@ -85,11 +85,10 @@ class Poster:
         self.server = server.rstrip("/")
         self.run = run
         self.compression = compression
-        headers = {"User-Agent": "logitwatch-agent/0.1"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
+        headers = {"User-Agent": "logitwatch-agent/0.1", **auth_headers(token)}
         self.client = httpx.Client(headers=headers, timeout=timeout)
-        self._run_url = f"{self.server}/api/v1/runs/{quote(run, safe='')}"
+        self._run_url = self.server + run_path(run)
+        self._points_url = self.server + points_path(run)
         self._registration: bytes | None = None  # the last PUT body: resent if the run vanished
 
     def close(self) -> None:
@@ -117,7 +116,7 @@ class Poster:
             return self._request("PUT", self._run_url, data, "application/json")
         if kind != BATCH:
             return Outcome(False, kind="bad record", detail=f"unknown spool record kind {kind!r}")
-        out = self._request("POST", self._run_url + "/points", data, MSGPACK_CONTENT_TYPE)
+        out = self._request("POST", self._points_url, data, MSGPACK_CONTENT_TYPE)
         if out.kind == "http 404":
             # The run is not there (never registered, or registered while we were offline
             # against another database): create it, then send the batch again.
@@ -125,7 +124,7 @@ class Poster:
             put = self._request("PUT", self._run_url, body, "application/json")
             if not put.ok:
                 return put
-            out = self._request("POST", self._run_url + "/points", data, MSGPACK_CONTENT_TYPE)
+            out = self._request("POST", self._points_url, data, MSGPACK_CONTENT_TYPE)
         return out
 
     def _request(self, method: str, url: str, body: bytes, content_type: str) -> Outcome:

@@ -2,7 +2,7 @@
 
 The Monitor never talks to the network itself; it hands each reporting step to a sink.
 ``log`` must be cheap and must never block or raise: the HTTP sink queues, the file sink
-buffers, the null sink drops (STYLE.md: null objects and fan-out instead of ``if enabled:``).
+buffers, the null sink drops: null objects and fan-out, so the Monitor needs no ``if enabled:``.
 """
 
 from __future__ import annotations

@@ -23,11 +23,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from logitwatch.agent.zoo.cases import CASES, ZooCase, ZooScale
 from logitwatch.agent.zoo.report import Score, score
 from logitwatch.agent.zoo.runs import RunOutput, run_case
+from logitwatch.client import Alert, ApiClient, NotReady
 
 __all__ = ["ZooResult", "run_zoo"]
 
@@ -69,7 +69,7 @@ def run_zoo(
         with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
             futures = [pool.submit(run_case, c, scale, seed, url, prefix) for c, seed in work]
             outputs = [f.result() for f in futures]
-        alerts = {o.run: _alerts(url, o.run) for o in outputs}
+        alerts = _alerts(url, [o.run for o in outputs])
     scores = _score_all(cases, scale, outputs, alerts)
     result = ZooResult(scale, scores, outputs, time.perf_counter() - start, url)
     if out is not None:
@@ -96,19 +96,14 @@ def _score_all(cases, scale, outputs, alerts) -> list[Score]:
     return sorted(scores, key=lambda s: (order[s.case], s.seed))
 
 
-def _alerts(url: str, run: str) -> list[dict[str, Any]]:
-    import httpx
-
-    answer = httpx.get(f"{url}/api/v1/alerts", params={"run": run, "limit": 10_000}, timeout=30)
-    answer.raise_for_status()
-    return answer.json()["alerts"]
+def _alerts(url: str, runs: list[str]) -> dict[str, list[Alert]]:
+    with ApiClient(url, timeout=30) as api:
+        return {run: api.alerts(run=run, limit=10_000) for run in runs}
 
 
 @contextlib.contextmanager
 def _local_service() -> Iterator[str]:
     """``logitwatch serve`` on a free loopback port with a throwaway SQLite file."""
-    import httpx
-
     with tempfile.TemporaryDirectory(prefix="lwzoo-db-") as tmp:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -119,15 +114,12 @@ def _local_service() -> Iterator[str]:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    text = (Path(tmp) / "serve.log").read_text(errors="replace")
-                    raise RuntimeError(f"zoo: the service did not start:\n{text}")
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                time.sleep(0.1)
+            try:
+                with ApiClient(url) as api:
+                    api.wait_ready(60, process=proc, interval=0.1)
+            except NotReady:
+                text = (Path(tmp) / "serve.log").read_text(errors="replace")
+                raise RuntimeError(f"zoo: the service did not start:\n{text}") from None
             yield url
         finally:
             proc.terminate()

@@ -158,7 +158,7 @@ class LatestCollector:
             "gauge",
         )
         for r in runs:
-            seen.add_sample(seen.name, {"run": r.name}, _unix(r.last_seen_at))
+            seen.add_sample(seen.name, {"run": r.name}, r.last_seen_at.timestamp())
         yield seen
 
         folded: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
@@ -196,11 +196,6 @@ def _firing_counts() -> Callable[[Session], dict[tuple[str, str, str], int]] | N
     except ImportError:  # a build without the rules engine
         return None
     return firing_counts
-
-
-def _unix(t: datetime) -> float:
-    # SQLite hands back naive datetimes; the service writes UTC.
-    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
 class _RequestMetrics:

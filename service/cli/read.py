@@ -12,17 +12,14 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 from rich.console import Console
 from rich.table import Table
+
+from logitwatch.client import ApiClient, ServiceError
 
 __all__ = ["add_arguments", "run"]
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
-
-
-class ServerError(Exception):
-    """The server answered with an error, or could not be reached: one line for the user."""
 
 
 def _labels(labels: dict[str, str]) -> str:
@@ -73,25 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "runs") -> Non
         parser.add_argument("--state", choices=("pending", "firing", "resolved"))
 
 
-def _get(http: httpx.Client, path: str, params: dict[str, Any] | None = None) -> Any:
-    try:
-        r = http.get(path, params={k: v for k, v in (params or {}).items() if v is not None})
-    except httpx.TransportError as exc:
-        raise ServerError(f"cannot reach the service at {http.base_url} ({exc})") from None
-    if r.status_code >= 400:
-        try:
-            body = r.json()
-            detail = body.get("detail", body)
-        except ValueError:
-            detail = r.text[:200]
-        if isinstance(detail, list):
-            detail = "; ".join(f"{d.get('field')}: {d.get('message')}" for d in detail)
-        raise ServerError(f"{r.status_code} from {r.request.url.path}: {detail}")
-    return r.json()
-
-
-def _runs(http: httpx.Client, args: argparse.Namespace, console: Console) -> Any:
-    doc = _get(http, "/api/v1/runs")
+def _runs(api: ApiClient, args: argparse.Namespace, console: Console) -> Any:
+    doc = {"runs": api.runs()}
     if args.json:
         return doc
     table = Table("run", "series", "segment", "last step", "last seen (UTC)", "tags")
@@ -105,8 +85,8 @@ def _runs(http: httpx.Client, args: argparse.Namespace, console: Console) -> Any
     return None
 
 
-def _series(http: httpx.Client, args: argparse.Namespace, console: Console) -> Any:
-    doc = _get(http, f"/api/v1/runs/{args.run}/series", {"metric": args.metric})
+def _series(api: ApiClient, args: argparse.Namespace, console: Console) -> Any:
+    doc = {"run": args.run, "series": api.series(args.run, metric=args.metric)}
     if args.json:
         return doc
     table = Table("metric", "labels", "points", "first step", "last step", "last value",
@@ -118,30 +98,12 @@ def _series(http: httpx.Client, args: argparse.Namespace, console: Console) -> A
     return None
 
 
-def _query(http: httpx.Client, args: argparse.Namespace, console: Console) -> Any:
-    params: dict[str, Any] = {
-        "start": args.start, "end": args.end, "max_points": args.max_points,
-        "segments": args.segments, "layer": args.layer, "head": args.head, **dict(args.label),
-    }  # fmt: skip
-    merged: dict[str, dict] = {}
-    doc: dict = {}
-    cursor = None
-    while True:  # every page; series of one page continue those of the last
-        doc = _get(
-            http, f"/api/v1/runs/{args.run}/metrics/{args.metric}", {**params, "cursor": cursor}
-        )
-        for s in doc["series"]:
-            key = json.dumps([s["labels"], s["segment"]], sort_keys=True)
-            if key not in merged:
-                merged[key] = s
-            else:
-                for col, vals in s.items():
-                    if isinstance(vals, list):
-                        merged[key][col].extend(vals)
-        cursor = doc.get("next_cursor")
-        if not cursor:
-            break
-    doc = {**doc, "next_cursor": None, "series": list(merged.values())}
+def _query(api: ApiClient, args: argparse.Namespace, console: Console) -> Any:
+    labels = {"layer": args.layer, "head": args.head, **dict(args.label)}
+    doc = api.metric(
+        args.run, args.metric, labels=labels, start=args.start, end=args.end,
+        max_points=args.max_points, segments=args.segments,
+    )  # fmt: skip
     if args.json:
         return doc
     bucketed = args.max_points is not None
@@ -165,8 +127,8 @@ def _query(http: httpx.Client, args: argparse.Namespace, console: Console) -> An
     return None
 
 
-def _alerts(http: httpx.Client, args: argparse.Namespace, console: Console) -> Any:
-    doc = _get(http, "/api/v1/alerts", {"run": args.run, "state": args.state})
+def _alerts(api: ApiClient, args: argparse.Namespace, console: Console) -> Any:
+    doc = {"alerts": api.alerts(run=args.run, state=args.state)}
     if args.json:
         return doc
     table = Table(
@@ -186,12 +148,11 @@ _COMMANDS = {"runs": _runs, "series": _series, "query": _query, "alerts": _alert
 def run(args: argparse.Namespace) -> int:
     server = (args.server or os.environ.get("LOGITWATCH_SERVER") or DEFAULT_SERVER).rstrip("/")
     token = args.token or os.environ.get("LOGITWATCH_TOKEN")
-    headers = {"authorization": f"Bearer {token}"} if token else {}
     console = Console()
     try:
-        with httpx.Client(base_url=server, headers=headers, timeout=60) as http:
-            doc = _COMMANDS[args._command](http, args, console)
-    except ServerError as exc:
+        with ApiClient(server, token, timeout=60) as api:
+            doc = _COMMANDS[args._command](api, args, console)
+    except ServiceError as exc:
         console.print(f"logitwatch: error: {exc}", style="red", highlight=False, markup=False)
         return 1
     if doc is not None:

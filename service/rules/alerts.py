@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from logitwatch.protocol import dump_float
 from logitwatch.service.store.models import Run, utcnow
 from logitwatch.service.store.rule_tables import Alert, Silence
+from logitwatch.service.store.sql import labels_key
 
 __all__ = [
     "ALERT_STATES",
@@ -31,7 +32,6 @@ __all__ = [
     "firing",
     "firing_counts",
     "is_silenced",
-    "labels_key",
     "list_alerts",
     "list_silences",
     "open_alert",
@@ -44,18 +44,7 @@ ALERT_STATES = ("pending", "firing", "resolved")
 SEVERITIES = ("info", "warning", "critical")
 
 
-def labels_key(labels: dict[str, str]) -> str:
-    """Canonical 'head=3,layer=0' (keys sorted), as the series table spells it."""
-    return ",".join(f"{k}={labels[k]}" for k in sorted(labels))
-
-
-def as_utc(t: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; everything here is UTC.
-    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
-
-
 def _iso(t: datetime | None) -> str | None:
-    t = as_utc(t)
     return t.isoformat() if t is not None else None
 
 
@@ -253,14 +242,13 @@ def is_silenced(silences: Iterable[Silence], alert: Alert, run: str) -> bool:
 
 
 def silence_dict(s: Silence) -> dict[str, Any]:
-    until = as_utc(s.until)
     return {
         "id": s.id,
         "run": s.run,
         "rule": s.rule,
         "labels": dict(s.labels or {}),
-        "until": _iso(until),
-        "active": until is not None and until > utcnow(),
+        "until": _iso(s.until),
+        "active": s.until is not None and s.until > utcnow(),
         "comment": s.comment,
         "created_by": s.created_by,
         "created_at": _iso(s.created_at),
@@ -283,7 +271,7 @@ def create_silence(
         run=run,
         rule=rule,
         labels=dict(labels or {}),
-        until=as_utc(until),
+        until=until,
         comment=comment,
         created_by=created_by,
     )

@@ -23,6 +23,7 @@ from logitwatch.service.rules.model import Rule
 from logitwatch.service.rules.notify import Notifier
 from logitwatch.service.rules.state import Points, StateRows
 from logitwatch.service.rules.user import effective_rules, get_user_rules, user_rules_version
+from logitwatch.service.store.ingest import Prepared, series_columns
 from logitwatch.service.store.models import Run, utcnow
 from logitwatch.service.store.sql import is_pg, labels_key
 
@@ -91,8 +92,16 @@ class RuleEngine:
             self._plans[key] = plan
         return plan
 
-    def on_batch(self, session: Session, *, run: str, batch: Batch) -> None:
-        """Evaluate the batch (the caller has stored it and commits afterwards)."""
+    def on_batch(
+        self, session: Session, *, run: str, batch: Batch, prepared: Prepared | None = None
+    ) -> None:
+        """Evaluate the batch (the caller has stored it and commits afterwards).
+
+        `prepared` (from store.prepare_batch) carries the series' sorted, de-duplicated
+        arrays the store wrote; without it they are made here by the same function.
+        """
+        if prepared is not None and len(prepared.columns) != len(batch.series):
+            raise ValueError("prepared was made from another batch")
         t = Run.__table__  # Core, not the ORM entity: a cheaper statement on every batch
         q = select(t.c.id, t.c.name, t.c.config).where(t.c.name == run)
         if is_pg(session):
@@ -102,25 +111,29 @@ class RuleEngine:
             q = q.with_for_update(key_share=True)  # renders FOR NO KEY UPDATE
         run_row = session.execute(q).one()
         rules = self.rules(session)
-        series = [s for s in batch.series if len(s.steps)]
+        columns = (
+            prepared.columns if prepared is not None else [series_columns(s) for s in batch.series]
+        )
+        series = [(s, c) for s, c in zip(batch.series, columns, strict=True) if len(c.steps)]
         if not series or not rules:
             return
         ctx = RunContext.from_config(run_row.config)
-        upto = max(max(s.steps) for s in series)
+        upto = max(int(c.steps[-1]) for _, c in series)  # steps are sorted
         plans = []
-        for s in series:
+        for s, c in series:
             lkey = labels_key(s.labels)
-            plans.append((s, f"{s.metric}{{{lkey}}}", self._plan(rules, s.metric, s.labels, lkey)))
-        plans = [p for p in plans if any(p[2])]
+            plan = self._plan(rules, s.metric, s.labels, lkey)
+            plans.append((s, c, f"{s.metric}{{{lkey}}}", plan))
+        plans = [p for p in plans if any(p[3])]
         if not plans:
             return
         rows = StateRows(session, run_row.id, batch.segment)
-        rows.load([key for _, key, plan in plans if plan[0] or plan[1]])
+        rows.load([key for _, _, key, plan in plans if plan[0] or plan[1]])
         job = BatchJob(self, session, run_row, batch, ctx, Restarts(ctx, upto), rows)
         todo = []
-        for s, key, (ungated, gated, _) in plans:
+        for s, c, key, (ungated, gated, _) in plans:
             if ungated or gated:
-                todo.append((s, job.points(key, s), ungated, gated))
+                todo.append((s, job.points(key, c.steps, c.values), ungated, gated))
         # One pass over the whole batch tells which series no threshold can touch.
         fresh = [pts for _, pts, _, _ in todo if len(pts.values)]
         if fresh:
@@ -135,7 +148,7 @@ class RuleEngine:
             for rule in gated:
                 if not _idle(rule, pts, ctx):
                     job.run_rule(rule, s, pts)
-        absent = {r.name: r for _, _, plan in plans for r in plan[2]}
+        absent = {r.name: r for _, _, _, plan in plans for r in plan[2]}
         for rule in absent.values():
             job.saw_data(rule, upto)
         rows.save()
@@ -176,7 +189,7 @@ class RuleEngine:
             try:
                 self.check_absent()
             except Exception:  # keep checking; the database may come back
-                logging.getLogger("logitwatch.service.rules.model").exception("absent check failed")
+                logging.getLogger("logitwatch.service.rules").exception("absent check failed")
 
 
 def _idle(rule: Rule, pts: Points, ctx: RunContext) -> bool:

@@ -62,8 +62,12 @@ class BatchJob:
         self.run_state = rows.run_state()
         self._silences = None
 
-    def points(self, key: str, s: Series) -> Points:
-        """The series' new points in step order, and the step before the first of them."""
+    def points(self, key: str, steps: np.ndarray, values: np.ndarray) -> Points:
+        """The series' new points in step order, and the step before the first of them.
+
+        `steps` come ascending and unique, a repeated step keeping its last value, as the
+        store wrote them (store.ingest.series_columns).
+        """
         row = self.rows.get(key)
         seg = self.batch.segment
         if seg < row.segment:
@@ -74,15 +78,7 @@ class BatchJob:
                 reset_windows(st)
             row.segment, row.last_step = seg, -1
         prev = row.last_step
-        steps = np.frombuffer(s.steps, dtype=np.int64)
-        values = np.frombuffer(s.values, dtype=np.float64)
-        if len(steps) > 1 and not (steps[1:] > steps[:-1]).all():
-            # the store keeps a step's last value when a batch repeats it, so do we
-            order = np.argsort(steps, kind="stable")
-            steps, values = steps[order], values[order]
-            keep = np.append(steps[1:] != steps[:-1], True)
-            steps, values = steps[keep], values[keep]
-        if len(steps) and steps[0] <= prev:  # sorted by now: drop the steps seen before
+        if len(steps) and steps[0] <= prev:  # drop the steps seen before
             i = int(np.searchsorted(steps, prev, side="right"))
             steps, values = steps[i:], values[i:]
         if len(steps):

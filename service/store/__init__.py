@@ -1,7 +1,8 @@
-"""Data access for the service: keyword-only functions that take a Session (one module per concern).
+"""Storage: keyword-only data-access functions that take a Session, one module per concern.
 
-Runs and series live in store_runs.py, batch ingest in store_ingest.py, reads in
-store_read.py, background chunk compaction in store_compact.py; this module is the facade.
+Runs and series in runs.py, batch ingest in ingest.py, reads in read.py, limits in limits.py,
+background compaction in compact.py; engines and write transactions in db.py, tables in
+models.py and rule_tables.py. This package re-exports what the API calls.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def decode_floats(blob: bytes, n: int) -> np.ndarray:
 
 
 # Ingest writes chunks without compression: zlib's setup alone costs ~35 us a call, more
-# than the rest of a 100-point chunk's work. The compactor (store_compact.py) merges these
+# than the rest of a 100-point chunk's work. The compactor (compact.py) merges these
 # small raw chunks into large compressed ones in the background.
 def raw_steps(steps: np.ndarray) -> bytes:
     """Cheap steps encoding for ingest: b"" when contiguous, else raw int64 (tag b"Q")."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import NamedTuple
 
 import numpy as np
 from sqlalchemy import func, or_, select, update
@@ -30,7 +31,14 @@ from logitwatch.service.store.sql import (
     remember,
 )
 
-__all__ = ["IngestResult", "Prepared", "ingest_batch", "prepare_batch"]
+__all__ = [
+    "Columns",
+    "IngestResult",
+    "Prepared",
+    "ingest_batch",
+    "prepare_batch",
+    "series_columns",
+]
 
 _SERIES = SeriesRow.__table__
 
@@ -102,8 +110,20 @@ def _lookup(session: Session, run_id: int, keys: set[tuple]) -> dict[tuple, int]
     return out
 
 
-def _columns(s: Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Steps ascending and unique (a step sent twice in one series keeps its last value)."""
+class Columns(NamedTuple):
+    """One series' arrays as stored and as the rules read them (see series_columns)."""
+
+    steps: np.ndarray  # int64, ascending and unique
+    values: np.ndarray  # float64, one per step
+    times: np.ndarray  # float64, one per step, or empty when the client sent none
+
+
+def series_columns(s: Series) -> Columns:
+    """Steps ascending and unique (a step sent twice in one series keeps its last value).
+
+    The one normalisation of a series' points: the store writes these arrays and the rule
+    engine evaluates them, so both agree on which value a repeated step has.
+    """
     steps = np.frombuffer(s.steps, dtype=np.int64)
     values = np.frombuffer(s.values, dtype=np.float64)
     times = np.frombuffer(s.times, dtype=np.float64)
@@ -113,7 +133,7 @@ def _columns(s: Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         keep = np.append(steps[1:] != steps[:-1], True)
         steps, values = steps[keep], values[order][keep]
         times = times[order][keep] if len(times) else times
-    return steps, values, times
+    return Columns(steps, values, times)
 
 
 @dataclass(slots=True)
@@ -123,16 +143,18 @@ class Prepared:
     postgres: bool
     #: (index in batch.series, chunk columns after series_id, latest columns after series_id)
     rows: list[tuple[int, tuple, tuple]]
+    #: Each series' normalised arrays, in batch.series order: what RuleEngine.on_batch reads.
+    columns: list[Columns]
 
 
 def prepare_batch(batch: Batch, *, postgres: bool) -> Prepared:
     """Sort, dedupe and pack each series' arrays: CPU work that needs no database."""
     pack = _pack_pg if postgres else _pack_sqlite
     seg, rows = batch.segment, []
-    for i, s in enumerate(batch.series):
-        if not len(s.steps):
+    columns = [series_columns(s) for s in batch.series]
+    for i, (steps, values, times) in enumerate(columns):
+        if not len(steps):
             continue
-        steps, values, times = _columns(s)
         lo, hi, n = int(steps[0]), int(steps[-1]), len(steps)
         last_time = float(times[-1]) if len(times) else None
         rows.append(
@@ -142,7 +164,7 @@ def prepare_batch(batch: Batch, *, postgres: bool) -> Prepared:
                 (seg, hi, float(values[-1]), last_time, n, lo),
             )
         )
-    return Prepared(postgres, rows)
+    return Prepared(postgres, rows, columns)
 
 
 def ingest_batch(
@@ -192,7 +214,7 @@ def _mark(session: Session, run_id: int, batch: Batch, n_points: int) -> bool:
         with raw.cursor() as cur:
             cur.execute(_PG_MARK, (run_id, batch.client, batch.seq, now, n_points))
             return cur.rowcount == 1
-    # SQLAlchemy's SQLite DateTime format: naive UTC text
+    # How models.UtcDateTime stores a time on SQLite (SQLAlchemy's format): naive UTC text
     stamp = now.replace(tzinfo=None).isoformat(" ")
     return (
         raw.execute(_SQLITE_MARK, (run_id, batch.client, batch.seq, stamp, n_points)).rowcount == 1

@@ -19,12 +19,14 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "Batch", "Chunk", "Latest", "Run", "Series", "Token", "utcnow"]
+__all__ = ["Base", "Batch", "Chunk", "Latest", "Run", "Series", "Token", "UtcDateTime", "utcnow"]
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets bigint identities.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -35,6 +37,28 @@ Floats = LargeBinary().with_variant(postgresql.ARRAY(Double()), "postgresql")
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _as_utc(t: datetime) -> datetime:
+    # A naive datetime means UTC: the service writes nothing else.
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """``DateTime(timezone=True)`` (the migrations' type) that takes and gives aware UTC datetimes.
+
+    SQLite keeps no zone (SQLAlchemy stores naive text, which must be UTC to compare right) and
+    PostgreSQL's timestamptz comes back in the session's zone; callers see UTC from either.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else _as_utc(value)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else _as_utc(value)
 
 
 class Base(DeclarativeBase):
@@ -48,9 +72,9 @@ class Run(Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     config: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)
     tags: Mapped[Any] = mapped_column(Json, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class Series(Base):
@@ -113,7 +137,7 @@ class Batch(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     client: Mapped[str] = mapped_column(String(128), primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     n_points: Mapped[int] = mapped_column(BigInteger)
 
 
@@ -125,5 +149,5 @@ class Token(Base):
     token_hash: Mapped[str] = mapped_column(String(128), unique=True)
     scope: Mapped[str] = mapped_column(String(16))
     run_pattern: Mapped[str | None] = mapped_column(String(256))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())

@@ -7,7 +7,6 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
-    DateTime,
     Double,
     ForeignKey,
     Index,
@@ -18,11 +17,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from logitwatch.service.store.models import Base, BigId, Json, utcnow
+from logitwatch.service.store.models import Base, BigId, Json, UtcDateTime, utcnow
 
 __all__ = ["OPEN_WHERE", "Alert", "Delivery", "RuleState", "Silence", "UserRules"]
 
-Stamp = DateTime(timezone=True)
+Stamp = UtcDateTime()
 #: An alert is open until resolved; at most one open alert per (run, rule, metric, labels).
 OPEN_WHERE = "state <> 'resolved'"
 

@@ -37,10 +37,23 @@ def walk(node):
             yield from walk(v)
 
 
-def test_json_files_are_what_the_code_generates():
-    proc = subprocess.run(
-        [sys.executable, str(DASH / "build.py"), "--check"], capture_output=True, text=True
+def test_json_files_are_what_the_code_generates(tmp_path):
+    proc = subprocess.run(  # from another folder: the script must not depend on the cwd
+        [sys.executable, str(DASH / "build.py"), "--check"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_dashboard_modules_never_import_the_entry_point():
+    # build.py imports them and writes the JSON; an import back would be a circle.
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import deepdive, fleet, panels; "
+        "fleet.build(); deepdive.build(); assert 'build' not in sys.modules, 'imports build.py'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(DASH)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import httpx
 import torch
+from helpers.answers import json_of
 from helpers.reads import stored_points
 from helpers.server import free_port, wait_ready
 
@@ -33,7 +34,7 @@ def _serve(db_url: str, port: int, log_path) -> Iterator[subprocess.Popen]:
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
-        wait_ready(f"http://127.0.0.1:{port}", 60, proc)
+        wait_ready(f"http://127.0.0.1:{port}", 60, proc, log=log_path)
         yield proc
     finally:
         if proc.poll() is None:
@@ -104,7 +105,7 @@ def test_points_survive_a_service_outage_exactly_once(tmp_path):
         sink.close(30)
         assert http.spool.pending() == 0, log_path.read_text()
         stored = _stored(url)
-        run_info = httpx.get(f"{url}/api/v1/runs/{RUN}", timeout=10).json()
+        run_info = json_of(httpx.get(f"{url}/api/v1/runs/{RUN}", timeout=10))
 
     keys = record.keys()
     produced = {key: record.series(key[0], **dict(key[1])) for key in keys}

@@ -22,6 +22,7 @@ import httpx
 import jsonschema
 import pytest
 import yaml
+from helpers.answers import json_of
 from helpers.pg import fresh_database
 from helpers.server import free_port, wait_ready
 from sqlalchemy.engine import make_url
@@ -210,11 +211,8 @@ def test_service_starts_with_exactly_the_compose_environment(tmp_path):
             proc = subprocess.Popen(stage["cmd"], env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             base = f"http://127.0.0.1:{port}"
-            try:
-                wait_ready(base, 60, proc)
-            except (RuntimeError, TimeoutError) as exc:
-                pytest.fail(f"{exc}\n{log.read_text()}")
-            assert httpx.get(f"{base}/readyz").json()["status"] == "ready"
+            wait_ready(base, 60, proc, log=log)
+            assert json_of(httpx.get(f"{base}/readyz"))["status"] == "ready"
             assert "logitwatch_" in httpx.get(f"{base}/metrics").text
             check = subprocess.run(stage["healthcheck"], env=env, capture_output=True, timeout=30)
             assert check.returncode == 0, check.stderr

@@ -22,12 +22,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 import yaml
 from helpers.pg import PG_ADMIN, fresh_database
-from helpers.server import free_port, live_server
+from helpers.prometheus import prom_get, prometheus
+from helpers.server import live_server
 from sqlalchemy.engine import make_url
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,29 +77,12 @@ def grafana_reader(db_url: str) -> Iterator[str]:
             conn.execute(f'DROP ROLE "{role}"')
 
 
-@contextlib.contextmanager
-def prometheus(service_port: int, tmp: Path) -> Iterator[str]:
+def prometheus_config(service_port: int) -> dict:
+    """The repository's dashboards/prometheus.yml, scraping the service under test."""
     config = yaml.safe_load((REPO / "dashboards/prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{service_port}"]}]
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    cmd = [shutil.which("prometheus") or "prometheus", f"--config.file={tmp / 'prometheus.yml'}",
-           f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
-    log = (tmp / "prometheus.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
-
-
-def prom_get(prom: str, path: str, **params) -> dict:
-    body = httpx.get(f"{prom}/api/v1/{path}", params=params, timeout=30).json()
-    assert body["status"] == "success", body
-    return body["data"]
+    return config
 
 
 def wait_for_scrapes(prom: str, n: int, timeout: float = 60) -> None:
@@ -107,11 +90,7 @@ def wait_for_scrapes(prom: str, n: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     first = None
     while time.monotonic() < deadline:
-        try:
-            data = prom_get(prom, "query", query='count_over_time(up{job="logitwatch"}[10m])')
-        except httpx.TransportError:  # prometheus is still starting
-            time.sleep(0.5)
-            continue
+        data = prom_get(prom, "query", query='count_over_time(up{job="logitwatch"}[10m])')
         seen = int(float(data["result"][0]["value"][1])) if data["result"] else 0
         first = seen if first is None else first
         if seen - first >= n:
@@ -277,8 +256,9 @@ def test_every_dashboard_query_returns_data_in_its_panels_shape(tmp_path):
         fresh_database("lwtest_dash") as db_url,
         live_server(db_url) as server,
         grafana_reader(db_url) as reader,
-        prometheus(server.port, tmp_path) as prom,
+        prometheus(prometheus_config(server.port), tmp_path) as prometheus_process,
     ):
+        prom = prometheus_process.url
         # Scrapes before training: on a fast machine the runs finish within one scrape
         # interval, and a counter seen only after its rise has no rate.
         wait_for_scrapes(prom, 2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import httpx
+from helpers.answers import json_of
 from helpers.pgcluster import pg_cluster
 from helpers.server import live_server
 
@@ -35,7 +36,7 @@ def _wait(cond, timeout: float = 30.0) -> bool:
 def _stored(c: httpx.Client) -> dict:
     out = {}
     for metric in ("loss", "grad.norm"):
-        body = c.get(f"/api/v1/runs/{RUN}/metrics/{metric}", params={"limit": 100_000}).json()
+        body = json_of(c.get(f"/api/v1/runs/{RUN}/metrics/{metric}", params={"limit": 100_000}))
         for e in body["series"]:
             out[series_key(metric, **e["labels"])] = (e["steps"], e["values"])
     return out

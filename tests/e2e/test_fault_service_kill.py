@@ -15,10 +15,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from helpers.answers import json_of
 from helpers.pg import fresh_database
 from helpers.reads import stored_points
 from helpers.server import free_port, wait_ready
@@ -44,7 +46,7 @@ def _spawn(db_url: str, port: int, log) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "logitwatch", "serve", "--db", db_url]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    wait_ready(f"http://127.0.0.1:{port}", 60, proc)
+    wait_ready(f"http://127.0.0.1:{port}", 60, proc, log=Path(log.name))
     return proc
 
 
@@ -101,7 +103,7 @@ def _kill_and_compare(tmp_path, kind: str) -> None:
             monitor.close(30)
             assert killed and restarted and http.spool.pending() == 0
             stored = _stored(url)
-            info = httpx.get(f"{url}/api/v1/runs/{RUN}", timeout=10).json()
+            info = json_of(httpx.get(f"{url}/api/v1/runs/{RUN}", timeout=10))
         finally:
             proc.kill()
             proc.wait(10)

@@ -12,6 +12,7 @@ import time
 import helpers.server
 import httpx
 import pytest
+from helpers.answers import json_of
 
 import logitwatch.agent.transport.spool as spool_mod
 from logitwatch.agent.transport.sender import HttpSink, SenderConfig
@@ -38,7 +39,8 @@ def _stored(url: str, run: str) -> dict:
     out = {}
     with httpx.Client(base_url=url, timeout=30) as c:
         for metric in ("loss", "grad.norm"):
-            body = c.get(f"/api/v1/runs/{run}/metrics/{metric}", params={"limit": 10_000}).json()
+            r = c.get(f"/api/v1/runs/{run}/metrics/{metric}", params={"limit": 10_000})
+            body = json_of(r, (200, 404))  # 404: the run has stored nothing yet
             for e in body.get("series", []):
                 out[series_key(metric, **e["labels"])] = (e["steps"], e["values"], e["times"])
     return out

@@ -16,7 +16,10 @@ import sys
 import time
 
 import helpers.server
+from helpers.answers import json_of
 from helpers.server import free_port
+
+from logitwatch.agent.transport.spool import read_state
 
 RUN = "trainer-kill"
 TRAIN = ["--preset", "llama2", "--steps", "30", "--batch-size", "2", "--seq-len", "16",
@@ -44,8 +47,14 @@ def test_trainer_killed_and_resumed_from_checkpoint(tmp_path, monkeypatch):
         assert first.poll() is None, (tmp_path / "train.log").read_text()
         assert time.monotonic() < deadline, "no checkpoint at step 20"
         time.sleep(0.05)
-    time.sleep(1.5)  # a little past the checkpoint: steps the resumed run will redo
-    os.kill(first.pid, signal.SIGKILL)
+    # A little past the checkpoint, on disk: the spool must hold steps the resumed run will
+    # redo. Its state file says how far it got (a sleep would guess, and the agent spools
+    # once per batch interval, behind training).
+    while (read_state(tmp_path / "spool").get("last_step") or 0) < 21 and first.poll() is None:
+        assert time.monotonic() < deadline, "the spool never got past step 20"
+        time.sleep(0.02)
+    assert first.returncode in (None, 0), (tmp_path / "train.log").read_text()
+    first.send_signal(signal.SIGKILL)  # a no-op if a fast machine already ran all 30 steps
     first.wait(10)
     spooled = list((tmp_path / "spool").glob("*.spool"))
     assert spooled and sum(p.stat().st_size for p in spooled) > 0
@@ -57,10 +66,10 @@ def test_trainer_killed_and_resumed_from_checkpoint(tmp_path, monkeypatch):
                         "--metrics-out", str(tmp_path / "m2.jsonl"))  # fmt: skip
         assert second.wait(240) == 0, (tmp_path / "train.log").read_text()
         with server.client() as c:
-            info = c.get(f"/api/v1/runs/{RUN}").json()
-            newest = c.get(f"/api/v1/runs/{RUN}/metrics/loss", params={"limit": 10_000}).json()
-            every = c.get(f"/api/v1/runs/{RUN}/metrics/loss",
-                          params={"limit": 10_000, "segments": "all"}).json()  # fmt: skip
+            info = json_of(c.get(f"/api/v1/runs/{RUN}"))
+            newest = json_of(c.get(f"/api/v1/runs/{RUN}/metrics/loss", params={"limit": 10_000}))
+            every = json_of(c.get(f"/api/v1/runs/{RUN}/metrics/loss",
+                                  params={"limit": 10_000, "segments": "all"}))  # fmt: skip
 
     assert info["max_segment"] == 1 and info["last_step"] == 29
     resumed = {}

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+from helpers.answers import json_of
 from helpers.pg import fresh_database
 from helpers.server import live_servers
 
@@ -36,8 +37,7 @@ def _post(url: str, batch: Batch) -> dict:
         headers={"content-type": "application/msgpack"},
         timeout=60,
     )
-    assert r.status_code == 200, r.text
-    return r.json()
+    return json_of(r)
 
 
 def test_two_processes_one_postgres_database():

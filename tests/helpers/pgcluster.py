@@ -12,8 +12,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+import psycopg
 
 from .server import free_port
 
@@ -34,11 +37,21 @@ class PgCluster:
         self.directory, self.port = directory, port
         self.data = directory / "data"
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        self.dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
 
     def _run(self, *cmd: str) -> None:
         if os.geteuid() == 0:
             cmd = ("runuser", "-u", "postgres", "--", *cmd)
-        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+        if out.returncode:
+            raise RuntimeError(
+                f"{' '.join(cmd)} exited with status {out.returncode}:\n{out.stdout}{out.stderr}"
+                f"{self._log_tail()}"
+            )
+
+    def _log_tail(self) -> str:
+        log = self.directory / "pg.log"
+        return f"\npg.log:\n{log.read_text(errors='replace')[-5000:]}" if log.is_file() else ""
 
     def init(self) -> None:
         self._run(_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
@@ -49,6 +62,24 @@ class PgCluster:
                 "-c fsync=off -c full_page_writes=off -c shared_buffers=16MB")  # fmt: skip
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-o", opts, "-l",
                   str(self.directory / "pg.log"), "-w", "-t", "60", "start")  # fmt: skip
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until a connection over TCP succeeds, as the service's will: pg_ctl -w judges by
+        the postmaster.pid file, which is not the path a test's client takes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with psycopg.connect(self.dsn, connect_timeout=2) as conn:
+                    conn.execute("SELECT 1")
+                return
+            except psycopg.OperationalError as exc:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"PostgreSQL on port {self.port} took no connection within {timeout} s"
+                        f" ({exc}){self._log_tail()}"
+                    ) from None
+            time.sleep(0.05)
 
     def stop(self, mode: str = "fast") -> None:
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
@@ -70,6 +101,6 @@ def pg_cluster() -> Iterator[PgCluster]:
         yield cluster
     finally:
         if cluster.running():
-            with contextlib.suppress(subprocess.SubprocessError):
+            with contextlib.suppress(subprocess.SubprocessError, RuntimeError):
                 cluster.stop("immediate")
         shutil.rmtree(directory, ignore_errors=True)

@@ -6,6 +6,8 @@ import httpx
 
 from logitwatch.agent.transport.sink import SeriesKey, series_key
 
+from .answers import json_of
+
 __all__ = ["stored_points"]
 
 
@@ -13,9 +15,10 @@ def stored_points(url: str, run: str) -> dict[SeriesKey, tuple[list[int], list]]
     """{series key: (steps, values)}; fails if a series comes back twice or is paged."""
     out: dict[SeriesKey, tuple[list[int], list]] = {}
     with httpx.Client(base_url=url, timeout=30) as c:
-        series = c.get(f"/api/v1/runs/{run}/series").json()["series"]
+        series = json_of(c.get(f"/api/v1/runs/{run}/series"))["series"]
         for metric in sorted({s["metric"] for s in series}):
-            body = c.get(f"/api/v1/runs/{run}/metrics/{metric}", params={"limit": 100_000}).json()
+            r = c.get(f"/api/v1/runs/{run}/metrics/{metric}", params={"limit": 100_000})
+            body = json_of(r)
             assert body["next_cursor"] is None
             for e in body["series"]:
                 key = series_key(metric, **e["labels"])

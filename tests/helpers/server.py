@@ -52,25 +52,54 @@ class LiveServer:
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)
 
 
-def wait_ready(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+def wait_ready(
+    url: str,
+    timeout: float = 30.0,
+    process: subprocess.Popen | None = None,
+    *,
+    path: str = "/readyz",
+    log: Path | None = None,
+) -> None:
+    """Return once GET url + path answers 200: the server's own readiness signal (a starting
+    server may refuse connections or answer 503 for a while, so a first request can fail).
+
+    Fails (RuntimeError) as soon as `process` exits, or (TimeoutError) after `timeout` seconds,
+    with the last answer seen and the end of `log`, the process's output.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    last = "no answer yet"
+    while True:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with status {process.returncode}")
+            raise RuntimeError(
+                f"{' '.join(map(str, process.args))[:300]} exited with status"
+                f" {process.returncode} before {url}{path} answered 200 (last: {last}){_tail(log)}"
+            )
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            r = httpx.get(f"{url}{path}", timeout=2)
+            if r.status_code == 200:
                 return
-        except httpx.TransportError:
-            pass
+            last = f"{r.status_code} {r.text[:200]!r}"
+        except httpx.TransportError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"{url}{path} did not answer 200 within {timeout} s (last: {last}){_tail(log)}"
+            )
         time.sleep(0.05)
-    raise TimeoutError(f"{url}/readyz did not answer within {timeout} s")
 
 
-def _spawn(db_url, workers, args, env) -> LiveServer:
+def _tail(log: Path | None, chars: int = 5000) -> str:
+    if log is None:
+        return ""
+    text = Path(log).read_text(errors="replace") if Path(log).is_file() else "(no log file)"
+    return f"; its log:\n{text[-chars:]}"
+
+
+def _spawn(db_url, workers, args, env, host) -> LiveServer:
     port = free_port()
     cmd = [
         sys.executable, "-m", "logitwatch", "serve",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), *args,
+        "--host", host, "--port", str(port), "--workers", str(workers), *args,
     ]  # fmt: skip
     if db_url is not None:
         cmd += ["--db", db_url]
@@ -102,18 +131,17 @@ def live_servers(
     args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     timeout: float = 60.0,
+    host: str = "127.0.0.1",
 ) -> Iterator[list[LiveServer]]:
     """n `python -m logitwatch serve` processes started together (one database), stopped on exit.
 
-    db_url None leaves out --db (the default SQLite file, or LOGITWATCH_DB_URL in `env`).
+    db_url None leaves out --db (the default SQLite file, or LOGITWATCH_DB_URL in `env`). `host`
+    is what they bind (a wider one, such as 0.0.0.0, still answers on `url`, the loopback).
     """
-    servers = [_spawn(db_url, workers, args, env) for _ in range(n)]
+    servers = [_spawn(db_url, workers, args, env, host) for _ in range(n)]
     try:
         for server in servers:
-            try:
-                wait_ready(server.url, timeout, server.process)
-            except (RuntimeError, TimeoutError) as exc:
-                raise RuntimeError(f"{exc}; server log:\n{server.log()}") from None
+            wait_ready(server.url, timeout, server.process, log=server.log_path)
         yield servers
     finally:
         for server in servers:

@@ -7,11 +7,10 @@ from __future__ import annotations
 import hmac
 import sqlite3
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-from helpers.server import free_port, live_server, thread_server
+from helpers.server import live_server, thread_server
 
 from logitwatch.cli import main
 from logitwatch.protocol import Batch, encode_batch, series_from_columns
@@ -100,38 +99,12 @@ def test_binds_loopback_by_default_and_warns_when_wider_without_auth(tmp_path):
     url = _db(tmp_path)
     with live_server(url) as server:
         assert "warning" not in server.log()
-    port = free_port()
-    with live_servers_on(url, "0.0.0.0", port) as log:
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
-    assert "warning: listening on 0.0.0.0 without --auth" in log()
-    with live_servers_on(url, "0.0.0.0", free_port(), "--auth") as log:
+    with live_server(url, host="0.0.0.0") as wide:
+        assert httpx.get(f"http://127.0.0.1:{wide.port}/healthz", timeout=5).status_code == 200
+    assert "warning: listening on 0.0.0.0 without --auth" in wide.log()
+    with live_server(url, host="0.0.0.0", args=("--auth",)) as wide_with_auth:
         pass
-    assert "warning" not in log()
-
-
-def live_servers_on(db_url: str, host: str, port: int, *args: str):
-    """`logitwatch serve --host HOST` (live_server binds loopback only), stopped on exit."""
-    import contextlib
-    import subprocess
-    import sys
-
-    from helpers.server import wait_ready
-
-    @contextlib.contextmanager
-    def run():
-        log_path = f"{db_url.removeprefix('sqlite:///')}.{port}.log"
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "logitwatch", "serve", "--db", db_url, "--host", host,
-                 "--port", str(port), *args], stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-        try:
-            wait_ready(f"http://127.0.0.1:{port}", 60, proc)
-            yield lambda: Path(log_path).read_text()
-        finally:
-            proc.terminate()
-            proc.wait(15)
-
-    return run()
+    assert "warning" not in wide_with_auth.log()
 
 
 @pytest.mark.parametrize(

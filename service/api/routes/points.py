@@ -88,7 +88,8 @@ def post_points(
             prepared=prepared,
         )
         if not result.duplicate:
-            rules.on_batch(session, run=run, batch=batch)
+            # The arrays the store just wrote, sorted and de-duplicated once for both.
+            rules.on_batch(session, run=run, batch=batch, prepared=prepared)
         alerts = with_links(rules.firing(session, run=run), settings.dashboard_url)
         session.commit()
     if not result.duplicate:

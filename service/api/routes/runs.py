@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -50,16 +50,8 @@ class RunOut(BaseModel):
     last_step: int | None = Field(description="highest step of max_segment")
 
 
-def _utc(t: datetime | None) -> datetime | None:
-    # SQLite hands timestamps back without a zone; they are stored in UTC.
-    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
-
-
 def _out(info: store.RunInfo) -> RunOut:
-    out = RunOut.model_validate(info, from_attributes=True)
-    out.created_at, out.updated_at = _utc(out.created_at), _utc(out.updated_at)
-    out.last_seen_at = _utc(out.last_seen_at)
-    return out
+    return RunOut.model_validate(info, from_attributes=True)
 
 
 def _run_name(run: str) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import text
 
+# rule_tables is imported for its side effect: its tables register on Base.metadata, so
+# autogenerate (and `alembic check`) compares every table the migrations create.
+import logitwatch.service.store.rule_tables  # noqa: F401
 from logitwatch.service.store.db import WRITE, make_engine
 from logitwatch.service.store.models import Base
 
