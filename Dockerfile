@@ -30,7 +30,7 @@ CMD ["logitwatch", "serve"]
 FROM base AS demo
 # The CPU build of torch first: PyPI's default Linux wheel brings gigabytes of CUDA.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
-    && pip install ".[agent]" "matplotlib>=3.8"
+    && pip install ".[agent,plot]"
 USER logitwatch
 WORKDIR /home/logitwatch
 CMD ["logitwatch", "demo", "--server", "http://logitwatch:8000"]

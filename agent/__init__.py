@@ -10,6 +10,8 @@ from logitwatch.agent.reference.schedule import SGDR, WarmupCosine, build_schedu
 from logitwatch.agent.reference.train import TrainConfig, train
 from logitwatch.agent.transport.filesink import FileSink
 from logitwatch.agent.transport.sender import HttpSink, SenderConfig
+from logitwatch.agent.transport.tensorboard_sink import TensorBoardSink
+from logitwatch.agent.transport.wandb_sink import WandbSink
 
 __all__ = [
     "PRESETS",
@@ -28,7 +30,9 @@ __all__ = [
     "MonitorConfig",
     "SenderConfig",
     "StopTraining",
+    "TensorBoardSink",
     "TrainConfig",
+    "WandbSink",
     "WarmupCosine",
     "attach",
     "build_optimizer",

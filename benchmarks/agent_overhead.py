@@ -1,7 +1,9 @@
 """What the Monitor costs a training step: reference decoder on the CPU, with and without it.
 
-Three identical models train side by side, interleaved step by step (A B C A B C ...): no
-monitor, a Monitor reporting every step, one reporting every 10th. Median step times are
+Identical models train side by side, interleaved step by step (A B C, B C A, ...): no
+monitor, a Monitor reporting every step, one reporting every 10th; then the same three under
+torch.compile (each compiled arm's ratio is to the compiled model without a monitor; compiling
+happens in the warm-up steps; --no-compile leaves these arms out). Median step times are
 printed as ratios, then a per-probe breakdown of a reporting step, then the transport
 comparison of benchmarks/transport.py when it is there.
 
@@ -21,13 +23,14 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
+from torch._dynamo.utils import counters
 
 from logitwatch.agent import Monitor, MonitorConfig
-from logitwatch.agent.probes.reductions import act_rms, attn_stats, logits_stats
+from logitwatch.agent.probes.reductions import act_rms, attn_logit_absmax, attn_stats, logits_stats
 from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, loss_fn
 from logitwatch.agent.reference.optim import build_optimizer
 from logitwatch.agent.transport.filesink import FileSink
+from logitwatch.tables import Col, Records, num
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,24 +58,37 @@ def step_fn(model, opt, monitor, batch, step: int, z_loss: float = 1e-4) -> tupl
 
 def overhead(args, console: Console) -> None:
     base = build(args)
-    arms = {"no monitor": None, "every=1": 1, "every=10": 10}
+    # arm -> (every, compiled, the arm its ratio is to)
+    arms = {"no monitor": (None, False, "no monitor"), "every=1": (1, False, "no monitor"),
+            "every=10": (10, False, "no monitor")}  # fmt: skip
+    if args.compile:
+        for name, (every, _, _) in list(arms.items()):
+            arms[f"compiled, {name}"] = (every, True, "compiled, no monitor")
     tmp = tempfile.mkdtemp(prefix="logitwatch-bench-")
     runs = {}
-    for name, every in arms.items():
+    for name, (every, compiled, _) in arms.items():
         model = copy.deepcopy(base)
         opt = build_optimizer(model, lr=3e-4)
         monitor = None
         if every is not None:
-            sink = FileSink(tmp, f"bench-{every}")  # the offline default sink
-            monitor = Monitor(
-                model, opt, run=f"bench-{every}", sink=sink, config=MonitorConfig(every=every)
-            )
-        runs[name] = (model, opt, monitor, [], [])
+            run = f"bench-{every}" + ("-compiled" if compiled else "")
+            sink = FileSink(tmp, run)  # the offline default sink
+            monitor = Monitor(model, opt, run=run, sink=sink, config=MonitorConfig(every=every))
+        # Every Monitor exists before the first compiled forward, as the README asks.
+        runs[name] = (torch.compile(model) if compiled else model, opt, monitor, [], [])
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 256, (args.batch, args.seq), generator=g) for _ in range(4)]
     total = args.warmup + args.rounds * 10  # rounds of 10 steps: every=10 reports once per round
+    graphs = 0
     for step in range(total):
-        for model, opt, monitor, wall, cpu in runs.values():  # interleaved: A B C A B C ...
+        if step == args.warmup and args.compile:
+            graphs = counters["stats"]["unique_graphs"]
+        # Interleaved, and each step starts one arm later (A B C, B C A, ...): an arm's place
+        # in the round (after which arm, which memory freed just before) moves its step time
+        # by several percent on a 2-core box, so no arm may keep one place.
+        arms_now = list(runs.values())
+        arms_now = arms_now[step % len(arms_now) :] + arms_now[: step % len(arms_now)]
+        for model, opt, monitor, wall, cpu in arms_now:
             t, c = step_fn(model, opt, monitor, batches[step % len(batches)], step)
             if step >= args.warmup:
                 wall.append(t)
@@ -80,36 +96,38 @@ def overhead(args, console: Console) -> None:
     for _, _, monitor, _, _ in runs.values():
         if monitor is not None:
             monitor.close()
-    ref = statistics.median(runs["no monitor"][3])
-    ref_cpu = statistics.median(runs["no monitor"][4])
-    table = Table(
-        title=f"Step time, {args.layers} layers, d_model {args.d_model}, seq {args.seq}, "
+    title = (
+        f"Step time, {args.layers} layers, d_model {args.d_model}, seq {args.seq}, "
         f"batch {args.batch} (CPU, {torch.get_num_threads()} threads, {len(runs['every=1'][3])} steps per arm)"
     )
-    for col in ("arm", "median ms", "ratio", "target", "CPU ms", "CPU ratio"):
-        table.add_column(col, justify="right")
     targets = {"every=1": 1.03, "every=10": 1.01}
+    rows = []
     for name, (_, _, _, wall, cpu) in runs.items():
         med, med_cpu = statistics.median(wall), statistics.median(cpu)
-        target = targets.get(name)
+        ref, ref_cpu = (statistics.median(x) for x in runs[arms[name][2]][3:])
+        target = targets.get(name.removeprefix("compiled, "))
         verdict = (
             "" if target is None else f"<= {target} {'met' if med / ref <= target else 'NOT met'}"
         )
-        table.add_row(
-            name, f"{1e3 * med:.1f}", f"{med / ref:.4f}", verdict,
-            f"{1e3 * med_cpu:.1f}", f"{med_cpu / ref_cpu:.4f}",
-        )  # fmt: skip
-    console.print(table)
-    # Reporting vs non-reporting steps of the every=10 arm: what a probe step costs on its own.
-    times = runs["every=10"][3]
+        rows.append((name, 1e3 * med, med / ref, verdict, 1e3 * med_cpu, med_cpu / ref_cpu))
+    console.print(overhead_table(title, rows))
+    # Reporting vs non-reporting steps of the every=10 arms: what a probe step costs on its own.
     first = (10 - args.warmup % 10) % 10
-    rep = [t for i, t in enumerate(times) if i % 10 == first]
-    non = [t for i, t in enumerate(times) if i % 10 != first]
-    console.print(
-        f"every=10 arm: reporting steps median {1e3 * statistics.median(rep):.1f} ms, "
-        f"other steps {1e3 * statistics.median(non):.1f} ms, "
-        f"no monitor {1e3 * ref:.1f} ms"
-    )
+    for prefix in ("", "compiled, ") if args.compile else ("",):
+        times = runs[f"{prefix}every=10"][3]
+        rep = [t for i, t in enumerate(times) if i % 10 == first]
+        non = [t for i, t in enumerate(times) if i % 10 != first]
+        console.print(
+            f"{prefix}every=10 arm: reporting steps median {1e3 * statistics.median(rep):.1f} ms, "
+            f"other steps {1e3 * statistics.median(non):.1f} ms, "
+            f"no monitor {1e3 * statistics.median(runs[prefix + 'no monitor'][3]):.1f} ms"
+        )
+    if args.compile:
+        console.print(
+            f"compiled arms: {graphs} graphs compiled in the warm-up, "
+            f"{counters['stats']['unique_graphs'] - graphs} after it (recompiles), "
+            f"{sum(counters['graph_break'].values())} graph breaks"
+        )
 
 
 def breakdown(args, console: Console) -> None:
@@ -129,10 +147,12 @@ def breakdown(args, console: Console) -> None:
         params = monitor.params
         q, k = (t.detach() for t in grabbed["qk"])
         scale = model.blocks[0].attn.scale
+        cfg = MonitorConfig()
         cases = {
             f"attn_stats, one layer (x{args.layers})": lambda: attn_stats(
-                q, k, scale, sample_rows=64, sample_batch=8
+                q, k, scale, sample_rows=cfg.sample_rows, sample_batch=cfg.sample_batch
             ),
+            "  of which the exact max |logit|": lambda: attn_logit_absmax(q, k, scale),
             "logits_stats (logits, log Z)": lambda: logits_stats(
                 grabbed["logits"], sample_tokens=512
             ),
@@ -144,9 +164,7 @@ def breakdown(args, console: Console) -> None:
                 : monitor.slots.used
             ].clone(),
         }
-        table = Table(title="Cost of each reduction on a reporting step (median of 20)")
-        table.add_column("probe")
-        table.add_column("ms", justify="right")
+        costs = []
         with torch.no_grad():
             for name, fn in cases.items():
                 times = []
@@ -154,8 +172,33 @@ def breakdown(args, console: Console) -> None:
                     t = time.perf_counter()
                     fn()
                     times.append(time.perf_counter() - t)
-                table.add_row(name, f"{1e3 * statistics.median(times):.3f}")
-        console.print(table)
+                costs.append((name, 1e3 * statistics.median(times)))
+        console.print(breakdown_table(costs))
+
+
+def overhead_table(title: str, rows: list[tuple[str, float, float, str, float, float]]) -> Records:
+    """(arm, median ms, ratio, target verdict, CPU ms, CPU ratio) a row."""
+    table = Records(
+        ["arm", num("median ms"), num("ratio"), Col("target", readable=14), num("CPU ms"),
+         num("CPU ratio")],
+        title=title,
+    )  # fmt: skip
+    for name, ms, ratio, verdict, cpu_ms, cpu_ratio in rows:
+        table.add_row(
+            name, f"{ms:,.1f}", f"{ratio:.4f}", verdict, f"{cpu_ms:,.1f}", f"{cpu_ratio:.4f}"
+        )
+    return table
+
+
+def breakdown_table(costs: list[tuple[str, float]]) -> Records:
+    """(probe, median ms) a row."""
+    table = Records(
+        [Col("probe", readable=24), num("ms")],
+        title="Cost of each reduction on a reporting step (median of 20)",
+    )
+    for name, ms in costs:
+        table.add_row(name, f"{ms:,.3f}")
+    return table
 
 
 def sync_check(args, console: Console) -> None:
@@ -208,7 +251,7 @@ def transports(console: Console) -> None:
     spec.loader.exec_module(module)
     rows = module.measure_transports()
     console.print("Transport: handing 200 scalars per step to each logger")
-    console.print(module.format_rows(rows) if hasattr(module, "format_rows") else rows)
+    console.print(module.transport_table(rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--sync-check", action="store_true", help="CUDA: prove no sync between reports")
     p.add_argument("--no-transport", action="store_true", help="skip the transport comparison")
+    p.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip the torch.compile arms"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -34,9 +34,10 @@ from ingest_service import (
 )
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.text import Text
 
 from logitwatch.service.store.db import upgrade
+from logitwatch.tables import Col, Records, num
 
 SERIES, STEPS = 100, 100  # one batch: 100 series x 100 steps = 10,000 points
 BIG, SMALL = "bench.read_big", "bench.read_small"  # the series the read figures read
@@ -130,9 +131,11 @@ def report(
     console: Console, plan: Plan, ingests: dict[str, Ingest], reads: dict[str, Reads]
 ) -> None:
     mlflow = ingests.get("MLflow server (SQLite)")
-    table = Table(title=f"Ingest: {plan.clients} clients, batches of {SERIES * STEPS:,} points")
-    for col in ("system", "points", "seconds", "points/s", "× MLflow", "bytes/point"):
-        table.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
+    table = Records(
+        [Col("system", readable=22), num("points"), num("seconds"), num("points/s"),
+         num("vs MLflow"), num("bytes per point")],
+        title=f"Ingest: {plan.clients} clients, batches of {SERIES * STEPS:,} points",
+    )  # fmt: skip
     for name, r in ingests.items():
         vs = f"{r.rate / mlflow.rate:,.0f}×" if mlflow else "—"
         table.add_row(name, f"{r.points:,}", f"{r.seconds:.2f}", f"{r.rate:,.0f}", vs,
@@ -144,15 +147,15 @@ def report(
             console.print(f"logitwatch {backend} / {floor}: {ours.rate / raw.rate:.2f}× the "
                           f"points/s, {ours.bytes_per_point / raw.bytes_per_point:.2f}× the bytes")  # fmt: skip
 
-    table = Table(title=f"Reads (median of {plan.repeats}, msgpack over HTTP into numpy)")
-    for col in ("system", f"{plan.big_read:,} pts at max_points=1000",
-                f"all {plan.big_read:,} pts", f"all {plan.small_read:,} pts"):  # fmt: skip
-        table.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
+    table = Records(
+        [Col("system", readable=25), num(f"{plan.big_read:,} points in 1,000 buckets"),
+         num(f"all {plan.big_read:,} points"), num(f"all {plan.small_read:,} points")],
+        title=f"Reads in ms (median of {plan.repeats}, msgpack over HTTP into numpy)",
+    )  # fmt: skip
     for name, r in reads.items():
-        table.add_row(name, _ms(r.big_bucketed_s) + " ms", _ms(r.big_full_s) + " ms",
-                      _ms(r.small_full_s) + " ms")  # fmt: skip
+        table.add_row(name, _ms(r.big_bucketed_s), _ms(r.big_full_s), _ms(r.small_full_s))
     if mlflow and mlflow.read_points:
-        table.add_row("MLflow get_metric_history", "—", "—", _ms(mlflow.read_s) + " ms")
+        table.add_row("MLflow get_metric_history", "—", "—", _ms(mlflow.read_s))
     console.print(table)
 
     ours = ingests.get("logitwatch SQLite")
@@ -174,11 +177,10 @@ def report(
         ]
         if plan.big_read != 1_000_000:
             checks = checks[:2]  # --quick reads smaller series: the read targets do not apply
-        table = Table(title="Targets (logitwatch on SQLite)")
-        for col in ("target", "measured", "met"):
-            table.add_column(col)
+        table = Records([Col("target", readable=24), num("measured"), "met"],
+                        title="Targets (logitwatch on SQLite)")  # fmt: skip
         for name, got, ok in checks:
-            table.add_row(name, got, "[green]yes[/]" if ok else "[red]no[/]")
+            table.add_row(name, got, Text("yes", "green") if ok else Text("no", "red"))
         console.print(table)
 
 

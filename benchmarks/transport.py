@@ -4,9 +4,12 @@ Every logger gets the same ``n_scalars`` floats per step (attention logit maxima
 head, and the loss); we time the call the training thread makes, step by step. Between steps
 the loop sleeps ``gap_ms`` (the GPU's time, not timed), which lets each logger's background
 threads or processes run as they would in training. The peers run in a subprocess with
-.venv-bench's Python (``bash benchmarks/setup_peers.sh``) so that our .venv stays clean:
+.venv-bench's Python (``bash benchmarks/setup_peers.sh``; without it, .venv's, where the
+``[wandb]`` and ``[tensorboard]`` extras bring W&B and TensorBoard but not MLflow):
 W&B in offline mode, MLflow with asynchronous logging to a local file store, and
-``torch.utils.tensorboard.SummaryWriter.add_scalar`` once per scalar.
+``torch.utils.tensorboard.SummaryWriter.add_scalar`` once per scalar. Our WandbSink and
+TensorBoardSink forward to the same tools from a thread of their own: their rows sit beside
+the tools' own.
 
     .venv/bin/python benchmarks/transport.py [--steps 500] [--scalars 200] [--json]
 """
@@ -17,12 +20,14 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
@@ -91,8 +96,7 @@ t0 = time.perf_counter(); writer.close(); close_s = time.perf_counter() - t0
 
 def _peer(name: str, code: str, n: int, steps: int, gap_ms: float, warmup: int) -> dict:
     row = {"transport": name, "steps": steps, "n_scalars": n}
-    if not BENCH_PYTHON.exists():
-        return {**row, "error": "no .venv-bench: run bash benchmarks/setup_peers.sh"}
+    python = str(BENCH_PYTHON) if BENCH_PYTHON.exists() else sys.executable
     with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmp:
         script = (
             HARNESS
@@ -105,7 +109,7 @@ def _peer(name: str, code: str, n: int, steps: int, gap_ms: float, warmup: int) 
         env.pop("PYTHONPATH", None)
         try:
             out = subprocess.run(
-                [str(BENCH_PYTHON), "-c", script],
+                [python, "-c", script],
                 capture_output=True,
                 text=True,
                 timeout=600,
@@ -179,7 +183,8 @@ def _ours(label: str, n: int, steps: int, gap_ms: float, warmup: int, up: bool) 
         times = ns["run_loop"](sink.log, n, steps, gap_ms / 1e3, warmup, False)
         cpu = sum(_thread_cpu_s(t.native_id) for t in threads) - cpu0
         t0 = time.perf_counter()
-        sink.close(timeout=30)
+        # Service down: close waits 80 % of its timeout for the service, then leaves the spool.
+        sink.close(timeout=30 if up else 2)
         out = ns["summary"](times, time.perf_counter() - t0)
         # What the sender threads cost besides: batching, msgpack, HTTP (from /proc, Linux).
         out["background_cpu_ms"] = 1e3 * cpu / (steps + warmup)
@@ -188,6 +193,43 @@ def _ours(label: str, n: int, steps: int, gap_ms: float, warmup: int, up: bool) 
 
             info = httpx.get(f"{url}/api/v1/runs/bench/series", timeout=10).json()
             out["stored_series"] = len(info.get("series", []))
+    return {**row, **out}
+
+
+def _tool_sink(label: str, tool: str, n: int, steps: int, gap_ms: float, warmup: int) -> dict:
+    """Our WandbSink / TensorBoardSink: the training thread's call, and the writer thread's CPU."""
+    ns: dict = {}
+    exec(HARNESS, ns)
+    row = {"transport": label, "steps": steps, "n_scalars": n}
+    with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmp:
+        run = None
+        try:
+            if tool == "wandb":
+                import wandb
+
+                from logitwatch.agent.transport.wandb_sink import WandbSink
+
+                os.environ["WANDB_SILENT"] = "true"
+                settings = wandb.Settings(console="off")
+                run = wandb.init(project="logitwatch-bench", mode="offline", dir=tmp,
+                                 settings=settings)  # fmt: skip
+                sink = WandbSink(run)
+            else:
+                from logitwatch.agent.transport.tensorboard_sink import TensorBoardSink
+
+                sink = TensorBoardSink(Path(tmp) / "tb")
+        except ImportError as exc:
+            return {**row, "error": f"{exc} (pip install 'logitwatch[{tool}]')"}
+        cpu0 = _thread_cpu_s(sink._thread.native_id)
+        times = ns["run_loop"](sink.log, n, steps, gap_ms / 1e3, warmup, False)
+        t0 = time.perf_counter()
+        sink.flush(120)  # the writer thread's CPU is read while it still exists
+        cpu = _thread_cpu_s(sink._thread.native_id) - cpu0
+        sink.close(timeout=30)
+        out = ns["summary"](times, time.perf_counter() - t0)
+        out["background_cpu_ms"] = 1e3 * cpu / (steps + warmup)
+        if run is not None:
+            run.finish()
     return {**row, **out}
 
 
@@ -205,26 +247,43 @@ def measure_transports(
         runs.append(
             lambda name=name, code=code: _peer(name, code, n_scalars, steps, gap_ms, warmup)
         )
+    for label, tool in (("logitwatch WandbSink (offline run)", "wandb"),
+                        ("logitwatch TensorBoardSink", "tensorboard")):  # fmt: skip
+        runs.append(
+            lambda label=label, tool=tool: _tool_sink(label, tool, n_scalars, steps, gap_ms, warmup)
+        )
     return [r() for r in runs]
 
 
-def format_rows(rows: list[dict]) -> str:
+def transport_table(rows: list[dict]) -> Any:
+    """The rows as a table that fits 80 columns (a block per transport when narrower)."""
+    from logitwatch.tables import Col, Records, num
+
     ours = next((r for r in rows if "median_ms" in r), None)
-    lines = [
-        f"{'transport':44} {'median ms':>10} {'mean ms':>9} {'p99 ms':>8} {'close s':>8} {'× ours':>7}"
-    ]
+    table = Records(
+        [Col("transport", readable=20), num("median ms"), num("mean ms"), num("p99 ms"),
+         num("close s"), num("vs ours"), num("sender CPU ms/step")],
+        title="Transport: milliseconds per step on the training thread; sender CPU: its threads",
+    )  # fmt: skip
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['transport']:44} error: {r['error']}")
+            table.add_row(f"{r['transport']}\nerror: {r['error']}", *[""] * 6)
             continue
         ratio = r["median_ms"] / ours["median_ms"] if ours else float("nan")
         bg = r.get("background_cpu_ms")
-        lines.append(
-            f"{r['transport']:44} {r['median_ms']:10.4f} {r['mean_ms']:9.4f} {r['p99_ms']:8.3f} "
-            f"{r['close_s']:8.2f} {ratio:7.1f}"
-            + (f"   (+{bg:.3f} ms/step CPU on the sender threads)" if bg is not None else "")
-        )
-    return "\n".join(lines)
+        table.add_row(
+            r["transport"], f"{r['median_ms']:.4f}", f"{r['mean_ms']:.4f}", f"{r['p99_ms']:.3f}",
+            f"{r['close_s']:.2f}", f"{ratio:.1f}", "" if bg is None else f"{bg:.3f}",
+        )  # fmt: skip
+    return table
+
+
+def format_rows(rows: list[dict], width: int | None = None) -> str:
+    """transport_table as text at `width` columns (default: the terminal's, 80 into a pipe)."""
+    from logitwatch.tables import render_text
+
+    width = width or shutil.get_terminal_size((80, 24)).columns
+    return render_text(transport_table(rows), width=width).rstrip("\n")
 
 
 def main(argv: list[str] | None = None) -> int:

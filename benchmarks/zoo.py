@@ -11,9 +11,12 @@ import argparse
 import statistics
 import sys
 
+from rich.console import Console
+
 from logitwatch.agent.cli.zoo import print_table
 from logitwatch.agent.zoo.cases import ZooScale, cases_named
 from logitwatch.agent.zoo.run import run_zoo
+from logitwatch.tables import Records, num
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,24 +37,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def summary(result) -> None:
+def summary_table(result) -> Records:
     """Per kind: runs passing their target; for failing runs the lead time of the first warning."""
+    table = Records(
+        ["kind", num("pass"), num("n/a"), num("diverged"), num("warned first"),
+         num("lead median"), num("lead min")],
+        title="zoo by kind (n/a: no divergence and silent; warned first: before divergence; "
+        "lead in steps)",
+    )  # fmt: skip
     for kind in ("control", "failing", "spike"):
         rows = [s for s in result.scores if s.kind == kind]
         if not rows:
             continue
         ok = sum(s.passed is True for s in rows)
         na = sum(s.passed is None for s in rows)
-        line = f"{kind:8s} {ok}/{len(rows)} pass" + (
-            f" ({na} n/a: no divergence, silent)" if na else ""
-        )
+        cells = ["-"] * 4
         if kind == "failing":
             div = [s for s in rows if s.diverged_at is not None]
             leads = [s.lead_steps for s in div if s.lead_steps is not None and s.lead_steps > 0]
-            line += f"; diverged {len(div)}/{len(rows)}; warned before divergence {len(leads)}/{len(div)}"
+            cells = [f"{len(div)}/{len(rows)}", f"{len(leads)}/{len(div)}", "-", "-"]
             if leads:
-                line += f"; lead median {statistics.median(leads):.0f} steps (min {min(leads)})"
-        print(line)
+                cells[2:] = [f"{statistics.median(leads):.0f}", str(min(leads))]
+        table.add_row(kind, f"{ok}/{len(rows)}", str(na), *cells)
+    return table
+
+
+def summary(result) -> None:
+    Console().print(summary_table(result))
     print(f"wall time {result.seconds:.0f} s for {len(result.scores)} runs")
 
 

@@ -130,7 +130,7 @@ def build() -> Json:
              alerts_on("logits.max_abs", "logits.rms")), 12, 8)  # fmt: skip
 
     g.row("Attention")
-    g.add(xy("Attention max logit per layer", "Max over heads of q.k/sqrt(d), before soft-capping.",
+    g.add(xy("Attention max |logit| per layer", "Max over heads of |q.k/sqrt(d)| over every query row, before soft-capping.",
              [per_layer("attn.logit_max", "value_max")], alerts_on("attn.logit_max"),
              split=True), 8, 9)  # fmt: skip
     g.add(xy("Attention entropy (min per layer)", "Entropy collapse: one key takes all the attention.",

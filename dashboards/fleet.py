@@ -30,7 +30,7 @@ def runs_table() -> Json:
         "Value #A": "loss",
         "Value #B": "lr",
         "Value #C": "log Z mean",
-        "Value #D": "max attn logit",
+        "Value #D": "max |attn logit|",
     }
     metrics = ["loss", "lr", "logz_mean", "attn_logit_max"]
     return table(
@@ -82,7 +82,7 @@ def build() -> Json:
         prom("A", f"logitwatch_logz_mean{{{RUN}}}", "{{run}}"),
     ]), 12, 8)  # fmt: skip
     g.add(timeseries(
-        "Attention max logit per layer", "Max over heads; lines at 100 (QK-Clip) and 1e4 (divergence).",
+        "Attention max |logit| per layer", "Max |q.k/sqrt(d)| over heads; lines at 100 (QK-Clip) and 1e4 (divergence).",
         [prom("A", f"logitwatch_attn_logit_max{{{RUN}}}", "{{run}} layer {{layer}}")],
         limits=ATTN_LIMITS,
     ), 12, 8)  # fmt: skip

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "series": ("logitwatch.service.cli.read", "list a run's series"),
     "query": ("logitwatch.service.cli.read", "print a metric of a run"),
     "alerts": ("logitwatch.service.cli.read", "list alerts"),
+    "plot": ("logitwatch.plot", "draw a run's stability panels and alerts to a PNG"),
 }
 
 

@@ -23,9 +23,11 @@ from pathlib import Path
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.table import Table
+from rich.text import Text
 
 from logitwatch.client import ApiClient, ServiceError, runs_path
+from logitwatch.plot import PlotError, plot_runs
+from logitwatch.tables import Col, Records, num
 
 __all__ = ["add_arguments", "run"]
 
@@ -135,72 +137,29 @@ def _grouped(views: list[RunView]) -> list[tuple[str, str, str, int, int, str]]:
 
 
 def _table(views: list[RunView], steps: int) -> Group:
-    t = Table(title="logitwatch demo: two runs streaming into the service")
-    for col in ("run", "step", "loss", "attn max logit", "log Z mean", "open alerts"):
-        t.add_column(col, justify="left" if col == "run" else "right")
+    t = Records(
+        [Col("run", readable=14), num("step"), num("loss"), num("attn max logit"),
+         num("log Z mean"), num("open alerts")],
+        title="logitwatch demo: two runs streaming into the service",
+        caption="  ".join(f"{v.name}: {v.label}" for v in views),
+    )  # fmt: skip
     for v in views:
         firing = [a for a in v.alerts if a.get("state") in ("firing", "pending")]
         t.add_row(
             v.name, f"{v.step}/{steps}", f"{v.loss:.3f}", f"{v.attn_max:.1f}",
             f"{v.logz:.2f}", str(len(firing)),
         )  # fmt: skip
-    t.caption = "  ".join(f"{v.name}: {v.label}" for v in views)
-    hints = Table(title="alerts by rule (first step, how many series)")
-    for col in ("run", "severity", "rule", "where", "first step", "n", "hint"):
-        hints.add_column(col, overflow="fold")
+    # Severity and layers go under the rule: seven columns side by side do not fit 80.
+    hints = Records(
+        [Col("run", readable=14), Col("rule", readable=17), num("first step"), num("series"),
+         Col("hint", readable=20)],
+        title="alerts by rule (first step, how many series)",
+    )  # fmt: skip
     for run, sev, rule, where, first, n, hint in _grouped(views):
         style = "red" if sev == "critical" else "yellow"
-        hints.add_row(run, f"[{style}]{sev}[/{style}]", rule, where, str(first), str(n), hint)
+        detail = Text.assemble((sev, style), f", {where}" if where else "")
+        hints.add_row(run, Text.assemble(rule, "\n", detail), str(first), str(n), hint)
     return Group(t, hints)
-
-
-def _chart(api: ApiClient, views: list[RunView], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    panels = [("loss", "loss"), ("attn.logit_max", "attention max logit (max over layers, heads)"),
-              ("logz.mean", "log Z mean"), ("lr", "learning rate")]  # fmt: skip
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 10), sharex=True)
-    for ax, (metric, title) in zip(axes, panels, strict=True):
-        for v in views:
-            steps, vals = _series_points(api, v.name, metric)
-            if steps:
-                ax.plot(steps, vals, label=v.name)
-            for a in v.alerts:
-                if a.get("metric") == metric and a.get("first_step") is not None:
-                    ax.axvline(int(a["first_step"]), color="red", alpha=0.3, lw=1)
-        ax.set_title(title, fontsize=10)
-        if metric == "attn.logit_max":
-            ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    axes[-1].set_xlabel("step (red lines: alerts)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def _series_points(api: ApiClient, run: str, metric: str):
-    """Per step, the max over all of the metric's series (layers, heads, groups)."""
-    try:
-        doc = api.metric(run, metric, times=False)
-    except ServiceError as exc:
-        if exc.status is None:
-            raise
-        return [], []
-    best: dict[int, float] = {}
-    for s in doc["series"]:
-        for step, raw in zip(s.get("steps", []), s.get("values", []), strict=False):
-            val = _num(raw)
-            if not math.isnan(val):
-                best[int(step)] = max(best.get(int(step), -math.inf), val)
-    steps = sorted(best)
-    return steps, [best[s] for s in steps]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -248,10 +207,12 @@ def run(args: argparse.Namespace) -> int:
                 console.print(
                     f"[red]the {name} trainer exited with {t.returncode}; see {logs}[/red]"
                 )
-        with ApiClient(url, timeout=30) as api:
-            chart = _chart(api, views, out / "demo.png")
-        if chart:
+        try:
+            with ApiClient(url, timeout=30) as api:
+                chart = plot_runs(api, [v.name for v in views], out=out / "demo.png")
             console.print(f"chart: {chart}")
+        except (PlotError, ServiceError) as exc:  # the runs are in the service all the same
+            console.print(f"no chart: {exc}", highlight=False, markup=False)
         console.print(f"REST: {url}{runs_path()}   metrics: {url}/metrics   docs: {url}/docs")
         if service is not None and not args.no_serve:
             console.print("the service keeps running; Ctrl-C to stop")

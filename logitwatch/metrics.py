@@ -40,7 +40,7 @@ _SPECS = [
         "attn.logit_max",
         ("layer", "head"),
         "1",
-        "max q.k/sqrt(d) over sampled query rows (causal), before soft-capping",
+        "max |q.k/sqrt(d)| over every query row and key it attends, before soft-capping",
         prom_drop=("head",),
     ),
     MetricSpec("attn.entropy_min", ("layer",), "nats", "min attention entropy over heads and rows"),

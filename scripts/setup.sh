@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything logitwatch needs on a fresh Debian machine: a virtual environment in
 # .venv with torch 2.13.0 (CPU build) installed first, the package with all extras, and
-# Debian's prometheus (for the Prometheus tests). Safe to run again: it skips what is done.
+# Debian's prometheus, prometheus-alertmanager and chromium (for the Prometheus, Alertmanager
+# and /docs tests). Safe to run again: it skips what is done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -15,6 +16,31 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
         (service prometheus stop || pkill -x prometheus || true) >/dev/null 2>&1
     else
         echo "setup: prometheus not found and not root; Prometheus tests will fail" >&2
+    fi
+fi
+
+# Debian's prometheus-alertmanager (and amtool): the Alertmanager tests post to a live one.
+if ! command -v prometheus-alertmanager >/dev/null 2>&1 || ! command -v amtool >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "setup: installing Debian's prometheus-alertmanager" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus-alertmanager >/dev/null
+        # Debian starts a system alertmanager on :9093 (as user prometheus; the kernel keeps
+        # 15 characters of its name); the tests run their own.
+        (service prometheus-alertmanager stop || pkill -u prometheus -x prometheus-aler || true) >/dev/null 2>&1
+    else
+        echo "setup: prometheus-alertmanager not found and not root; Alertmanager tests will fail" >&2
+    fi
+fi
+
+# Headless Chromium: tests/service/test_docs_offline.py renders /docs in it with no network.
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "setup: installing Debian's chromium" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "setup: chromium not found and not root; the /docs browser test will fail" >&2
     fi
 fi
 

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from logitwatch.service.api import prom
+from logitwatch.service.api import docs, prom
 from logitwatch.service.api.errors import BodyLimit, install_error_handlers
 from logitwatch.service.api.main import api_router
+from logitwatch.service.rules.alertmanager import alertmanager_sender
 from logitwatch.service.rules.engine import RuleEngine
 from logitwatch.service.rules.notify import Notifier
 from logitwatch.service.settings import Settings, load_settings
@@ -33,7 +34,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     rules = RuleEngine(
         writer.sessionmaker,
         notifier=Notifier(
-            writer.sessionmaker, urls=settings.webhook_urls, dashboard_url=settings.dashboard_url
+            writer.sessionmaker,
+            urls=settings.webhook_urls,
+            dashboard_url=settings.dashboard_url,
+            alertmanager=alertmanager_sender(writer.sessionmaker, settings),
         ),
     )
     compactor = Compactor(writer.sessionmaker, writer.lock)
@@ -52,6 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Training-stability metrics for LLM pre-training",
         lifespan=lifespan,
+        # Served by docs.install from local files: FastAPI's own pages load them from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -71,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.include_router(api_router)
     prom.install(app, settings)
+    docs.install(app)
     return app
 
 

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     rules_file: str | None = None
     webhook_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     dashboard_url: str | None = None
+    #: Alertmanager's base URL: firing alerts go to its API v2, re-sent every resend interval.
+    alertmanager_url: str | None = None
+    alertmanager_resend_s: float = Field(default=60.0, gt=0, le=86_400)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     @field_validator("webhook_urls", "cors_origins", mode="before")
@@ -87,6 +90,15 @@ class Settings(BaseSettings):
                 f"{url.drivername!r} is not supported; use sqlite:///PATH or postgresql+psycopg://..."
             )
         return value
+
+    @field_validator("alertmanager_url")
+    @classmethod
+    def _alertmanager_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        from logitwatch.service.rules.alertmanager import check_alertmanager_url
+
+        return check_alertmanager_url(value)
 
     @field_validator("rules_file")
     @classmethod

@@ -29,6 +29,11 @@ def test_core_imports_only_small_deps():
     assert not mods & {"torch", "fastapi", "sqlalchemy", "numpy"}
 
 
+def test_plot_and_demo_import_matplotlib_only_to_draw():
+    mods = _imported("logitwatch.plot") | _imported("logitwatch.demo")
+    assert not mods & {"matplotlib", "numpy", "torch", "fastapi"}
+
+
 def test_cli_help_runs():
     out = subprocess.run(
         [sys.executable, "-m", "logitwatch", "--help"], capture_output=True, text=True

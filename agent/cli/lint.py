@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import textwrap
 
 from logitwatch.agent.reference.lint import TrainSettings, lint, load_lint_config
@@ -36,19 +37,22 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([f.to_dict() for f in findings], indent=2))
     else:
-        print(
-            f"{label}: {config.n_layers} layers, d_model {config.d_model}, "
-            f"{config.n_heads}x{config.head_dim} heads ({config.n_kv_heads} kv), "
-            f"d_ff {config.d_ff} {config.ffn}"
-        )
+        # The terminal's width (COLUMNS, else 80 when piped), up to 96 for a comfortable measure;
+        # words longer than a line are never broken, so figures and names stay whole.
+        width = min(shutil.get_terminal_size((80, 24)).columns, 96)
+
+        def fill(text: str, first: str = "", rest: str = "") -> str:
+            return textwrap.fill(text, width, initial_indent=first, subsequent_indent=rest,
+                                 break_long_words=False, break_on_hyphens=False)  # fmt: skip
+
+        print(fill(f"{label}: {config.n_layers} layers, d_model {config.d_model}, "
+                   f"{config.n_heads}x{config.head_dim} heads ({config.n_kv_heads} kv), "
+                   f"d_ff {config.d_ff} {config.ffn}", rest="  "))  # fmt: skip
         for f in findings:
-            print(f"\n{f.severity.upper():8}{f.rule}: {f.message}")
+            print()
+            print(fill(f"{f.rule}: {f.message}", f"{f.severity.upper():8}", " " * 8))
             for label_, text in (("why", f.reason), ("source", f.source)):
-                print(
-                    textwrap.fill(
-                        text, 96, initial_indent=f"  {label_}: ", subsequent_indent="    "
-                    )
-                )
+                print(fill(text, f"  {label_}: ", "    "))
         print(
             f"\n{len(findings)} finding(s): {warnings} warning(s), {len(findings) - warnings} info."
         )

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
 from logitwatch.agent.reference.presets import PRESETS, preset_row
+from logitwatch.tables import Col, Records, num
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,21 +31,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     title = "published sizes" if args.full else "small sizes (same ratios, CPU-trainable)"
-    table = Table(title=f"presets: {title}", box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)
-    columns = [
-        "name",
-        "layers",
-        "heads",
-        "kv",
-        "hd",
-        "d_model",
-        "nh·hd/d",
-        "d_ff/d",
-        "d/L",
-    ]
-    columns += ["FFN", "params"] + (["paper"] if args.full else [])
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("name", "FFN") else "right", no_wrap=True)
+    columns = [Col("name", readable=10), *map(num, ("layers", "heads", "kv", "hd", "d_model")),
+               *map(num, ("nh·hd/d", "d_ff/d", "d/L")), "FFN", num("params")]  # fmt: skip
+    columns += [num("paper")] if args.full else []
+    table = Records(columns, title=f"presets: {title}", gap=1)
     for r in rows:
         paper = [_count(r["published_params"], "g")] if args.full else []
         table.add_row(

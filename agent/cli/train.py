@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "summary_table"]
 
 _S = (
     argparse.SUPPRESS
@@ -113,12 +113,22 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return TrainConfig.from_dict(settings)
 
 
+def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    """The summary after training: a name and a value a line."""
+    table = Table(title=title, show_header=False)
+    table.add_column(no_wrap=True)
+    # Paths and URLs are single long words: fold them rather than cut them at 80 columns.
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
 def run(args: argparse.Namespace) -> int:
     from logitwatch.agent.reference.train import train
 
     cfg = config_from_args(args)
     result = train(cfg)
-    table = Table(title=f"logitwatch train: {cfg.preset or 'config'}", show_header=False)
     n_params = sum(p.numel() for p in result.model.parameters())
     tail = result.losses[-10:]
     rows = [
@@ -137,7 +147,11 @@ def run(args: argparse.Namespace) -> int:
     if cfg.server or cfg.run or cfg.spool:
         where = cfg.server or cfg.spool
         rows.append(("monitored run", result.run + (f" → {where}" if where else "")))
-    for key, value in rows:
-        table.add_row(key, value)
-    Console().print(table)
+    undelivered = result.undelivered
+    if undelivered is not None:
+        rows.append(("undelivered", f"{undelivered.steps} steps spooled: see below"))
+    Console().print(summary_table(f"logitwatch train: {cfg.preset or 'config'}", rows))
+    if undelivered is not None:
+        # Plain lines, not table cells: the command must survive a narrow terminal unwrapped.
+        print(undelivered.message, flush=True)
     return 0

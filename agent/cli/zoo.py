@@ -19,33 +19,43 @@ from logitwatch.agent.zoo.cases import CASES, REDUCED, ZooScale, cases_named
 from logitwatch.agent.zoo.report import describe
 from logitwatch.agent.zoo.run import ZooResult, run_zoo
 
-__all__ = ["add_arguments", "print_table", "run"]
+__all__ = ["add_arguments", "print_table", "run", "zoo_table"]
+
+
+def zoo_table(result: ZooResult) -> Any:
+    """One row per configuration and seed; first warning and first critical share a cell so the
+    table fits 80 columns (narrower, it prints a block per run)."""
+    from rich.text import Text
+
+    from logitwatch.tables import Col, Records, num
+
+    s = result.scale
+    table = Records(
+        [Col("case", readable=17), "diverged", Col("first alerts", readable=16),
+         num("lead"), num("final loss"), Col("verdict", readable=14)],
+        title=f"logitwatch zoo: {s.steps} steps, batch {s.batch_size}x{s.seq_len}, "
+        f"{s.n_layers} layers x d{s.d_model}, {len(result.scores)} runs in {result.seconds:.0f} s"
+        "; lead in steps",
+    )  # fmt: skip
+    marks = {True: ("pass", "green"), False: ("FAIL", "red"), None: ("n/a", "yellow")}
+    for r in result.scores:
+        div = f"@{r.diverged_at} ({r.reason})" if r.diverged_at is not None else "no"
+        alerts = [f"{sev} {describe(a)}" for sev, a in
+                  (("warning", r.first_warning), ("critical", r.first_critical)) if a]  # fmt: skip
+        table.add_row(
+            f"{r.case}\n{r.kind}, seed {r.seed}", div, "\n".join(alerts) or "-",
+            "-" if r.lead_steps is None else str(r.lead_steps), f"{r.final_loss:.3f}",
+            Text.assemble(marks[r.passed], f" {r.why}"),
+        )  # fmt: skip
+    return table
 
 
 def print_table(result: ZooResult, console: Any = None) -> None:
-    """One row per configuration and seed."""
+    """The zoo table, on `console` (default: the terminal, or 200 columns into a pipe or file)."""
     from rich.console import Console
-    from rich.table import Table
 
-    s = result.scale
-    table = Table(
-        title=f"logitwatch zoo: {s.steps} steps, batch {s.batch_size}x{s.seq_len}, "
-        f"{s.n_layers} layers x d{s.d_model}, {len(result.scores)} runs in {result.seconds:.0f} s"
-    )
-    for col in ("case", "seed", "kind", "diverged", "first warning", "first critical", "lead"):
-        table.add_column(col)
-    table.add_column("final loss", justify="right")
-    table.add_column("verdict")
-    for r in result.scores:
-        div = f"@{r.diverged_at} ({r.reason})" if r.diverged_at is not None else "no"
-        lead = "-" if r.lead_steps is None else f"{r.lead_steps} steps"
-        mark = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[yellow]n/a[/]"}[r.passed]
-        table.add_row(
-            r.case, str(r.seed), r.kind, div, describe(r.first_warning),
-            describe(r.first_critical), lead, f"{r.final_loss:.3f}", f"{mark} {r.why}",
-        )  # fmt: skip
     # Wide enough for the table when the output is a pipe or a file (CI logs, tee).
-    (console or Console(width=None if sys.stdout.isatty() else 200)).print(table)
+    (console or Console(width=None if sys.stdout.isatty() else 200)).print(zoo_table(result))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -41,6 +41,7 @@ class LogitwatchCallback(TrainerCallback):
         self.config = config or MonitorConfig()
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
+        self.undelivered: Any = None  # set at train end: points the service did not get
         self._loss: torch.Tensor | None = None
         self._tokens = 0
         self._hook: Any = None
@@ -89,5 +90,8 @@ class LogitwatchCallback(TrainerCallback):
             self._hook.remove()
             self._hook = None
         if self.monitor is not None:
+            # Waits up to close_timeout_s for the service; what it still lacks then is logged
+            # (count, spool, the `logitwatch sync` command) and kept in ``undelivered``.
             self.monitor.close()
+            self.undelivered = self.monitor.undelivered
             self.monitor = None

@@ -36,6 +36,7 @@ class LogitwatchLightningCallback(Callback):
         self.config = replace(config or MonitorConfig(), grads="manual")
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
+        self.undelivered: Any = None  # set at train end: points the service did not get
         self._last_step = -1
         self._tokens = 0
 
@@ -76,7 +77,10 @@ class LogitwatchLightningCallback(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.monitor is not None:
+            # Waits up to close_timeout_s for the service; what it still lacks then is logged
+            # (count, spool, the `logitwatch sync` command) and kept in ``undelivered``.
             self.monitor.close()
+            self.undelivered = self.monitor.undelivered
             self.monitor = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:

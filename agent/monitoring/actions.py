@@ -146,6 +146,21 @@ class AlertDispatcher:
         """Run every callback on every queued alert; called on the training thread."""
         with self._lock:
             alerts, self._pending = self._pending, []
+        self.run(alerts, step)
+
+    def take(self, limit: int) -> list[Alert]:
+        """Up to ``limit`` queued alerts, most severe first; the rest stay queued. Under
+        torch.distributed rank 0 takes them at a reporting step and every rank runs them."""
+        with self._lock:
+            order = sorted(
+                self._pending, key=lambda a: -SEVERITY_RANK.get(str(a.get("severity")), 0)
+            )
+            taken = order[:limit]
+            self._pending = [a for a in self._pending if not any(a is t for t in taken)]
+        return taken
+
+    def run(self, alerts: Iterable[Alert], step: int) -> None:
+        """Run every callback on each of ``alerts``, in order; called on the training thread."""
         for alert in alerts:
             self.seen.append(alert)
             for callback in self.callbacks:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,14 @@ from torch import nn
 from logitwatch.agent.monitoring.actions import AlertDispatcher, LocalGuard
 from logitwatch.agent.monitoring.attach import discover
 from logitwatch.agent.monitoring.config import MonitorConfig
+from logitwatch.agent.monitoring.distributed import (
+    MAX_ALERTS,
+    Decisions,
+    RankSync,
+    dist_rank_world,
+    write_host,
+)
+from logitwatch.agent.monitoring.reduce import DEN
 from logitwatch.agent.monitoring.report import Reporter
 from logitwatch.agent.probes.hooks import ProbeSet, Sites
 from logitwatch.agent.probes.optim import ParamStats, layer_of_param
@@ -66,6 +74,7 @@ class Monitor:
         run_config: Mapping[str, Any] | None = None,
         start_step: int | None = None,
         sites: Sites | None = None,
+        also: Iterable[Sink] = (),
     ) -> None:
         if not isinstance(run, str) or not run:
             raise ValueError(f"run must be a non-empty name; got {run!r}.")
@@ -75,7 +84,12 @@ class Monitor:
         self.optimizer = _unwrap(optimizer)
         self.rank = _rank(cfg)
         self.label = {"rank": str(self.rank)} if cfg.per_rank else {}
-        self.active = cfg.per_rank or self.rank == 0  # rank 0 reports unless per_rank is on
+        self.reports = cfg.per_rank or self.rank == 0  # rank 0 reports unless per_rank is on
+        dist_rank, world = dist_rank_world()
+        # Under torch.distributed every rank probes and joins each reporting step's collective.
+        self.active = self.reports or world > 1
+        self.ranks: RankSync | None = None
+        self._host: dict = {}
         self._closed = False
         self.alerts = AlertDispatcher()  # on_alert callbacks, run at step boundaries
         self._handles: list[Any] = []
@@ -84,13 +98,17 @@ class Monitor:
         self._backward_norms: list[torch.Tensor | None] = []
         self._tokens = 0
         self._last_report: float | None = None
-        if not self.active:
+        if not self.reports:
             self.sink: Sink = NullSink()
             self._reporter = Reporter(self.sink, self.label, cfg.max_pending)
+            if self.active:
+                self._start(model, sites, world)
             return
         self.sink = (
             sink if sink is not None else self._default_sink(server, token, spool_dir, start_step)
         )
+        if also:  # W&B, TensorBoard, ...: beside the service (or file) sink, not instead of it
+            self.sink = FanOutSink([self.sink, *([also] if isinstance(also, Sink) else also)])
         try:
             self.sink.register_run(run, config=dict(run_config or {}))
         except Exception as e:
@@ -98,9 +116,19 @@ class Monitor:
         # The local guard raises non-finite alerts with no service at all.
         reported = FanOutSink([self.sink, LocalGuard()])
         self._reporter = Reporter(reported, self.label, cfg.max_pending)
-        self._reporter.on_alert(self.alerts.notify)
+        if dist_rank == 0:  # under torch.distributed rank 0 decides, and every rank acts
+            self._reporter.on_alert(self.alerts.notify)
+        if callable(getattr(self.sink, "alert", None)):  # each newly firing alert, once
+            self._reporter.on_alert(self.sink.alert)
+        self._start(model, sites, world)
+
+    def _start(self, model: nn.Module, sites: Sites | None, world: int) -> None:
         param = next(model.parameters(), None)
         self.slots = Slots(param.device if param is not None else "cpu")
+        if world > 1:
+            self.ranks = RankSync(
+                per_rank=self.config.per_rank, reports=self.reports, device=self.slots.device
+            )
         self.use_sites(sites if sites is not None else discover(model))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step))
@@ -140,8 +168,13 @@ class Monitor:
         self._probes = ProbeSet(sites, self.slots, self.config, self.label)
         self._probes.armed = armed
         self.params = ParamStats(
-            self.model.named_parameters(), layer_of_param(sites.layer_prefixes), self.slots.device
+            self.model.named_parameters(),
+            layer_of_param(sites.layer_prefixes),
+            self.slots.device,
+            world=self.ranks.world if self.ranks is not None else None,
         )
+        if self.ranks is not None:
+            self.ranks.plan_capacity(max(len(sites.qk), len(sites.resid), len(self.params.layers)))
         if self.config.grads == "backward" and "grad" in self.config.probes:
             self._backward_norms = [None] * len(self.params.params)
             for j, p in enumerate(self.params.params):
@@ -173,7 +206,7 @@ class Monitor:
             if self.armed and p.grad is not None:
                 # Each micro-batch overwrites: the last one sees the whole accumulated gradient.
                 self._backward_norms[j] = torch.linalg.vector_norm(
-                    p.grad.detach(), dtype=torch.float32
+                    self.params.local(p.grad.detach()), dtype=torch.float32
                 )
 
         return hook
@@ -201,6 +234,10 @@ class Monitor:
         if ratio is not None and "update" in self.config.probes:
             keys = [series_key("update.ratio", **self.label)]
             keys += [series_key("update.ratio", layer=i, **self.label) for i in layers]
+            if self.params.squared:  # divided once every rank's share is summed
+                den = [(DEN + metric, labels) for metric, labels in keys]
+                self.slots.write("update.den", den, ratio[len(keys) :])
+                ratio = ratio[: len(keys)]
             self.slots.write("update", keys, ratio)
 
     def _guard(self, kind: str, fn: Callable[..., None], *args: Any) -> None:
@@ -217,8 +254,13 @@ class Monitor:
         loss_z: torch.Tensor | float | None = None,
         tokens: int | None = None,
     ) -> None:
-        """Call once after each optimizer step. Never raises, never waits for the device."""
+        """Call once after each optimizer step. Never raises, never waits for the device.
+        Under torch.distributed call it on every rank with the same ``step``: a reporting step
+        runs one collective (see monitoring/distributed.py)."""
         if not self.active or self._closed:
+            return
+        if self.ranks is not None:
+            self._step_ranks(step, loss, loss_z, tokens)
             return
         try:
             self._tokens += int(tokens or 0)
@@ -260,7 +302,48 @@ class Monitor:
                 now - self._last_report, 1e-9
             )
         self._last_report, self._tokens = now, 0
+        if self.ranks is not None:  # the values go out with every rank's in _step_ranks
+            self._host = write_host(self.slots, host)
+            return
         self._reporter.ship(step, self.slots, self.slots.take(), host)
+
+    def _step_ranks(self, step: int, loss: Any, loss_z: Any, tokens: int | None) -> None:
+        """step() under torch.distributed. On reporting steps (the same on every rank) every
+        rank joins the one collective whatever failed before it, then acts on rank 0's
+        decisions; between them it does nothing that another rank must match."""
+        armed, ranks = self.armed, self.ranks
+        self._host = {}
+        try:
+            self._tokens += int(tokens or 0)
+            if armed:
+                self._report(step, loss, loss_z)
+        except Exception as e:
+            self._reporter.warn_once(
+                "step", "step() failed (%s: %s); monitoring goes on", type(e).__name__, e
+            )
+        if armed:
+            sent = self.alerts.take(MAX_ALERTS) if ranks.rank == 0 else []
+            off = set(self._probes.disabled) if self._probes is not None else set()
+            shipped, decided = ranks.exchange(self.slots, off, sent)  # never raises
+            try:
+                if shipped is not None:
+                    self._reporter.ship(step, shipped, shipped.blocks, self._host, shipped.check)
+            except Exception as e:  # whatever happens to this rank's report, it acts below
+                self._reporter.warn_once("ship", "could not ship a report (%s)", e)
+            if decided is not None:
+                self._decide(decided, step)  # callbacks' errors are caught and logged
+        if self._probes is not None:
+            self._probes.armed = (step + 1) % self.config.every == 0
+        self._grads_recorded = False
+
+    def _decide(self, decided: Decisions, step: int) -> None:
+        """The same on every rank: probes off anywhere go off everywhere (the ranks' reports
+        keep one layout), and rank 0's alerts run every rank's on_alert callbacks."""
+        if self._probes is not None:
+            for kind in sorted(decided.off - self._probes.disabled):
+                self._probes.disabled.add(kind)
+                log.warning("logitwatch: probe %r is off on every rank (it failed on one)", kind)
+        self.alerts.run(decided.alerts, step)
 
     # -- alerts and shutdown ----------------------------------------------------------------
 
@@ -290,11 +373,14 @@ class Monitor:
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
         return done and bool(self.sink.flush(left))
 
-    def close(self, timeout: float | None = 10.0) -> None:
-        """Remove every hook, flush, and close the sink; returns within ``timeout``."""
+    def close(self, timeout: float | None = None) -> None:
+        """Remove every hook, flush, and close the sink; returns within ``timeout`` (default
+        ``config.close_timeout_s``), having waited that long for an unreachable service.
+        Points still undelivered then are named in a warning and in ``undelivered``."""
         if self._closed:
             return
         self._closed = True
+        timeout = self.config.close_timeout_s if timeout is None else timeout
         start = time.monotonic()
         if self._probes is not None:
             self._probes.close()
@@ -309,6 +395,12 @@ class Monitor:
             self.sink.close(left)
         except Exception as e:
             log.warning("logitwatch: closing the sink failed (%s)", e)
+
+    @property
+    def undelivered(self) -> Any:
+        """After close: the points the service did not get (steps, spool path, and the
+        ``logitwatch sync`` command that delivers them: sender.Undelivered), or None."""
+        return getattr(self.sink, "undelivered", None) if self._closed else None
 
     def __enter__(self) -> Monitor:
         return self

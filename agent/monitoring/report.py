@@ -43,11 +43,21 @@ class Reporter:
             self._warned.add(kind)
             log.warning("logitwatch: " + msg, *args)
 
-    def ship(self, step: int, slots: Slots, blocks: list[Block], host_values: dict) -> None:
-        """Called on the training thread: start the device-to-host copy and queue it."""
+    def ship(
+        self,
+        step: int,
+        slots: Slots,
+        blocks: list[Block],
+        host_values: dict,
+        check: tuple[int, list[int]] | None = None,
+    ) -> None:
+        """Called on the training thread: start the device-to-host copy and queue it.
+        ``check`` (under torch.distributed): the slot that must read 1 for the step to be
+        delivered, and one per block for that block (values the ranks' reduction vouches for)."""
         n = slots.used
         event = None
-        if slots.device.type == "cuda" and blocks:
+        wanted = bool(blocks) or check is not None
+        if slots.device.type == "cuda" and wanted:
             if not self._ring or self._ring[0].numel() < n:
                 # Ring longer than the queue: a buffer is never rewritten while queued.
                 self._ring = [
@@ -60,9 +70,9 @@ class Reporter:
             event = torch.cuda.Event()
             event.record()
         else:
-            host = slots.buf[:n].clone() if blocks else None
+            host = slots.buf[:n].clone() if wanted else None
         try:
-            self.queue.put_nowait((step, time.time(), blocks, host, event, host_values))
+            self.queue.put_nowait((step, time.time(), blocks, host, event, host_values, check))
         except queue.Full:
             self.dropped += 1
             self.warn_once("full", "the report queue is full (sink too slow?); dropping steps")
@@ -81,10 +91,14 @@ class Reporter:
             finally:
                 self.queue.task_done()
 
-    def _deliver(self, step, t, blocks, host, event, host_values) -> None:
+    def _deliver(self, step, t, blocks, host, event, host_values, check) -> None:
         if event is not None:
             event.synchronize()
         flat = host.tolist() if host is not None else []
+        if check is not None:
+            if flat[check[0]] != 1.0:
+                return
+            blocks = [b for b, i in zip(blocks, check[1], strict=True) if flat[i] == 1.0]
         pairs = list(host_values.items())
         for start, keys in blocks:
             pairs.extend(zip(keys, flat[start : start + len(keys)], strict=True))

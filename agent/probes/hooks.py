@@ -7,6 +7,7 @@ guarded so that a failing probe is logged once, switched off, and never raises i
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,17 +69,53 @@ class Sites:
     installers: list[Callable[[ProbeSet], Callable[[], None]]] = field(default_factory=list)
 
 
+def _in_backward() -> bool:
+    """True while autograd's engine runs a backward on this thread: that is where activation
+    checkpointing recomputes a block's forward, and with it fires the block's forward hooks."""
+    task = getattr(torch._C, "_current_graph_task_id", None)  # private; absent: assume not
+    return task is not None and task() != -1
+
+
+def _compile_sees_hooks() -> None:
+    """Make torch.compile guard on module hooks, once it is in use.
+
+    By default (``skip_nnmodule_hook_guards``) dynamo does not: a graph compiled before the
+    probes were installed, or for another instance of the same model class, would be reused
+    without them (no attention, logits or act readings), and one compiled with them would keep
+    running them after close(). With the guard, installing or removing the probes costs one
+    recompile, and a model without hooks keeps its own graph. torch._dynamo is only touched
+    when something imported it (torch.compile does): importing it costs about a second.
+    """
+    dynamo = sys.modules.get("torch._dynamo")
+    config = getattr(dynamo, "config", None)
+    if config is not None and getattr(config, "skip_nnmodule_hook_guards", False):
+        config.skip_nnmodule_hook_guards = False
+
+
 class ProbeSet:
-    """Installs the hooks of ``sites`` and writes their reductions into ``slots``.
+    """Installs the hooks of ``sites`` and hands their reductions to ``slots``.
 
     ``armed`` is set by the Monitor before a reporting step's forward; hooks return at once
     otherwise, and also during forwards without grad (evaluation, generation).
+
+    A hook only computes: its small result tensor waits in ``pending`` and is written into
+    ``slots`` when the Monitor takes them, which keeps hook bodies traceable by torch.compile
+    (no Python state read back, no allocation on the first write) — see ``drain``.
+
+    One reading per site and step: a second call of a site *inside backward* — activation
+    checkpointing recomputing the forward (``checkpoint(..., use_reentrant=False)``) — is
+    ignored, so recomputation neither doubles the cost nor replaces a reading. The reentrant
+    variant runs the forward without grad, so there the recompute in backward gives the
+    (identical) reading. Repeated forwards (micro-batches) overwrite: the last one is reported.
     """
 
     def __init__(self, sites: Sites, slots: Slots, cfg: Any, label: dict[str, str]) -> None:
         self.sites, self.slots, self.cfg, self.label = sites, slots, cfg, label
         self.armed = False
         self.disabled: set[str] = set()
+        # (kind, layer) -> the reduction's values, until the next drain. Cleared, never
+        # replaced: compiled graphs hold on to this very dict.
+        self.pending: dict[tuple[str, int | None], torch.Tensor] = {}
         self._removers: list[Callable[[], None]] = []
         on = set(cfg.probes)
         if "attn" in on:
@@ -100,8 +137,14 @@ class ProbeSet:
             for layer, module in sites.resid:
                 h = module.register_forward_hook(self._resid_hook(layer))
                 self._removers.append(h.remove)
+        self._hooked = bool(self._removers)  # some model probe should fire when armed
+        self._told_silent = False
+        _compile_sees_hooks()
+        slots.before_take.append(self.drain)
+        self._removers.append(lambda: slots.before_take.remove(self.drain))
 
     def close(self) -> None:
+        self.armed = False  # a compiled graph that still holds the hooks runs them idle
         for remove in reversed(self._removers):
             try:
                 remove()
@@ -111,6 +154,17 @@ class ProbeSet:
 
     def live(self) -> bool:
         return self.armed and torch.is_grad_enabled()
+
+    def fresh(self, name: tuple[str, int | None]) -> bool:
+        """False for a repeated reading of ``name`` inside backward (checkpoint recompute).
+
+        Under torch.compile the answer is always True and costs no guard: a compiled region's
+        hooks run once, at trace time, into the forward graph, and its recompute is in the
+        compiled backward graph, which has no hooks.
+        """
+        if torch.compiler.is_compiling():
+            return True
+        return name not in self.pending or not _in_backward()
 
     def guard(self, kind: str, fn: Callable[..., None], *args: Any) -> None:
         """Run one probe body; on error log once, switch the probe kind off, carry on."""
@@ -125,15 +179,50 @@ class ProbeSet:
                 "logitwatch: probe %r failed and is now off (%s: %s)", kind, type(e).__name__, e
             )
 
-    # -- probe bodies -------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Write the pending reductions into the slots, with their series keys (``Slots.take``
+        calls this; eager, after the step, so the keys cost nothing inside a compiled graph)."""
+        # torch.compile is the likely cause of a silent step, so it is the only case we name.
+        compiled = "torch._dynamo" in sys.modules
+        if not self.pending and self._hooked and compiled and not self._told_silent:
+            self._told_silent = True
+            log.warning(
+                "logitwatch: no model probe fired on a reporting step; under torch.compile "
+                "create the Monitor (and attach) before the model's first compiled forward, "
+                "or call torch._dynamo.reset() after creating it"
+            )
+        for (kind, layer), values in list(self.pending.items()):
+            self.guard(kind, self._write, kind, layer, values)
+        self.pending.clear()
+
+    def _write(self, kind: str, layer: int | None, values: torch.Tensor) -> None:
+        label = self.label
+        if kind == "attn":
+            n_heads = values.numel() - len(ATTN_FIELDS)
+            if self.cfg.per_head:
+                keys = [
+                    series_key("attn.logit_max", layer=layer, head=h, **label)
+                    for h in range(n_heads)
+                ]
+            else:
+                values = torch.cat([values[:n_heads].amax().reshape(1), values[n_heads:]])
+                keys = [series_key("attn.logit_max", layer=layer, **label)]
+            keys += [series_key(name, layer=layer, **label) for name in ATTN_FIELDS]
+            self.slots.write(("attn", layer), keys, values)
+        elif kind == "logits":
+            self.slots.write("logits", [series_key(n, **label) for n in LOGITS_FIELDS], values)
+        else:
+            self.slots.write(("act", layer), [series_key("act.rms", layer=layer, **label)], values)
+
+    # -- probe bodies: reductions into ``pending``, nothing else ------------------------------
 
     def on_qk(self, layer: int, qk: QK) -> None:
-        if self.live():
+        if self.live() and self.fresh(("attn", layer)):
             self.guard("attn", self._attn, layer, qk)
 
     def _attn(self, layer: int, qk: QK) -> None:
         cfg = self.cfg
-        values = attn_stats(
+        self.pending[("attn", layer)] = attn_stats(
             qk.q.detach(),
             qk.k.detach(),
             qk.scale,
@@ -141,54 +230,50 @@ class ProbeSet:
             sample_batch=cfg.sample_batch,
             causal=qk.causal,
             mask=qk.mask,
+            chunk_elems=getattr(cfg, "attn_chunk", None),
         )
-        n_heads = qk.q.size(1)
-        if cfg.per_head:
-            heads = [
-                series_key("attn.logit_max", layer=layer, head=h, **self.label)
-                for h in range(n_heads)
-            ]
-        else:
-            values = torch.cat([values[:n_heads].amax().reshape(1), values[n_heads:]])
-            heads = [series_key("attn.logit_max", layer=layer, **self.label)]
-        keys = heads + [series_key(name, layer=layer, **self.label) for name in ATTN_FIELDS]
-        self.slots.write(("attn", layer), keys, values)
 
     def on_logits(self, logits: torch.Tensor) -> None:
-        if self.live():
+        if self.live() and self.fresh(("logits", None)):
             self.guard("logits", self._logits, logits)
 
     def _logits(self, logits: torch.Tensor) -> None:
-        values = logits_stats(logits, sample_tokens=self.cfg.sample_tokens)
-        self.slots.write("logits", [series_key(n, **self.label) for n in LOGITS_FIELDS], values)
+        self.pending[("logits", None)] = logits_stats(logits, sample_tokens=self.cfg.sample_tokens)
 
     def on_resid(self, layer: int, x: torch.Tensor) -> None:
-        if self.live():
+        if self.live() and self.fresh(("act", layer)):
             self.guard("act", self._resid, layer, x)
 
     def _resid(self, layer: int, x: torch.Tensor) -> None:
-        self.slots.write(
-            ("act", layer), [series_key("act.rms", layer=layer, **self.label)], act_rms(x)
-        )
+        self.pending[("act", layer)] = act_rms(x)
 
     # -- hook adapters ------------------------------------------------------------------------
 
     def _qk_hook(self, site: QKSite) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if self.live() and "attn" not in self.disabled:
-                self.guard(
-                    "attn", lambda: self._attn(site.layer, site.get(module, args, kwargs, output))
-                )
+            if self.live() and self.fresh(("attn", site.layer)):
+                self.guard("attn", self._qk_call, site, module, args, kwargs, output)
 
         return hook
 
+    def _qk_call(
+        self, site: QKSite, module: nn.Module, args: tuple, kwargs: dict, out: Any
+    ) -> None:
+        self._attn(site.layer, site.get(module, args, kwargs, out))
+
     def _logits_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self.live():
-            self.guard("logits", lambda: self._logits(self.sites.logits_get(output)))
+        if self.live() and self.fresh(("logits", None)):
+            self.guard("logits", self._logits_call, output)
+
+    def _logits_call(self, output: Any) -> None:
+        self._logits(self.sites.logits_get(output))  # the getter is guarded too
 
     def _resid_hook(self, layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if self.live():
-                self.guard("act", lambda: self._resid(layer, self.sites.resid_get(output)))
+            if self.live() and self.fresh(("act", layer)):
+                self.guard("act", self._resid_call, layer, output)
 
         return hook
+
+    def _resid_call(self, layer: int, output: Any) -> None:
+        self._resid(layer, self.sites.resid_get(output))

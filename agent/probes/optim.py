@@ -2,16 +2,39 @@
 
 Per-tensor norms come from one fused ``torch._foreach_norm`` call; squares are summed per
 layer with ``index_add_``, so the cost is a few kernels whatever the number of parameters.
+Under torch.distributed each rank reduces only its local shards (no DTensor op, hence no
+collective) and hands out weighted squares that the Monitor sums across ranks.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["ParamStats", "layer_of_param"]
+__all__ = ["ParamStats", "layer_of_param", "shard_weight"]
+
+
+def _dtensor_type() -> type | None:
+    """DTensor's class once FSDP2 or tensor parallelism loaded it (never imported to check)."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def shard_weight(p: torch.Tensor, world: int) -> float:
+    """The share of ``p``'s squared norm that one rank's local copy stands for: summed over
+    the ranks, the weighted local squares make the global squared norm. A DTensor's shard
+    counts once per replica of the shards (FSDP2: 1; HSDP: 1/replicas); a plain tensor is a
+    whole replica on every rank (DDP): 1/world."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(p, dtensor):
+        shards = 1
+        for dim, placement in enumerate(p.placements):
+            if placement.is_shard():
+                shards *= p.device_mesh.size(dim)
+        return shards / world
+    return 1.0 / world
 
 
 def layer_of_param(prefixes: dict[str, int]) -> Callable[[str], int | None]:
@@ -38,6 +61,8 @@ class ParamStats:
         named_params: Iterable[tuple[str, nn.Parameter]],
         layer_of: Callable[[str], int | None],
         device: torch.device,
+        *,
+        world: int | None = None,
     ) -> None:
         self.params: list[nn.Parameter] = []
         owners: list[int | None] = []
@@ -56,18 +81,42 @@ class ParamStats:
             device=device,
         )
         self.device = device
+        dtensor = _dtensor_type()
+        # FSDP2 parameters are DTensors, whose every norm would be a collective: read shards.
+        self._dtensor = dtensor if any(isinstance(p, dtensor or ()) for p in self.params) else None
+        # ``world`` given (torch.distributed): outputs are weighted squares, rooted by the caller
+        # after summing them across ranks.
+        self.squared = world is not None
+        self.weight = (
+            torch.tensor([shard_weight(p, world) for p in self.params], device=device)
+            if world is not None
+            else None
+        )
         self._prev: list[torch.Tensor] | None = None
         self._prev_sq: torch.Tensor | None = None
         self._cur_sq: torch.Tensor | None = None
         self._versions: list[int] = []
 
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of a DTensor; any other tensor as it is."""
+        return t.to_local() if self._dtensor is not None and isinstance(t, self._dtensor) else t
+
     def _sq_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if self._dtensor is not None:
+            tensors = [self.local(t) for t in tensors]
         norms = torch._foreach_norm(tensors)
         return torch.stack([n.to(self.device, torch.float32) for n in norms]).square()
 
-    def _grouped(self, sq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def _grouped(
+        self, sq: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if weight is not None:
+            sq = sq * weight
         per = torch.zeros(len(self.layers) + 1, device=self.device).index_add_(0, index, sq)
         return torch.cat([sq.sum().reshape(1), per[:-1]])  # squared: global, per layer
+
+    def _root(self, sq: torch.Tensor) -> torch.Tensor:
+        return sq if self.squared else sq.sqrt()
 
     @torch.no_grad()
     def grads(self, norms: list[torch.Tensor | None] | None = None) -> torch.Tensor | None:
@@ -83,15 +132,17 @@ class ParamStats:
             sq = torch.stack([norms[j].to(self.device) for j in have]).square() if have else None
         if sq is None:
             return None
-        index = self.index if len(have) == len(self.params) else self.index[have]
+        whole = len(have) == len(self.params)
+        index = self.index if whole else self.index[have]
+        weight = self.weight if whole or self.weight is None else self.weight[have]
         nonfinite = (~torch.isfinite(sq)).sum().float().reshape(1)
-        return torch.cat([self._grouped(sq, index).sqrt(), nonfinite])
+        return torch.cat([self._root(self._grouped(sq, index, weight)), nonfinite])
 
     @torch.no_grad()
     def snapshot(self) -> None:
         """Copy the weights (before an optimizer step) for the update ratio. The copy lives in
         one buffer kept across steps: fresh memory each time costs page faults on the CPU."""
-        cur = [p.detach() for p in self.params]
+        cur = [self.local(p.detach()) for p in self.params]
         if self._prev is None:
             self._prev = [t.clone() for t in cur]
         else:
@@ -106,15 +157,18 @@ class ParamStats:
     @torch.no_grad()
     def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(global, *per layer) weight norms, and ||w - w_prev|| / ||w_prev|| when a snapshot
-        was taken since the last call."""
-        cur = [p.detach() for p in self.params]
+        was taken since the last call. ``squared``: the weighted squares of the norms, and
+        of the update's numerator then denominator, concatenated."""
+        cur = [self.local(p.detach()) for p in self.params]
         self._cur_sq = cur_sq = self._sq_norms(cur)
         self._versions = [p._version for p in self.params]
-        norms = self._grouped(cur_sq, self.index).sqrt()
+        norms = self._root(self._grouped(cur_sq, self.index, self.weight))
         if self._prev is None or self._prev_sq is None:
             return norms, None
         torch._foreach_sub_(self._prev, cur)  # in place: w_prev - w, no extra copy
-        delta = self._grouped(self._sq_norms(self._prev), self.index)
-        ratio = (delta / self._grouped(self._prev_sq, self.index).clamp_min(1e-30)).sqrt()
+        delta = self._grouped(self._sq_norms(self._prev), self.index, self.weight)
+        prev = self._grouped(self._prev_sq, self.index, self.weight)
         self._prev_sq = None  # the buffer now holds the difference, not a snapshot
-        return norms, ratio
+        if self.squared:
+            return norms, torch.cat([delta, prev])
+        return norms, (delta / prev.clamp_min(1e-30)).sqrt()

@@ -7,7 +7,7 @@ accumulation, and returns a small 1-D tensor on the same device: nothing syncs w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -18,7 +18,9 @@ __all__ = [
     "LOGITS_FIELDS",
     "Slots",
     "act_rms",
+    "attn_logit_absmax",
     "attn_stats",
+    "chunk_budget",
     "even_rows",
     "logits_stats",
 ]
@@ -49,14 +51,18 @@ _rows_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 def even_rows(n: int, k: int, device: torch.device) -> torch.Tensor:
     """Indices of k evenly spaced rows out of n, always the first and last; all rows if n <= k."""
     key = (n, k, device)
-    rows = _rows_cache.get(key)
+    # Under torch.compile the cache is bypassed: a global dict that fills up during tracing
+    # would fail its guards on the next call and cost a recompile.
+    compiling = torch.compiler.is_compiling()
+    rows = None if compiling else _rows_cache.get(key)
     if rows is None:
         if n <= k:
             rows = torch.arange(n, device=device)
         else:
             # Spacing (n-1)/(k-1) > 1, so rounding never merges two rows (no unique(): a sync).
-            rows = torch.linspace(0, n - 1, k).round().long().to(device)
-        _rows_cache[key] = rows
+            rows = torch.linspace(0, n - 1, k, device=device).round().long()
+        if not compiling:
+            _rows_cache[key] = rows
     return rows
 
 
@@ -69,19 +75,149 @@ def _causal(
     """(1, 1, R, Tk) "may attend" and its additive 0/-inf twin, cached; query row i sits at key
     position i + (Tk - Tq) (a KV cache precedes the queries)."""
     key = (Tq, rows.numel(), Tk, causal, rows.device)
-    hit = _masks.get(key)
+    compiling = torch.compiler.is_compiling()  # no cache under compile: see even_rows
+    hit = None if compiling else _masks.get(key)
     if hit is None:
         keys = torch.arange(Tk, device=rows.device)
         allowed = keys[None, :] <= rows[:, None] + (Tk - Tq) if causal else keys[None, :] >= 0
         allowed = allowed.view(1, 1, -1, Tk)
         bias = torch.zeros(allowed.shape, device=rows.device).masked_fill_(~allowed, float("-inf"))
-        _masks[key] = hit = (allowed, bias)
+        hit = (allowed, bias)
+        if not compiling:
+            _masks[key] = hit
     return hit
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
     # vector_norm with dtype accumulates in fp32 without an fp32 copy of x.
     return torch.linalg.vector_norm(x, dtype=torch.float32) / math.sqrt(max(x.numel(), 1))
+
+
+#: Logits one chunk of an attention probe holds, when not configured (MonitorConfig.attn_chunk).
+#: Either way the probe's memory is bounded whatever B, H and T are: B·H·Tq·Tk is never
+#: materialised. On the CPU, chunks of a few MiB run as fast as any (measured: 2^17-2^23 within
+#: noise, smaller ones pay per-chunk dispatch); on an accelerator larger ones mean fewer launches.
+CHUNK_ELEMS_CPU = 1 << 20  # 4 MiB in fp32
+CHUNK_ELEMS_DEVICE = 1 << 27  # 256 MiB in bf16, 512 MiB in fp32
+
+
+def chunk_budget(device: torch.device, configured: int | None = None) -> int:
+    """Logits per chunk: ``configured``, else the default for the device's type."""
+    if configured:
+        return configured
+    return CHUNK_ELEMS_CPU if device.type == "cpu" else CHUNK_ELEMS_DEVICE
+
+
+def _plan(B: int, H: int, Tq: int, Tk: int, causal: bool, budget: int) -> tuple[int, int]:
+    """(batch items, query rows) per chunk of the exact maximum."""
+    rows = max(1, min(Tq, budget // (H * Tk)))
+    if causal and Tq >= 64:
+        # Causal chunks of a quarter of the rows skip 3/8 of q·kᵀ (the keys past each chunk).
+        rows = min(rows, -(-Tq // 4))
+    return max(1, min(B, budget // (H * rows * Tk))), rows
+
+
+def _matmul_dtype(q: torch.Tensor) -> torch.dtype:
+    # Accelerators multiply bf16 on their matrix units at 10-20x the fp32 rate, accumulating in
+    # fp32: each logit then carries one rounding to bf16 (2^-9 relative), as in the model's own
+    # attention. fp16 would overflow at |q·k| > 65504, and the CPU gains nothing: fp32 there.
+    return torch.bfloat16 if q.dtype == torch.bfloat16 and q.device.type != "cpu" else torch.float32
+
+
+def _may_attend(mask: torch.Tensor) -> torch.Tensor:
+    """A bool "may attend" mask from a bool or an additive float one (-inf or dtype-min hides)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+@torch.no_grad()
+def attn_logit_absmax(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool = True,
+    mask: torch.Tensor | None = None,
+    chunk_elems: int | None = None,
+) -> torch.Tensor:
+    """Per-head max |q·k·scale| over every batch item, query row and key it may attend: (H,).
+
+    q (B, H, Tq, hs) and k (B, Hkv, Tk, hs), before scaling and soft-capping; query row i sits
+    at key position i + Tk - Tq (a KV cache precedes the queries). Exact (bf16 inputs on an
+    accelerator: up to one bf16 rounding of each logit), computed in chunks of whole batch
+    items and query rows of at most ``chunk_elems`` logits each; a causal chunk multiplies only
+    the keys its last row may see. ``mask``: bool "may attend" or additive float, (B|1, 1|H,
+    Tq, Tk). A head that may attend nothing reads 0.
+    """
+    B, H, Tq, hs = q.shape
+    Hkv, Tk = k.size(1), k.size(2)
+    off = Tk - Tq
+    bc, rc = _plan(B, H, Tq, Tk, causal, chunk_budget(q.device, chunk_elems))
+    dtype = _matmul_dtype(q)
+    mask = _may_attend(mask) if mask is not None else None
+    found = []
+    for b0 in range(0, B, bc):
+        b1 = min(B, b0 + bc)
+        # Contiguous: a strided k (the usual transpose of (B, T, H, hs)) cannot be batched by
+        # bmm and would be copied again for every row chunk.
+        kt = k[b0:b1].to(dtype).contiguous().transpose(-2, -1)  # (b, Hkv, hs, Tk)
+        for r0 in range(0, Tq, rc):
+            r1 = min(Tq, r0 + rc)
+            n_keys = max(0, min(Tk, r1 + off)) if causal else Tk  # keys the chunk's last row sees
+            if n_keys == 0:
+                continue
+            # GQA without copying k: the G query heads of a kv head (h = kv·G + g, as
+            # repeat_interleave lays them out) are stacked along the row axis and share one
+            # matmul with their k.
+            qc = q[b0:b1, :, r0:r1].to(dtype).contiguous()
+            qc = qc.view(b1 - b0, Hkv, -1, hs)  # (b, Hkv, G·c, hs)
+            att = qc @ kt[..., :n_keys]  # (b, Hkv, G·c, n_keys), unscaled
+            grid = att.view(b1 - b0, H, r1 - r0, n_keys)  # (b, H, c, n_keys)
+            # Hidden logits become 0, which never beats a max of magnitudes.
+            if causal and r0 + off < n_keys - 1:
+                grid.tril_(r0 + off)  # row r0 + i sees keys <= r0 + i + off
+            if mask is not None:
+                m = mask[b0:b1] if mask.size(0) > 1 else mask
+                grid.masked_fill_(~m[:, :, r0:r1, :n_keys], 0.0)
+            # max |x| as max(max, -min) over each head's contiguous c·n_keys run: two
+            # vectorised reads (abs-max reductions, the inf-norm, are ~40x slower on the CPU).
+            flat = att.view(b1 - b0, H, -1)
+            found.append(torch.maximum(flat.amax(-1), flat.amin(-1).neg_()))  # (b, H)
+    if not found:
+        return torch.zeros(H, device=q.device)
+    # The scale is positive, so it scales the max: applied once here, in fp32.
+    return torch.cat(found).amax(0).float() * scale  # (H,)
+
+
+def _entropy(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    rows: torch.Tensor,
+    causal: bool,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy in nats of the softmax of each of ``rows`` (B, H, R), and its keys (b, h, R)."""
+    B, H, Tq, hs = q.shape
+    Hkv, Tk = k.size(1), k.size(2)
+    R = rows.numel()
+    qs = q.index_select(2, rows).float() * scale  # (B, H, R, hs), scaled: R·hs < R·Tk
+    att = qs.reshape(B, Hkv, -1, hs) @ k.float().transpose(-2, -1)  # (B, Hkv, G·R, Tk)
+    att = att.view(B, H, R, Tk)
+    allowed, bias = _causal(rows, Tq, Tk, causal)  # (1, 1, R, Tk)
+    if mask is None:
+        att.add_(bias)  # an add of 0/-inf is ~4x faster than masked_fill on CPU
+    else:
+        allowed = allowed & mask[..., :Tk].index_select(-2, rows)
+        att.masked_fill_(~allowed, float("-inf"))
+    row_max = att.amax(dim=-1, keepdim=True)  # (B, H, R, 1)
+    # One exp pass: with d = a - max, p = e^d / s and H = log s - sum(e^d · d) / s. Clamping d
+    # at -80 keeps exp off its slow underflow path (e^-80 ~ 1e-35: no effect on H) and turns
+    # masked -inf into terms that vanish instead of 0 · -inf = NaN.
+    row_max = torch.where(row_max == float("-inf"), 0.0, row_max)  # fully masked rows
+    d = att.sub_(row_max).clamp_(min=-80.0)
+    e = d.exp()
+    s = e.sum(-1)  # (B, H, R)
+    return s.log() - e.mul_(d).sum(-1) / s, allowed.sum(-1)
 
 
 @torch.no_grad()
@@ -94,48 +230,37 @@ def attn_stats(
     sample_batch: int | None = None,
     causal: bool = True,
     mask: torch.Tensor | None = None,
+    chunk_elems: int | None = None,
 ) -> torch.Tensor:
-    """Per-head max logit, then entropy min/mean/frac and q/k RMS: a (n_heads + 5,) tensor.
+    """Per-head max |logit|, then entropy min/mean/frac and q/k RMS: a (n_heads + 5,) tensor.
 
-    q (B, H, Tq, hs) and k (B, Hkv, Tk, hs), before scaling and soft-capping. The max is exact
-    over the sampled query rows (all rows when Tq <= sample_rows) with the causal mask (and
-    ``mask``: bool "may attend" or additive float, (B|1, 1|H, Tq, Tk)) applied. Entropies are
-    over the same rows, leaving out rows with fewer than two keys (their entropy is 0 by
-    construction); entropy_min/mean are the min/mean over heads of each head's mean entropy.
+    q (B, H, Tq, hs) and k (B, Hkv, Tk, hs), before scaling and soft-capping. The max is exact:
+    ``attn_logit_absmax`` over all batch items and query rows, in chunks. Only the averages are
+    sampled: entropies are over ``sample_rows`` evenly spaced query rows (all when Tq <= it) of
+    the first ``sample_batch`` batch items (all when None), in chunks of whole batch items,
+    leaving out rows with fewer than two keys (their entropy is 0 by construction);
+    entropy_min/mean are the min/mean over heads of each head's mean entropy. q/k RMS are over
+    everything. ``mask``: as in attn_logit_absmax.
     """
+    budget = chunk_budget(q.device, chunk_elems)
     q_rms, k_rms = _rms(q), _rms(k)
-    if sample_batch is not None and q.size(0) > sample_batch:
-        q, k = q[:sample_batch], k[:sample_batch]
-        mask = mask[:sample_batch] if mask is not None and mask.size(0) > 1 else mask
-    B, H, Tq, hs = q.shape
-    Hkv, Tk = k.size(1), k.size(2)
+    logit_max = attn_logit_absmax(q, k, scale, causal=causal, mask=mask, chunk_elems=budget)
+    mask = _may_attend(mask) if mask is not None else None
+    Bs = q.size(0) if sample_batch is None else min(q.size(0), sample_batch)
+    H, Tq, Tk = q.size(1), q.size(2), k.size(2)
     rows = even_rows(Tq, sample_rows, q.device)  # (R,)
-    R = rows.numel()
-    # GQA without copying k: the G query heads of a kv head (h = kv·G + g, as repeat_interleave
-    # lays them out) are stacked along the row axis and share one matmul with their k.
-    qs = q.index_select(2, rows).float() * scale  # (B, H, R, hs), scaled: R·hs < R·Tk
-    att = qs.reshape(B, Hkv, -1, hs) @ k.float().transpose(-2, -1)  # (B, Hkv, G·R, Tk)
-    att = att.view(B, H, R, Tk)
-    allowed, bias = _causal(rows, Tq, Tk, causal)  # (1, 1, R, Tk)
-    if mask is None:
-        att.add_(bias)  # an add of 0/-inf is ~4x faster than masked_fill on CPU
-    else:
-        m = mask[..., :Tk].index_select(-2, rows)
-        m = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
-        allowed = allowed & m
-        att.masked_fill_(~allowed, float("-inf"))
-    row_max = att.amax(dim=-1, keepdim=True)  # (B, H, R, 1)
-    logit_max = row_max.amax(dim=(0, 2, 3))  # (H,)
-    # Entropy in one exp pass: with d = a - max, p = e^d / s and H = log s - sum(e^d · d) / s.
-    # Clamping d at -80 keeps exp off its slow underflow path (e^-80 ~ 1e-35: no effect on H)
-    # and turns masked -inf into terms that vanish instead of 0 · -inf = NaN.
-    row_max = torch.where(row_max == float("-inf"), 0.0, row_max)  # fully masked rows
-    d = att.sub_(row_max).clamp_(min=-80.0)
-    e = d.exp()
-    s = e.sum(-1)  # (B, H, R)
-    ent = s.log() - e.mul_(d).sum(-1) / s  # (B, H, R) nats
-    n_keys = allowed.sum(-1)  # (b, h, R)
-    w = (n_keys >= 2).float().expand(B, H, R)  # rows with one key have entropy 0 by construction
+    step = max(1, budget // (H * rows.numel() * Tk))  # batch items per chunk
+    per_item = mask is not None and mask.size(0) > 1  # else the keys per row are shared
+    ents, keys = [], []
+    for b0 in range(0, Bs, step):
+        b1 = min(Bs, b0 + step)
+        m = mask[b0:b1] if per_item else mask
+        ent, n = _entropy(q[b0:b1], k[b0:b1], scale, rows, causal, m)
+        ents.append(ent)
+        keys.append(n)
+    ent = torch.cat(ents) if len(ents) > 1 else ents[0]  # (Bs, H, R) nats
+    n_keys = torch.cat(keys) if per_item and len(keys) > 1 else keys[0]  # (Bs|1, H|1, R)
+    w = (n_keys >= 2).float().expand_as(ent)  # rows with one key have entropy 0 by construction
     per_head = (ent * w).sum((0, 2)) / w.sum((0, 2)).clamp_min(1.0)  # (H,)
     frac = (ent / n_keys.clamp_min(2).float().log() * w).sum() / w.sum().clamp_min(1.0)
     tail = torch.stack([per_head.min(), per_head.mean(), frac, q_rms, k_rms])
@@ -179,6 +304,8 @@ class Slots:
         self.used = 0
         self.blocks: dict[object, tuple[int, tuple[SeriesKey, ...]]] = {}
         self.written: set[object] = set()
+        # Called first thing in take(): writers that defer their writes (ProbeSet.drain).
+        self.before_take: list[Callable[[], None]] = []
 
     def write(self, name: object, keys: Sequence[SeriesKey], values: torch.Tensor) -> None:
         keys = tuple(keys)
@@ -201,6 +328,13 @@ class Slots:
 
     def take(self) -> list[tuple[int, tuple[SeriesKey, ...]]]:
         """The (start, keys) of blocks written since the last take; clears the marks."""
+        for drain in list(self.before_take):
+            drain()
         out = [self.blocks[n] for n in self.written]
         self.written = set()
         return out
+
+    def reset(self) -> None:
+        """Forget the layout: the next writes lay their blocks out afresh (under
+        torch.distributed, all ranks at once, when their layouts disagreed)."""
+        self.blocks, self.used, self.written = {}, 0, set()

@@ -53,6 +53,8 @@ class TrainResult:
     checkpoint: str | None  # the last checkpoint written
     run: str  # the name the monitor reports under (given, the checkpoint's, or made up)
     model: torch.nn.Module = field(repr=False)
+    # Points the service did not get before the monitor closed: count, spool, sync command.
+    undelivered: Any = None
 
 
 class _NullMonitor:
@@ -249,7 +251,7 @@ def train(
     val = _evaluate(model, corpus.val, cfg, device, autocast)
     return TrainResult(
         start, step + 1, log.losses, log.lrs, val, log.tokens_per_s(), log.seconds(), checkpoint,
-        run, model,
+        run, model, getattr(monitor, "undelivered", None),
     )  # fmt: skip
 
 
@@ -350,4 +352,4 @@ def _closing(monitor: Any):
     try:
         yield monitor
     finally:
-        monitor.close(timeout=10)  # the sender flushes what it holds, bounded
+        monitor.close()  # bounded by the monitor's close_timeout_s, waiting for the service

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
 import threading
 import time as _time
 from collections import deque
@@ -28,9 +30,70 @@ from logitwatch.agent.transport.spool import (
     read_state,
     write_state,
 )
-from logitwatch.protocol import MAX_POINTS_PER_BATCH, Batch, encode_batch
+from logitwatch.protocol import (
+    MAX_POINTS_PER_BATCH,
+    Batch,
+    ProtocolError,
+    decode_batch,
+    encode_batch,
+)
 
-__all__ = ["HttpSink", "SenderConfig"]
+__all__ = ["HttpSink", "SenderConfig", "Undelivered"]
+
+_CLOSING_RETRY_S = 0.5  # while close() waits for the service, look for it this often
+_COUNT_BUDGET_S = 2.0  # reading the spool back to count its steps stops after this
+
+
+@dataclass(frozen=True)
+class Undelivered:
+    """What a closed HttpSink could not deliver: spooled on disk, waiting for ``command``."""
+
+    run: str
+    server: str
+    spool_dir: Path
+    steps: int  # distinct training steps with at least one undelivered point
+    first_step: int | None
+    last_step: int | None
+    points: int
+    batches: int  # records in the spool (each a batch of one or more steps)
+    lost_batches: int = 0  # batches the disk refused too: gone with the process
+    complete: bool = True  # False: the spool was too large to count in time (at least ...)
+    token: bool = False  # the service wants a token: sync needs LOGITWATCH_TOKEN or --token
+
+    @property
+    def command(self) -> str:
+        """The exact command that delivers the spooled points."""
+        return f"logitwatch sync {shlex.quote(str(self.spool_dir))} --server {shlex.quote(self.server)}"
+
+    @property
+    def message(self) -> str:
+        at_least = "" if self.complete else "at least "
+        span = ""
+        if self.first_step is not None:
+            span = (
+                f"step {self.first_step}"
+                if self.first_step == self.last_step
+                else f"steps {self.first_step}-{self.last_step}"
+            ) + ", "
+        lines = []
+        if self.batches:
+            lines += [
+                f"logitwatch: {at_least}{self.steps} steps of run {self.run!r} ({span}"
+                f"{self.points:,} points in {self.batches} batches) were not delivered to "
+                f"{self.server}; they are spooled in {self.spool_dir}. Deliver them with:",
+                f"  {self.command}"
+                + ("   (token in LOGITWATCH_TOKEN, or --token)" if self.token else ""),
+                "(a later run with this spool directory delivers them too)",
+            ]
+        if self.lost_batches:
+            lines.append(
+                f"logitwatch: {self.lost_batches} more batches could not be written to the "
+                "spool either (disk full?) and are lost."
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
@@ -124,11 +187,15 @@ class HttpSink(BatchingSink):
         self._outbox_bytes = 0
         self._outbox_cap = self.config.max_memory_mb * 2**19
         self._offline = False
+        self._closing = False  # close() is waiting for the service: retry often
+        self._has_token = token is not None
+        self.undelivered: Undelivered | None = None
         self._alerts: list[dict[str, Any]] = []
         self._state: dict[str, Any] = {}
         self.delivered_batches = 0
         self._post_wake = threading.Event()
         self._post_stop = threading.Event()
+        self._nudge = threading.Event()  # cuts a backoff wait short (close)
         self._poster_thread = threading.Thread(
             target=self._post_loop, name=f"logitwatch-sender-{run}", daemon=True
         )
@@ -285,7 +352,10 @@ class HttpSink(BatchingSink):
                     wait = backoff.next()
                     if out.retry_after is not None:
                         wait = min(out.retry_after, self.config.max_retry_after_s)
-                    self._post_stop.wait(wait)
+                    elif self._closing:
+                        wait = min(wait, _CLOSING_RETRY_S)
+                    self._nudge.wait(wait)
+                    self._nudge.clear()
                 else:
                     self.once(
                         out.kind, "service refused a batch: %s %s; dropped", out.kind, out.detail
@@ -296,15 +366,87 @@ class HttpSink(BatchingSink):
                 self._post_stop.wait(self.config.backoff_initial_s)
 
     # -- close -----------------------------------------------------------------------------
+    def close(self, timeout: float | None = None) -> None:
+        """Wait up to 80 % of ``timeout`` for the service to take every point, then spool
+        the rest; what is left undelivered is logged as a warning and kept in ``undelivered``.
+        """
+        if self._closed or os.getpid() != self._pid:
+            return
+        timeout = self._close_timeout if timeout is None else max(0.0, timeout)
+        deadline = _time.monotonic() + timeout
+        try:
+            # Waiting for the disk is not enough: what stays in the spool reaches the
+            # service only through ``logitwatch sync`` or a later run.
+            self._closing = True
+            self._nudge.set()  # a poster in a long backoff looks for the service now
+            target = self._logged_rows
+            self._wake.set()
+            with self._progress:
+                self._progress.wait_for(
+                    lambda: self._taken_rows >= target and self._settled(), 0.8 * timeout
+                )
+        except Exception as exc:
+            self.once("close", "closing the sink failed: %r", exc)
+        super().close(max(0.0, deadline - _time.monotonic()))
+        if self.undelivered is not None:
+            log.warning("%s", self.undelivered.message)
+
+    def _settled(self) -> bool:
+        """Everything routed has reached the service (not only the disk)."""
+        return not self._outbox and (self.spool is None or self.spool.pending() == 0)
+
     def _finish(self, deadline: float) -> None:
         with self._lock:
             self._spill()  # whatever is still in memory (even in flight) goes to disk
-            if self._outbox:
-                self.once("lost", "%d batches could not be delivered or spooled", len(self._outbox))
+            lost = len(self._outbox)
+            if lost:
+                self.once("lost", "%d batches could not be delivered or spooled", lost)
         self._post_stop.set()
         self._post_wake.set()
+        self._nudge.set()
         self._poster_thread.join(max(0.0, deadline - _time.monotonic()))
+        try:
+            self.undelivered = self._count_undelivered(lost)
+        except Exception as exc:
+            self.once("count", "could not count the undelivered points: %r", exc)
         with self._lock:
             if self.spool is not None:
                 self.spool.close()
         self._poster.close()
+
+    def _count_undelivered(self, lost: int) -> Undelivered | None:
+        """Read the spool back: the steps, points and batches still waiting in it."""
+        steps: set[int] = set()
+        points = batches = 0
+        complete = True
+        if self.spool is not None and self.spool.pending() > 0:
+            stop = _time.monotonic() + _COUNT_BUDGET_S
+            for rec in self.spool.unacked():
+                if rec.kind != BATCH:
+                    continue
+                batches += 1
+                if not complete or _time.monotonic() > stop:
+                    complete = False  # a huge spool: count its batches, not its steps
+                    continue
+                try:
+                    batch = decode_batch(rec.data)
+                except ProtocolError:
+                    continue
+                points += batch.n_points
+                for series in batch.series:
+                    steps.update(series.steps)
+        if not batches and not lost:
+            return None
+        return Undelivered(
+            run=self.run,
+            server=self._poster.server,
+            spool_dir=self.spool_dir.resolve(),
+            steps=len(steps),
+            first_step=min(steps) if steps else None,
+            last_step=max(steps) if steps else None,
+            points=points,
+            batches=batches,
+            lost_batches=lost,
+            complete=complete,
+            token=self._has_token,
+        )

@@ -47,6 +47,12 @@ class Sink:
         """The run's firing alerts as last reported by the service (empty offline)."""
         return []
 
+    def alert(self, alert: Mapping[str, Any]) -> None:
+        """A newly firing alert, once (W&B and TensorBoard show it). Must not block or raise."""
+
+    #: After close: what could not be delivered (sender.Undelivered), or None when nothing.
+    undelivered: Any = None
+
     def flush(self, timeout: float | None = None) -> bool:
         """Push out what is queued; True if everything was delivered or stored."""
         return True
@@ -111,6 +117,17 @@ class FanOutSink(Sink):
         for s in self.sinks:
             out.extend(s.firing_alerts())
         return out
+
+    def alert(self, alert) -> None:
+        for s in self.sinks:
+            try:
+                s.alert(alert)
+            except Exception:
+                pass
+
+    @property
+    def undelivered(self) -> Any:
+        return next((u for s in self.sinks if (u := getattr(s, "undelivered", None))), None)
 
     def flush(self, timeout=None) -> bool:
         return all([s.flush(timeout) for s in self.sinks])

@@ -15,6 +15,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,14 @@ class Spool:
                 self._head = (later[0], 0)
             self._pending = 0  # the count was off by a skipped tail: trust the files
             return None
+
+    def unacked(self) -> Iterator[SpoolRecord]:
+        """The records not yet acknowledged, oldest first; nothing is acknowledged."""
+        with self._lock:
+            head_no, head_off = self._head
+            files = [n for n in self._files if n >= head_no]
+        for no in files:  # the files are append-only: read them without holding the lock
+            yield from self._scan(no, head_off if no == head_no else 0)
 
     def ack(self, record: SpoolRecord) -> None:
         """Mark ``record`` (from ``peek``) delivered."""

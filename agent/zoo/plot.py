@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from logitwatch.agent.zoo.report import smoothed
+from logitwatch.plot import mark_alerts
 
 __all__ = ["plot_run"]
-
-COLOURS = {"warning": "tab:orange", "critical": "tab:red", "info": "tab:blue"}
 
 
 def plot_run(output: Any, score: Any, control: Any, path: Path) -> None:
@@ -37,10 +36,9 @@ def plot_run(output: Any, score: Any, control: Any, path: Path) -> None:
     _lines(axes[2], output.series.get("logz.mean", {}), "mean log Z", log=False)
     _lines(axes[3], _per_layer_max(output.series.get("attn.logit_max", {})), "attn max logit",
            log=True)  # fmt: skip
-    for a in score.alerts:
-        if a.get("severity") in ("warning", "critical"):
-            for x in axes:
-                x.axvline(a["first_step"], color=COLOURS[a["severity"]], lw=0.8, alpha=0.6)
+    bad = [a for a in score.alerts if a.get("severity") in ("warning", "critical")]
+    for x in axes:
+        mark_alerts(x, bad)  # the colours and firing step of `logitwatch plot`
     if score.diverged_at is not None:
         for x in axes:
             x.axvline(score.diverged_at, color="k", ls="--", lw=1)

@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from logitwatch.client import ApiClient, ServiceError
+from logitwatch.tables import Col, Records, num
 
 __all__ = ["add_arguments", "run"]
 
@@ -74,13 +74,16 @@ def _runs(api: ApiClient, args: argparse.Namespace, console: Console) -> Any:
     doc = {"runs": api.runs()}
     if args.json:
         return doc
-    table = Table("run", "series", "segment", "last step", "last seen (UTC)", "tags")
+    table = Records([Col("run", readable=32), num("series"), num("segment"), num("last step"),
+                     Col("last seen", readable=10), Col("tags", readable=16)],
+                    title="runs (times in UTC)")  # fmt: skip
     for r in doc["runs"]:
         seen = (r.get("last_seen_at") or "")[:19].replace("T", " ")
-        tags = r.get("tags")
+        # A tag a line: JSON's quotes and braces cost width and wrap badly in a narrow column.
+        tags = "\n".join(f"{k}={v}" for k, v in sorted((r.get("tags") or {}).items()))
         table.add_row(r["name"], str(r["n_series"]), str(r["max_segment"]),
                       str(r["last_step"] if r["last_step"] is not None else "—"), seen,
-                      json.dumps(tags) if tags else "")  # fmt: skip
+                      tags)  # fmt: skip
     console.print(table)
     return None
 
@@ -89,8 +92,8 @@ def _series(api: ApiClient, args: argparse.Namespace, console: Console) -> Any:
     doc = {"run": args.run, "series": api.series(args.run, metric=args.metric)}
     if args.json:
         return doc
-    table = Table("metric", "labels", "points", "first step", "last step", "last value",
-                  title=f"run {args.run}")  # fmt: skip
+    table = Records([Col("metric", readable=20), "labels", num("points"), num("first step"), num("last step"),
+                     num("last value")], title=f"run {args.run}")  # fmt: skip
     for s in doc["series"]:
         table.add_row(s["metric"], _labels(s["labels"]), f"{s['n_points']:,}",
                       str(s["first_step"]), str(s["last_step"]), _num(s["last_value"]))  # fmt: skip
@@ -108,12 +111,14 @@ def _query(api: ApiClient, args: argparse.Namespace, console: Console) -> Any:
         return doc
     bucketed = args.max_points is not None
     cols = (["first step", "last step", "count", "min", "max", "last", "NaN"] if bucketed
-            else ["step", "value", "time"])  # fmt: skip
+            else ["step", "value"])  # fmt: skip
     for s in doc["series"]:
         title = f"{args.run} {args.metric} {_labels(s['labels']) if s['labels'] else ''}".strip()
         if s.get("segment") is not None:
             title += f" segment {s['segment']}"
-        table = Table(*cols, title=title)
+        table = Records(
+            [*map(num, cols), *([] if bucketed else [Col("time (UTC)", readable=23)])], title=title
+        )
         if bucketed:
             names = ("steps", "last_steps", "count", "min", "max", "last", "nan")
         else:
@@ -131,9 +136,12 @@ def _alerts(api: ApiClient, args: argparse.Namespace, console: Console) -> Any:
     doc = {"alerts": api.alerts(run=args.run, state=args.state)}
     if args.json:
         return doc
-    table = Table(
-        "id", "run", "rule", "severity", "state", "metric", "labels", "step", "value", "hint"
-    )
+    table = Records(
+        [num("id"), Col("run", readable=32), Col("rule", readable=20), "severity", "state",
+         Col("metric", readable=20), "labels", num("step"),
+         num("value"), Col("hint", readable=24)],
+        title="alerts",
+    )  # fmt: skip
     for a in doc["alerts"]:
         table.add_row(str(a["id"]), a["run"], a["rule"], a["severity"], a["state"], a["metric"],
                       _labels(a.get("labels") or {}), str(a.get("last_step")), _num(a.get("value")),

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth", action="store_true", default=None, help="require API tokens")
     parser.add_argument("--rules", metavar="FILE", help="YAML file of alert rules")
     parser.add_argument(
+        "--alertmanager", metavar="URL", help="post firing alerts to this Alertmanager"
+    )
+    parser.add_argument(
         "--log-level", default="warning", help="uvicorn log level (default warning)"
     )
 
@@ -36,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         auth=args.auth,
         rules_file=args.rules,
+        alertmanager_url=args.alertmanager,
     )
     path = sqlite_path(settings.db_url)
     where = f"SQLite file {path}" if path else settings.db_url.split("@")[-1]

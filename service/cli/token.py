@@ -11,11 +11,11 @@ import json
 import sys
 
 from rich.console import Console
-from rich.table import Table
 
 from logitwatch.service.settings import load_settings
 from logitwatch.service.store.db import make_engine, make_sessionmaker, upgrade
 from logitwatch.service.store.tokens import SCOPES, create_token, list_tokens, revoke_token
+from logitwatch.tables import Col, Records, num
 
 __all__ = ["add_arguments", "run"]
 
@@ -83,9 +83,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(items, indent=2))
         return 0
-    table = Table("id", "name", "scope", "runs", "created", "revoked")
+    # Date and time as two words, so a narrow column wraps between them.
+    table = Records([num("id"), Col("name", readable=32), "scope", Col("runs", readable=16),
+                     Col("created", readable=10), Col("revoked", readable=10)],
+                    title="tokens (times in UTC)")  # fmt: skip
     for it in items:
+        created, revoked = (t.replace("T", " ").removesuffix("+00:00") if t else ""
+                            for t in (it["created_at"], it["revoked_at"]))  # fmt: skip
         table.add_row(str(it["id"]), it["name"], it["scope"], it["run_pattern"] or "*",
-                      it["created_at"], it["revoked_at"] or "")  # fmt: skip
+                      created, revoked)  # fmt: skip
     Console().print(table)
     return 0

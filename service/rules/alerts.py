@@ -98,6 +98,7 @@ def alert_dict(alert: Alert, run: str, *, silenced: bool = False) -> dict[str, A
         "silenced": silenced,
         "created_at": _iso(alert.created_at),
         "fired_at": _iso(alert.fired_at),
+        "fired_step": alert.fired_step,
         "resolved_at": _iso(alert.resolved_at),
         "resolved_step": alert.resolved_step,
     }
@@ -136,6 +137,7 @@ def open_alert(
         created_at=now,
         updated_at=now,
         fired_at=now if state == "firing" else None,
+        fired_step=step if state == "firing" else None,
     )
     session.add(alert)
     session.flush()  # the id goes into the rule state
@@ -148,6 +150,8 @@ def resolve_alert(alert: Alert, *, step: int | None) -> None:
     alert.resolved_at = now
     alert.resolved_step = step
     alert.updated_at = now
+    if alert.am_due_at is not None:  # Alertmanager has it (or is about to): say it ended
+        alert.am_due_at = now
 
 
 def _query(

@@ -171,7 +171,7 @@ class BatchJob:
             alert.last_step, alert.value, alert.threshold = step, v.value, v.threshold
             alert.updated_at = utcnow()
             if alert.state == "pending" and state == "firing":
-                alert.state, alert.fired_at = "firing", utcnow()
+                alert.state, alert.fired_at, alert.fired_step = "firing", utcnow(), step
                 self._notify(alert, "firing")
             return
         st.pop("streak", None)

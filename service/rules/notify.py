@@ -18,6 +18,7 @@ import httpx
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from logitwatch.service.rules.alertmanager import AlertmanagerSender
 from logitwatch.service.rules.alerts import dashboard_link
 from logitwatch.service.store.db import WRITE
 from logitwatch.service.store.models import utcnow
@@ -74,7 +75,8 @@ def render_payload(
 
 
 class Notifier:
-    """Sends queued webhook deliveries on a background thread.
+    """Sends queued webhook deliveries on a background thread, and hands firing alerts to
+    `alertmanager` (its own thread) when one is configured.
 
     >>> n = Notifier(None, urls=[])  # no URLs: enqueue() queues nothing
     >>> n.enabled
@@ -92,6 +94,7 @@ class Notifier:
         backoff_s: float = 2.0,
         backoff_max_s: float = 300.0,
         poll_s: float = 1.0,
+        alertmanager: AlertmanagerSender | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("notify.max_attempts must be at least 1")
@@ -105,16 +108,21 @@ class Notifier:
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.poll_s = poll_s
+        self.alertmanager = alertmanager
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
     def enabled(self) -> bool:
-        return bool(self.targets)
+        return bool(self.targets) or self.alertmanager is not None
 
     def enqueue(self, session: Session, *, alert: Alert, run: str, event: str) -> None:
         """Queue one delivery per webhook, in the caller's transaction."""
+        if self.alertmanager is not None and event == "firing":
+            # Resolutions reach Alertmanager through alerts.resolve_alert, silenced or not:
+            # once it has an alert, only its end (or endsAt passing) takes it away.
+            self.alertmanager.schedule(alert)
         if not self.targets:
             return
         from logitwatch.service.rules.alerts import alert_dict  # alerts imports nothing from here
@@ -138,6 +146,8 @@ class Notifier:
     # --- the worker -------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.alertmanager is not None:
+            self.alertmanager.start()
         if self._thread is not None or not self.targets or self._sm is None:
             return
         self._thread = threading.Thread(target=self._loop, name="logitwatch-notify", daemon=True)
@@ -149,6 +159,8 @@ class Notifier:
         if self._thread is not None:
             self._thread.join(timeout=self.timeout_s + 5)
             self._thread = None
+        if self.alertmanager is not None:
+            self.alertmanager.close()
 
     def _loop(self) -> None:
         with httpx.Client(timeout=self.timeout_s) as client:

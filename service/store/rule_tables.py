@@ -45,6 +45,7 @@ class Alert(Base):
             postgresql_where=text(OPEN_WHERE),
         ),
         Index("ix_alerts_state", "state", "run_id"),
+        Index("ix_alerts_am_due", "am_due_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -68,6 +69,13 @@ class Alert(Base):
     resolved_step: Mapped[int | None] = mapped_column(BigInteger)
     acked_at: Mapped[datetime | None] = mapped_column(Stamp)
     acked_by: Mapped[str | None] = mapped_column(String(128))
+    #: The step at which it went firing (NULL while pending, and on rows from before 0004).
+    fired_step: Mapped[int | None] = mapped_column(BigInteger)
+    #: When Alertmanager is next due to hear of it (NULL: never, or nothing left to tell).
+    am_due_at: Mapped[datetime | None] = mapped_column(Stamp)
+    #: When Alertmanager last accepted it, and how many posts have failed since.
+    am_sent_at: Mapped[datetime | None] = mapped_column(Stamp)
+    am_failures: Mapped[int | None] = mapped_column(Integer)
 
 
 class RuleState(Base):
@@ -104,7 +112,11 @@ class Silence(Base):
 
 
 class Delivery(Base):
-    """One webhook attempt; a queued row is the outbox entry a notifier thread claims."""
+    """One webhook attempt; a queued row is the outbox entry a notifier thread claims.
+
+    Alertmanager posts (format ``alertmgr``) are recorded here too, never queued: their
+    schedule lives on the alert row (``am_due_at``).
+    """
 
     __tablename__ = "deliveries"
     __table_args__ = (Index("ix_deliveries_due", "status", "next_at"),)

@@ -66,10 +66,11 @@ def record_qk(model):
 
 
 def direct_max(q, k, scale):
+    """Per-head max |q·k·scale| over every causal logit."""
     k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
     att = (q @ k.transpose(-2, -1)) * scale
-    att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-    return att.amax(dim=(0, 2, 3))
+    att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), 0.0)
+    return att.abs().amax(dim=(0, 2, 3))
 
 
 @pytest.mark.parametrize(
@@ -153,3 +154,25 @@ def test_trainer_callback_reports_pre_clip_grad_norm(tmp_path):
     assert sink.series("attn.logit_max", layer=1, head=3)[0] == [1, 2, 4]
     assert sink.series("lr", group=0)[0] == [1, 2, 4]
     assert sink.runs["hf-trainer"]["config"]["model"]["num_hidden_layers"] == 2
+
+
+def test_trainer_callback_names_undelivered_points_at_train_end(tmp_path, caplog):
+    from helpers.server import free_port
+
+    from logitwatch.agent import MonitorConfig
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    down = f"http://127.0.0.1:{free_port()}"  # nobody listens: every point stays spooled
+    callback = LogitwatchCallback("hf-down", server=down, spool_dir=tmp_path / "spool",
+                                  config=MonitorConfig(close_timeout_s=1.0))  # fmt: skip
+    trainer = transformers.Trainer(model=llama(), args=args, train_dataset=Tokens(),
+                                   callbacks=[callback])  # fmt: skip
+    with caplog.at_level("WARNING", logger="logitwatch.agent"):
+        trainer.train()
+    u = callback.undelivered
+    assert u is not None and u.steps == 2 and u.spool_dir == (tmp_path / "spool").resolve()
+    assert u.command == f"logitwatch sync {u.spool_dir} --server {down}"
+    assert any(u.command in r.getMessage() for r in caplog.records)

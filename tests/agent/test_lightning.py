@@ -62,3 +62,24 @@ def test_lightning_callback_reports_every_probe(tmp_path):
     assert all(v > 0 for v in sink.series("loss")[1])
     assert sink.series("throughput.tokens_per_s")[0] == [2, 4]
     assert not any(len(m._forward_hooks) for m in module.modules())
+
+
+def test_lightning_callback_names_undelivered_points_at_train_end(tmp_path, caplog):
+    from helpers.server import free_port
+
+    from logitwatch.agent import MonitorConfig
+
+    data = torch.utils.data.TensorDataset(torch.randint(0, V, (4, T)))
+    down = f"http://127.0.0.1:{free_port()}"  # nobody listens: every point stays spooled
+    callback = LogitwatchLightningCallback("lit-down", server=down, spool_dir=tmp_path / "spool",
+                                           config=MonitorConfig(close_timeout_s=1.0))  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[callback],
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="logitwatch.agent"):
+        trainer.fit(LitDecoder(), torch.utils.data.DataLoader(data, batch_size=B))
+    u = callback.undelivered
+    assert u is not None and u.steps == 2 and u.spool_dir == (tmp_path / "spool").resolve()
+    assert any(u.command in r.getMessage() for r in caplog.records)

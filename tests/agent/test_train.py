@@ -105,7 +105,7 @@ def test_monitor_gets_every_step_and_is_closed(tmp_path):
     assert init["run_config"]["decoder"]["d_model"] == 64
     keys = ["loss", "loss_z", "tokens"]
     assert calls[1:4] == [("step", s, keys, lr) for s, lr in enumerate(result.lrs)]
-    assert calls[-1] == ("close", 10)
+    assert calls[-1] == ("close", None)  # the monitor's own close_timeout_s
 
     # A spool alone turns monitoring on, under a made-up run name that a resume keeps.
     calls.clear()

@@ -1,9 +1,10 @@
 """docker-compose.yml and the Dockerfile, checked as far as a machine without Docker can.
 
 Valid against the Compose Specification's schema; every mounted file and build context
-exists; ports and URLs agree across compose, the service's settings, prometheus.yml and
-Grafana's provisioning; and the service starts with exactly the environment compose (and
-the image) give it, its database pointed at the local PostgreSQL.
+exists; ports and URLs agree across compose, the service's settings, prometheus.yml,
+alertmanager.yml (which amtool checks) and Grafana's provisioning; and the service starts
+with exactly the environment compose (and the image) give it, its database pointed at the
+local PostgreSQL.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import httpx
 import jsonschema
 import pytest
 import yaml
+from helpers.alertmanager import AMTOOL, binary
 from helpers.answers import json_of
 from helpers.pg import fresh_database
 from helpers.server import free_port, wait_ready
@@ -195,6 +197,40 @@ def test_ports_and_urls_agree_with_settings_prometheus_and_grafana():
     assert "3000:3000" in grafana["ports"]
     assert urlsplit(settings.dashboard_url).port == 3000
     assert services["demo"]["command"][-1] == f"http://logitwatch:{settings.port}"
+
+
+def test_alertmanager_is_wired_to_the_service_and_its_config_checks():
+    services = compose()["services"]
+    lw, am = services["logitwatch"], services["alertmanager"]
+    settings = load_settings(
+        **{k.removeprefix("LOGITWATCH_").lower(): v for k, v in lw["environment"].items()}
+    )
+    target = urlsplit(settings.alertmanager_url)
+    assert (target.scheme, target.hostname, target.port) == ("http", "alertmanager", 9093)
+    assert "9093:9093" in am["ports"] and am["image"].startswith("prom/alertmanager:v")
+    flags = dict(f.removeprefix("--").split("=", 1) for f in am["command"])
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in am["volumes"]}
+    assert mounts[flags["config.file"]] == "./dashboards/alertmanager.yml"
+    assert mounts[flags["storage.path"]] in compose()["volumes"]
+    assert flags["cluster.listen-address"] == ""  # a single instance gossips with no one
+
+    path = REPO / "dashboards/alertmanager.yml"
+    checked = subprocess.run(
+        [binary(AMTOOL), "check-config", str(path)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    config = yaml.safe_load(path.read_text())
+    # It groups, routes and inhibits on labels logitwatch sends, and hears when alerts end.
+    sent = {"alertname", "run", "severity", "metric"}
+    routes = [config["route"], *config["route"].get("routes", [])]
+    matchers = [m for r in routes for m in r.get("matchers", [])]
+    for rule in config.get("inhibit_rules", []):
+        matchers += rule["source_matchers"] + rule["target_matchers"]
+        assert set(rule["equal"]) <= sent
+    assert {re.match(r"\w+", m).group(0) for m in matchers} <= sent, matchers
+    assert set(config["route"]["group_by"]) <= sent
+    hooks = [w for r in config["receivers"] for w in r.get("webhook_configs", [])]
+    assert hooks and all(w["send_resolved"] for w in hooks)
 
 
 def test_service_starts_with_exactly_the_compose_environment(tmp_path):

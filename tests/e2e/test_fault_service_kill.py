@@ -9,7 +9,9 @@ own record is a MemorySink fed the same reports (a FanOutSink), compared value b
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,3 +119,87 @@ def _kill_and_compare(tmp_path, kind: str) -> None:
     assert sum(len(s) for s, _ in stored.values()) == n
     last = max(steps[-1] for steps, _ in produced.values())
     assert last >= 58 and info["last_step"] == last and info["max_segment"] == 0
+
+
+TRAIN = ["--preset", "llama2", "--steps", "120", "--batch-size", "2", "--seq-len", "16",
+         "--warmup", "4", "--every", "1", "--log-every", "1", "--corpus-bytes", "20000",
+         "--device", "cpu", "--no-progress", "--run", "killed"]  # fmt: skip
+
+
+def test_service_down_past_the_end_names_the_spool_and_its_command_delivers_it(tmp_path):
+    """The user's report: the service SIGKILLed a third of the way into ``logitwatch train
+    --every 1`` and still down when training ends. The run's last lines name the undelivered
+    steps, the spool and the exact ``logitwatch sync`` command; that command, run against the
+    restarted service, delivers every point."""
+    db_url = f"sqlite:///{tmp_path / 'lw.db'}"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "logitwatch", "train", *TRAIN, "--server", url,
+           "--metrics-out", str(tmp_path / "m.jsonl")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with (
+        open(tmp_path / "serve.log", "ab") as log,
+        open(tmp_path / "train.out", "wb") as out,
+        open(tmp_path / "train.err", "wb") as err,
+    ):
+        proc = _spawn(db_url, port, log)
+        trainer = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 240
+            while _loss_steps(url) < 20:  # a third of the way (the sender posts once a second)
+                assert trainer.poll() is None, (tmp_path / "train.err").read_text()
+                assert time.monotonic() < deadline, "no points reached the service"
+                time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            assert trainer.wait(300) == 0, (tmp_path / "train.err").read_text()
+        finally:
+            trainer.kill()
+        stdout = (tmp_path / "train.out").read_text()
+        stderr = (tmp_path / "train.err").read_text()
+        spool = (tmp_path / ".logitwatch" / "spool" / "killed").resolve()
+        command = f"logitwatch sync {spool} --server {url}"
+        # The summary's last lines, and the warning the monitor logged at close, say the same.
+        for text in (stdout, stderr):
+            assert command in [line.strip() for line in text.splitlines()[-4:]], text[-2000:]
+        (told,) = {int(n) for n in re.findall(r"(\d+) steps of run 'killed'", stdout + stderr)}
+        assert "undelivered" in stdout and f"{told} steps spooled" in stdout
+
+        proc = _spawn(db_url, port, log)  # back, but nothing delivers on its own
+        try:
+            before = _loss_steps(url)
+            assert told > 0 and before + told >= 120  # a batch in flight at the kill: both
+            bin_dir = str(Path(sys.executable).parent)
+            synced = subprocess.run(command, shell=True, capture_output=True, text=True,
+                                    env={**env, "PATH": f"{bin_dir}:{env.get('PATH', '')}"},
+                                    cwd=tmp_path, timeout=120)  # fmt: skip
+            assert synced.returncode == 0, synced.stderr
+            stored = _stored_run(url, "killed")
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    steps, values = stored[("loss", ())]
+    assert steps == list(range(120)) and values == losses  # every step once, bit for bit
+    n_series = len(stored)
+    assert n_series > 20
+    for key, (got, _) in stored.items():  # every series, every step (tokens/s from step 1)
+        want = list(range(1, 120)) if key[0] == "throughput.tokens_per_s" else list(range(120))
+        assert got == want, key
+    produced = 120 * n_series - 1
+    assert sum(len(s) for s, _ in stored.values()) == produced  # stored = produced
+
+
+def _loss_steps(url: str) -> int:
+    try:
+        r = httpx.get(f"{url}/api/v1/runs/killed/metrics/loss", params={"limit": 10_000}, timeout=5)
+    except httpx.HTTPError:
+        return 0
+    if r.status_code != 200:
+        return 0
+    return sum(len(s["steps"]) for s in r.json()["series"])
+
+
+def _stored_run(url: str, run: str) -> dict:
+    return stored_points(url, run)

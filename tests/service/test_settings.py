@@ -30,6 +30,10 @@ def test_environment_and_lists(monkeypatch):
     assert s.cors_origins == ["http://localhost:3000"]
     assert s.db_url == "postgresql+psycopg://u@h/db"
     assert load_settings(port=1).port == 1  # arguments win over the environment
+    monkeypatch.setenv("LOGITWATCH_ALERTMANAGER_URL", "http://am:9093/")
+    monkeypatch.setenv("LOGITWATCH_ALERTMANAGER_RESEND_S", "15")
+    s = load_settings()
+    assert (s.alertmanager_url, s.alertmanager_resend_s) == ("http://am:9093", 15.0)
 
 
 @pytest.mark.parametrize(
@@ -41,6 +45,12 @@ def test_environment_and_lists(monkeypatch):
         ({"workers": 0}, "setting workers"),
         ({"rules_file": "/no/such/file.yaml"}, "does not exist"),
         ({"body_limit_bytes": 10}, "setting body_limit_bytes"),
+        (
+            {"alertmanager_url": "ftp://am:9093"},
+            "setting alertmanager_url (LOGITWATCH_ALERTMANAGER_URL)",
+        ),
+        ({"alertmanager_url": "am:9093"}, "is not an http(s) URL"),
+        ({"alertmanager_resend_s": 0}, "setting alertmanager_resend_s"),
     ],
 )
 def test_bad_values_name_the_setting(kwargs, message):
