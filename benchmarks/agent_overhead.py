@@ -1,6 +1,6 @@
 """What the Monitor costs a training step: reference decoder on the CPU, with and without it.
 
-Identical models train side by side, interleaved step by step (A B C, B C A, ...): no
+Identical models train side by side, interleaved step by step (in a random order each step): no
 monitor, a Monitor reporting every step, one reporting every 10th; then the same three under
 torch.compile (each compiled arm's ratio is to the compiled model without a monitor; compiling
 happens in the warm-up steps; --no-compile leaves these arms out). Median step times are
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import random
 import statistics
 import sys
 import tempfile
@@ -79,15 +80,15 @@ def overhead(args, console: Console) -> None:
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 256, (args.batch, args.seq), generator=g) for _ in range(4)]
     total = args.warmup + args.rounds * 10  # rounds of 10 steps: every=10 reports once per round
-    graphs = 0
+    graphs, order = 0, random.Random(2)
     for step in range(total):
         if step == args.warmup and args.compile:
             graphs = counters["stats"]["unique_graphs"]
-        # Interleaved, and each step starts one arm later (A B C, B C A, ...): an arm's place
-        # in the round (after which arm, which memory freed just before) moves its step time
-        # by several percent on a 2-core box, so no arm may keep one place.
+        # Interleaved, in a new random order each step: an arm's place in the round (after
+        # which arm, in what state it left the caches and the allocator) moves its step time
+        # by several percent on a 2-core box, and a rotation keeps each arm's predecessor.
         arms_now = list(runs.values())
-        arms_now = arms_now[step % len(arms_now) :] + arms_now[: step % len(arms_now)]
+        order.shuffle(arms_now)
         for model, opt, monitor, wall, cpu in arms_now:
             t, c = step_fn(model, opt, monitor, batches[step % len(batches)], step)
             if step >= args.warmup:

@@ -114,7 +114,8 @@ class ProbeSet:
         self.armed = False
         self.disabled: set[str] = set()
         # (kind, layer) -> the reduction's values, until the next drain. Cleared, never
-        # replaced: compiled graphs hold on to this very dict.
+        # replaced: a compiled graph may go on writing into the dict it was traced with
+        # (measured: a replaced dict loses readings).
         self.pending: dict[tuple[str, int | None], torch.Tensor] = {}
         self._removers: list[Callable[[], None]] = []
         on = set(cfg.probes)
