@@ -34,7 +34,7 @@ def plot_run(output: Any, score: Any, control: Any, path: Path) -> None:
     ax.legend(loc="upper right", fontsize=7)
     _lines(axes[1], output.series.get("lr", {}), "LR", log=False)
     _lines(axes[2], output.series.get("logz.mean", {}), "mean log Z", log=False)
-    _lines(axes[3], _per_layer_max(output.series.get("attn.logit_max", {})), "attn max logit",
+    _lines(axes[3], _per_layer_max(output.series.get("attn.logit_max", {})), "attn max |logit|",
            log=True)  # fmt: skip
     bad = [a for a in score.alerts if a.get("severity") in ("warning", "critical")]
     for x in axes:

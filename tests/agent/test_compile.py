@@ -107,3 +107,35 @@ def test_a_model_compiled_before_the_monitor_is_named_in_a_warning(caplog):
         monitor.step(1, loss=1.0)
     told = [r.getMessage() for r in caplog.records if "no model probe fired" in r.getMessage()]
     assert len(told) == 1 and "before the model's first compiled forward" in told[0]
+
+
+def test_compiled_and_checkpointed_blocks_report_eagers_values():
+    """Checkpointed regions trace the probes' writes into the forward only when dynamo may skip
+    replaying them in the recompute, which is the probes' own rule (one reading per step)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def sink_of(backend: str | None) -> MemorySink:
+        model = tiny()
+        for block in model.blocks:
+            f = block.forward
+            block.forward = lambda x, c, s, f=f: checkpoint(f, x, c, s, use_reentrant=False)
+        sink = MemorySink()
+        with Monitor(model, run="c", sink=sink, every=2) as monitor:
+            fwd = torch.compile(model, backend=backend) if backend else model
+            g = torch.Generator().manual_seed(1)
+            for step in range(4):
+                idx = torch.randint(0, V, (B, T), generator=g)
+                loss_fn(fwd(idx), idx, 0.0)[0].backward()
+                monitor.step(step, loss=1.0)
+        return sink
+
+    eager = sink_of(None)
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        compiled = sink_of("aot_eager")
+    assert dict(counters["graph_break"]) == {}
+    assert [s for s, _, _ in compiled.rows] == [s for s, _, _ in eager.rows] == [0, 2]
+    for (_, _, want), (_, _, got) in zip(eager.rows, compiled.rows, strict=True):
+        assert got.keys() == want.keys() and any(k[0] == "attn.logit_max" for k in got)
+        for key in want:
+            if key[0] != "throughput.tokens_per_s":
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
