@@ -40,6 +40,8 @@ from logitwatch.service.store.db import upgrade
 from logitwatch.tables import Col, Records, num
 
 SERIES, STEPS = 100, 100  # one batch: 100 series x 100 steps = 10,000 points
+#: CPU seconds the `logitwatch serve` process spent on each system's ingest.
+SERVER_CPU: dict[str, float] = {}
 BIG, SMALL = "bench.read_big", "bench.read_small"  # the series the read figures read
 
 
@@ -94,7 +96,10 @@ def run_service(
     }
     task = progress.add_task(f"logitwatch {label}: ingest", total=plan.points)
     with Server(db_url, workdir) as srv:
+        cpu = srv.cpu_seconds()
         seconds = ingest(srv.url, work, lambda n: progress.advance(task, n))
+        # The server's own CPU: on a shared machine the wall time also counts the clients.
+        SERVER_CPU[f"logitwatch {label}"] = srv.cpu_seconds() - cpu
         progress.update(task, description=f"logitwatch {label}: compacting")
         settle(db_url)
     result = Ingest(plan.points, seconds, size())
@@ -141,6 +146,11 @@ def report(
         table.add_row(name, f"{r.points:,}", f"{r.seconds:.2f}", f"{r.rate:,.0f}", vs,
                       f"{r.bytes_per_point:.1f}")  # fmt: skip
     console.print(table)
+    for name, cpu in SERVER_CPU.items():
+        if name in ingests and cpu > 0:
+            n = ingests[name].points
+            console.print(f"{name}: server CPU {cpu * 1e6 / n:.2f} µs a point "
+                          f"({n / cpu:,.0f} points per CPU-second)")  # fmt: skip
     for backend, floor in (("SQLite", "raw SQLite floor"), ("PostgreSQL", "raw PostgreSQL floor")):
         ours, raw = ingests.get(f"logitwatch {backend}"), ingests.get(floor)
         if ours and raw:

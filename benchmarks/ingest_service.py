@@ -62,6 +62,16 @@ class Server:
             time.sleep(0.1)
         raise RuntimeError("logitwatch serve did not become ready within 60 s")
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server process has used so far; NaN off Linux."""
+        assert self.proc is not None
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return float("nan")
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def __exit__(self, exc_type, *exc) -> None:
         assert self.proc is not None
         if exc_type is not None:  # the server's side of the story, before its folder goes

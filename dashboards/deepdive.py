@@ -1,10 +1,11 @@
 """Run deep-dive (PostgreSQL): every probe of one run against the training step, alerts at their step.
 
 Charts are XY charts with the step as x (Grafana's time series plots wall time, and its trend
-panel draws no annotations). Alerts appear as red points at their step on the chart of their
-metric, in a table with a link that zooms to their step, and as annotations at the wall time
-they fired on the progress panel. SQL reads logitwatch_points() and logitwatch_alerts from
-migration 0003_views; `$step_min`/`$step_max` (empty: the whole run) narrow every chart.
+panel draws no annotations). Alerts appear as red points at the step they fired on the chart of
+their metric, in a table with a link that zooms to that step, and as annotations at the wall
+time they fired on the progress panel. SQL reads logitwatch_points() and logitwatch_alerts from
+migrations 0003_views and 0006 (fired_step); `$step_min`/`$step_max` (empty: the whole run)
+narrow every chart.
 """
 
 from __future__ import annotations
@@ -51,18 +52,24 @@ def per_layer(
 
 
 def alerts_on(*metrics: str) -> str:
-    """Markers: each alert on these metrics at the step it began, at its series' value there."""
+    """Markers: each alert on these metrics that fired, at the step it fired and its series'
+    value there (rows from before fired_step was recorded: where the alert began)."""
     names = ", ".join(f"'{m}'" for m in metrics)
     return (
-        'SELECT step, step_value AS "alert" FROM logitwatch_alerts '
-        f"WHERE run = '$run' AND metric IN ({names}) AND {IN_RANGE} ORDER BY step"
+        'SELECT step, "alert" FROM (SELECT coalesce(fired_step, step) AS step, '
+        'coalesce(fired_value, step_value) AS "alert" FROM logitwatch_alerts '
+        f"WHERE run = '$run' AND metric IN ({names}) AND fired_at IS NOT NULL) fired "
+        f"WHERE {IN_RANGE} ORDER BY step"
     )
 
 
+# The step an alert fired at (where it began while pending, or on rows from before 0006).
+FIRED = "coalesce(fired_step, step)"
 ALERTS_SQL = (
-    "SELECT step, rule, severity, state, metric, labels, value, threshold, hint, fired_at, "
-    f"GREATEST(step - {ZOOM}, 0) AS zoom_from, step + {ZOOM} AS zoom_to "
-    "FROM logitwatch_alerts WHERE run = '$run' ORDER BY step, id"
+    f"SELECT {FIRED} AS fired_step, step AS first_step, rule, severity, state, metric, labels, "
+    "value, threshold, hint, fired_at, "
+    f"GREATEST({FIRED} - {ZOOM}, 0) AS zoom_from, {FIRED} + {ZOOM} AS zoom_to "
+    f"FROM logitwatch_alerts WHERE run = '$run' ORDER BY {FIRED}, id"
 )
 # ${run:queryparam} expands to var-run=<run>, url-encoded.
 ZOOM_LINK = (
@@ -78,10 +85,11 @@ PROGRESS_SQL = (
     'WHERE $__timeFilter("time") ORDER BY 1'
 )
 ANNOTATION_SQL = (
-    'SELECT created_at AS "time", resolved_at AS timeend, '
-    "format('%s %s on %s %s at step %s: %s', severity, rule, metric, labels, step, hint) AS text, "
+    'SELECT fired_at AS "time", resolved_at AS timeend, '
+    "format('%s %s on %s %s fired at step %s (from step %s): %s', severity, rule, metric, "
+    f"labels, {FIRED}, step, hint) AS text, "
     "severity || ',' || rule AS tags "
-    "FROM logitwatch_alerts WHERE run = '$run' AND $__timeFilter(created_at) ORDER BY 1"
+    "FROM logitwatch_alerts WHERE run = '$run' AND $__timeFilter(fired_at) ORDER BY 1"
 )
 LR_SQL = (
     "SELECT step, coalesce(NULLIF(labels, ''), 'lr') AS series, value "
@@ -152,8 +160,8 @@ def build() -> Json:
              [per_layer("act.rms", "value_max")], alerts_on("act.rms"), split=True), 8, 8)  # fmt: skip
 
     g.row("Alerts and run")
-    g.add(table("Alerts", "Every alert of the run at its step; click the step to zoom there.",
-                [sql("A", ALERTS_SQL)], links={"step": ("Zoom to this step", ZOOM_LINK)}), 24, 7)  # fmt: skip
+    g.add(table("Alerts", "Every alert of the run at the step it fired; click it to zoom there.",
+                [sql("A", ALERTS_SQL)], links={"fired_step": ("Zoom to this step", ZOOM_LINK)}), 24, 7)  # fmt: skip
     g.add(timeseries("Progress over wall time (alerts as annotations)",
                      "Training step against wall time: stalls and restarts show here, with alerts "
                      "at the time they fired.", [sql("A", PROGRESS_SQL, "time_series")], "none"), 12, 7)  # fmt: skip

@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "query": ("logitwatch.service.cli.read", "print a metric of a run"),
     "alerts": ("logitwatch.service.cli.read", "list alerts"),
     "plot": ("logitwatch.plot", "draw a run's stability panels and alerts to a PNG"),
+    "backtest": (
+        "logitwatch.service.cli.backtest",
+        "replay stored runs through a rule set: firing steps, lead times, false alarms",
+    ),
 }
 
 

@@ -278,19 +278,40 @@ def _floats(raw: Any, field: str) -> array:
         return array("d", (load_float(x, f"{field}[{i}]") for i, x in enumerate(raw)))
 
 
+#: (metric, label items) pairs that passed the checks: a fleet sends the same few hundred
+#: series in every request, and checking their names cost more than decoding their points.
+_VALID_NAMES: dict[tuple, dict[str, str]] = {}
+
+
+def _names_key(metric: Any, labels: Any) -> tuple | None:
+    """The cache key of an all-strings (metric, labels) pair, else None (checked every time:
+    an integer label value is accepted as its string, and True == 1 must not pass for it)."""
+    if type(metric) is not str or type(labels) is not dict:
+        return None
+    if not all(type(v) is str for v in labels.values()):
+        return None
+    return metric, tuple(labels.items())
+
+
 def _series(obj: Any, path: str) -> Series:
     if not isinstance(obj, Mapping):
         raise ProtocolError(path, "each series must be an object")
-    metric = check_metric_name(obj.get("metric"), f"{path}.metric")
-    labels_raw = obj.get("labels") or {}
-    if not isinstance(labels_raw, Mapping):
-        raise ProtocolError(f"{path}.labels", "must be an object of string keys and values")
-    if len(labels_raw) > MAX_LABELS:
-        raise ProtocolError(f"{path}.labels", f"at most {MAX_LABELS} labels")
-    labels = {
-        check_label_key(k, f"{path}.labels"): check_label_value(v, f"{path}.labels.{k}")
-        for k, v in labels_raw.items()
-    }
+    metric, labels_raw = obj.get("metric"), obj.get("labels") or {}
+    key = _names_key(metric, labels_raw)
+    labels = _VALID_NAMES.get(key) if key is not None else None
+    if labels is None:
+        metric = check_metric_name(metric, f"{path}.metric")
+        if not isinstance(labels_raw, Mapping):
+            raise ProtocolError(f"{path}.labels", "must be an object of string keys and values")
+        if len(labels_raw) > MAX_LABELS:
+            raise ProtocolError(f"{path}.labels", f"at most {MAX_LABELS} labels")
+        labels = {
+            check_label_key(k, f"{path}.labels"): check_label_value(v, f"{path}.labels.{k}")
+            for k, v in labels_raw.items()
+        }
+        if key is not None and len(_VALID_NAMES) < 100_000:
+            _VALID_NAMES[key] = labels
+    labels = dict(labels)
     if "steps" not in obj or "values" not in obj:
         raise ProtocolError(path, "each series needs 'steps' and 'values'")
     steps = _steps(obj["steps"], f"{path}.steps")

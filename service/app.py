@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from logitwatch.service.api import docs, prom
 from logitwatch.service.api.errors import BodyLimit, install_error_handlers
+from logitwatch.service.api.ingest import Ingest
 from logitwatch.service.api.main import api_router
 from logitwatch.service.rules.alertmanager import alertmanager_sender
 from logitwatch.service.rules.engine import RuleEngine
@@ -41,12 +42,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
     )
     compactor = Compactor(writer.sessionmaker, writer.lock)
+    ingest = Ingest(writer, rules, compactor)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         compactor.start()
         rules.start()
+        ingest.start()
         yield
+        ingest.close()
         rules.close()
         compactor.close()
         engine.dispose()
@@ -66,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.writer = writer
     app.state.rules = rules
     app.state.compactor = compactor
+    app.state.ingest = ingest
 
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.body_limit_bytes)

@@ -106,8 +106,11 @@ def test_query_points_and_buckets(server, capsys, monkeypatch):
 def test_alerts(server, capsys, monkeypatch):
     text, doc = _cli(capsys, monkeypatch, "alerts", "--server", server.url, "--run", RUN)
     assert {a["rule"] for a in doc["alerts"]} >= {"nonfinite"}
-    headers = ["id", "run", "rule", "severity", "state", "metric", "labels", "step", "value"]
+    headers = ["id", "run", "rule", "severity", "state", "metric", "labels", "fired", "last"]
+    fired = [a for a in doc["alerts"] if a["state"] == "firing"]
+    assert fired and all(a["fired_step"] == BIG_STEP for a in fired)  # loss NaN, logits 2.5e6
     figures = [w for a in doc["alerts"] for w in (str(a["id"]), a["rule"], str(a["last_step"]))]
+    figures += [str(a["fired_step"]) for a in fired]
     check(text, [*headers, "hint"], figures)
     hints = [w for a in doc["alerts"] for w in (a["hint"] or "").split()]
     assert hints and not [w for w in hints if w not in text]  # wrapped at words, not cut
@@ -314,3 +317,32 @@ def test_records_choose_a_layout_for_the_width():
         assert max(cell_len(line.rstrip()) for line in text.splitlines()) <= width
     narrow = render_text(table, width=40)
     assert narrow.splitlines()[0].split() == ["run", "pretrain-7b-a"]  # a block per row
+
+
+def test_load_report(benchmarks):
+    load = benchmarks("load")
+    cap = {"rps": 2_345.6, "pps": 469_120.0, "cpu_ms": 0.9123, "p50_ms": 7.25, "p99_ms": 15_455.6,
+           "errors": 0}  # fmt: skip
+    agent = {"sent": 24_000, "stored": 24_000, "stored_live": 21_000, "pending": 15,
+             "p50_ms": 12.25, "p99_ms": 40.5}  # fmt: skip
+    result = {"label": "SQLite", "cap": cap, "runs": 1_000, "delivered_rps": 999.5,
+              "p50_ms": 7.5, "p99_ms": 1_234_567.8, "sent": 12_000_000, "stored": 11_999_800,
+              "skipped": 1_234_000, "fleet_cpu_ms": 1.2345, "errors": 0, "nan_runs": 20,
+              "api_p50": 0.35, "api_max": 1.25, "api_seen": 20, "answer_p50": 0.3,
+              "answer_max": math.nan, "answer_seen": 0, "agent": agent, "rss_mb": 281.4}  # fmt: skip
+    results = [result, {**result, "label": "PostgreSQL"}, {**result, "label": "PostgreSQL ×2"}]
+    console = Console(width=WIDTH, record=True, file=io.StringIO())
+    assert not load.report(results, SimpleNamespace(series=200), console)  # points missing
+    text = console.export_text()
+    check(text, ["measure", "SQLite", "PostgreSQL", "PostgreSQL ×2", "target"],
+          ["2,346", "469,120", "0.91", "15,455.6", "1,234,567.8", "12,000,000", "11,999,800",
+           "1,234,000", "1.25", "0/20", "400,000", "21,000", "15", "FAILED:", "BEHIND:"])  # fmt: skip
+
+
+def test_read_table(benchmarks):
+    read = benchmarks("read")
+    rows = [("SQLite", 0.0162, 0.0544, True, 30), ("PostgreSQL", 0.0126, 1234.5678, False, 1_234)]
+    text = render_text(read.table(rows, 1_000_000, 1_000, 7), width=WIDTH)
+    check(text, ["database", "summaries ms", "points ms", "speed-up", "summarized chunks",
+                 "same answer"],
+          ["16.2", "54.4", "3.4×", "1,234,567.8", "1,234", "NO", "12.6"])  # fmt: skip

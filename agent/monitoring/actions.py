@@ -140,7 +140,7 @@ class AlertDispatcher:
     def notify(self, alert: Alert) -> None:
         """Called once per newly firing alert (on the Monitor's worker thread)."""
         with self._lock:
-            self._pending.append(dict(alert))
+            self._pending.append(with_fired_step(alert))
 
     def run_pending(self, step: int) -> None:
         """Run every callback on every queued alert; called on the training thread."""
@@ -161,7 +161,7 @@ class AlertDispatcher:
 
     def run(self, alerts: Iterable[Alert], step: int) -> None:
         """Run every callback on each of ``alerts``, in order; called on the training thread."""
-        for alert in alerts:
+        for alert in map(with_fired_step, alerts):
             self.seen.append(alert)
             for callback in self.callbacks:
                 try:
@@ -207,6 +207,7 @@ class LocalGuard(Sink):
                         "metric": metric,
                         "labels": dict(labels),
                         "first_step": step,
+                        "fired_step": step,
                         "last_step": step,
                         "value": value,
                         "hint": "restart from a checkpoint and skip the offending batches (PaLM); "
@@ -249,10 +250,20 @@ def install_actions(
     return made
 
 
+def with_fired_step(alert: Alert) -> Alert:
+    """A copy of ``alert`` that says at which step it went firing (``fired_step``): the
+    service's own, else (an older service, rank 0's relay under torch.distributed) its first."""
+    out = dict(alert)
+    if out.get("fired_step") is None:
+        out["fired_step"] = out.get("first_step")
+    return out
+
+
 def _describe(alert: Alert) -> str:
     labels = ",".join(f"{k}={v}" for k, v in sorted((alert.get("labels") or {}).items()))
     where = f"{{{labels}}}" if labels else ""
-    return f"{alert.get('severity')} alert {alert.get('rule')}{where} at step {alert.get('first_step')}"
+    step = alert.get("fired_step", alert.get("first_step"))
+    return f"{alert.get('severity')} alert {alert.get('rule')}{where} fired at step {step}"
 
 
 def check_action_names(names: Any, *, monitored: bool) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from logitwatch.service.api.ingest import Ingest
 from logitwatch.service.api.prom import ServiceMetrics
 from logitwatch.service.rules.engine import RuleEngine
 from logitwatch.service.settings import Settings
@@ -22,6 +23,7 @@ from logitwatch.service.store.db import Writer
 __all__ = [
     "CompactorDep",
     "EngineDep",
+    "IngestDep",
     "MetricsDep",
     "ReadsDep",
     "RulesDep",
@@ -30,6 +32,7 @@ __all__ = [
     "WriterDep",
     "get_compactor",
     "get_engine",
+    "get_ingest",
     "get_metrics",
     "get_reads",
     "get_rules",
@@ -63,6 +66,11 @@ def get_writer(request: Request) -> Writer:
     return request.app.state.writer
 
 
+def get_ingest(request: Request) -> Ingest:
+    """POST points' group commit (api/ingest.py)."""
+    return request.app.state.ingest
+
+
 def get_rules(request: Request) -> RuleEngine:
     return request.app.state.rules
 
@@ -80,6 +88,7 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 ReadsDep = Annotated[sessionmaker[Session], Depends(get_reads)]
 SessionDep = Annotated[Session, Depends(get_session)]
 WriterDep = Annotated[Writer, Depends(get_writer)]
+IngestDep = Annotated[Ingest, Depends(get_ingest)]
 RulesDep = Annotated[RuleEngine, Depends(get_rules)]
 CompactorDep = Annotated[Compactor, Depends(get_compactor)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]

@@ -37,6 +37,18 @@ def _time(t: Any) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(sep=" ", timespec="milliseconds")[:23]
 
 
+def _step(step: Any) -> str:
+    return "—" if step is None else str(step)
+
+
+def _fired_step(alert: dict[str, Any]) -> int | None:
+    """The step the alert went firing at (None while pending); alerts stored before the
+    service recorded it fall back to the step they began."""
+    if alert.get("fired_step") is not None:
+        return alert["fired_step"]
+    return None if alert.get("state") == "pending" else alert.get("first_step")
+
+
 def _label_arg(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -138,13 +150,14 @@ def _alerts(api: ApiClient, args: argparse.Namespace, console: Console) -> Any:
         return doc
     table = Records(
         [num("id"), Col("run", readable=32), Col("rule", readable=20), "severity", "state",
-         Col("metric", readable=20), "labels", num("step"),
+         Col("metric", readable=20), "labels", num("fired"), num("last"),
          num("value"), Col("hint", readable=24)],
-        title="alerts",
+        title="alerts (fired: the step it went firing; last: the last step its condition held)",
     )  # fmt: skip
     for a in doc["alerts"]:
         table.add_row(str(a["id"]), a["run"], a["rule"], a["severity"], a["state"], a["metric"],
-                      _labels(a.get("labels") or {}), str(a.get("last_step")), _num(a.get("value")),
+                      _labels(a.get("labels") or {}), _step(_fired_step(a)),
+                      _step(a.get("last_step")), _num(a.get("value")),
                       a.get("hint") or "")  # fmt: skip
     console.print(table)
     return None

@@ -70,9 +70,13 @@ def dashboard_link(
 
 
 def with_links(alerts: list[dict[str, Any]], base: str | None) -> list[dict[str, Any]]:
-    """Each alert with ``dashboard``: the link to its run's dashboard at its first step."""
+    """Each alert with ``dashboard``: the link to its run's dashboard at the step it fired
+    (its first step while pending, or when stored before the service recorded it)."""
     for a in alerts:
-        a["dashboard"] = dashboard_link(base, a["run"], a.get("first_step"))
+        step = a.get("fired_step")
+        a["dashboard"] = dashboard_link(
+            base, a["run"], a.get("first_step") if step is None else step
+        )
     return alerts
 
 

@@ -12,6 +12,13 @@ __all__ = ["builtin_rules"]
 HINT_QK = "enable QK-norm or soft-cap attention logits at 50"
 HINT_RESTART = "restart from a checkpoint and skip the offending batches, as PaLM did"
 
+# Hysteresis (one alert an episode): a level stays firing until the value is 10 % back on the
+# safe side of its threshold and has stayed there 20 steps; a growth or drop until it has been
+# clear for a whole window. Spikes and jumps are events: each one is its own alert.
+LEVEL = {"hold_steps": 20, "resolve_margin": 0.1}
+TREND = {"hold_steps": 50, "resolve_margin": 0.1}
+EVENT = {"hold_steps": 10}
+
 
 def nonfinite() -> list[dict]:
     """Non-finite loss, logits or gradients: critical at once.
@@ -27,6 +34,7 @@ def nonfinite() -> list[dict]:
             "severity": "critical",
             "hint": f"{HINT_RESTART}; then lower the LR",
             "source": "PaLM (Chowdhery et al. 2022) §5.1",
+            **LEVEL,
         },
         {
             "name": "nonfinite-count",
@@ -35,17 +43,22 @@ def nonfinite() -> list[dict]:
             "severity": "critical",
             "hint": f"{HINT_RESTART}; then lower the LR",
             "source": "PaLM (Chowdhery et al. 2022) §5.1",
+            **LEVEL,
         },
     ]
 
 
 def attention_logits() -> list[dict]:
-    """Attention logit max per layer/head: level and growth.
+    """Attention logit max per layer/head (the probes report max |q·k/√d|): level and growth.
 
     Sources: Kimi K2 (Moonshot AI 2025) clips q·k at τ = 100 (QK-Clip) — warning above 100;
     Wortsman et al. 2023 "Small-scale proxies for large-scale Transformer training
     instabilities": every run whose max attention logit passed 1e4 diverged — critical above
-    1e3. Growth ×2 within 50 steps after warmup is the runaway those papers describe.
+    1e3. Growth ×2 within 50 steps after warmup is the runaway those papers describe; it counts
+    from a baseline of at least 20, so it fires only at 40 and above: after warmup healthy runs
+    still grow from ~1 to 10-22 (zoo controls, the demo), which is training, not a runaway.
+    Runs without warmup (tiny Hugging Face models at LR 1e-2 reach 47) are judged once the
+    value has settled (model.Growth).
     """
     return [
         {
@@ -56,6 +69,7 @@ def attention_logits() -> list[dict]:
             "severity": "warning",
             "hint": HINT_QK,
             "source": "Kimi K2 QK-Clip tau = 100",
+            **LEVEL,
         },
         {
             "name": "attn-logit-critical",
@@ -64,6 +78,7 @@ def attention_logits() -> list[dict]:
             "severity": "critical",
             "hint": f"{HINT_QK}; {HINT_RESTART}",
             "source": "Wortsman et al. 2023: max attention logit > 1e4 always diverged",
+            **LEVEL,
         },
         {
             "name": "attn-logit-growth",
@@ -75,6 +90,7 @@ def attention_logits() -> list[dict]:
             "severity": "warning",
             "hint": f"{HINT_QK}; or lower the LR",
             "source": "Wortsman et al. 2023 (attention logit growth)",
+            **TREND,
         },
     ]
 
@@ -96,17 +112,21 @@ def attention_entropy() -> list[dict]:
             "severity": "warning",
             "hint": f"{HINT_QK}; or lower the LR",
             "source": "Zhai et al. 2023 (entropy collapse)",
+            **LEVEL,
         },
         {
             "name": "attn-entropy-drop",
             "metric": "attn.entropy_frac",
-            "condition": {"kind": "growth", "ratio": 0.5, "over_steps": 50, "min_value": 0.2},
-            "for_steps": 2,
+            # from >= 0.4 only: a healthy tiny model at LR 1e-2 went 0.36 -> 0.18 and trained on;
+            # 3 points: reported every step, a tiny GPT-2's entropy (dropout 0.1) swings 0.2-0.6
+            "condition": {"kind": "growth", "ratio": 0.5, "over_steps": 50, "min_value": 0.4},
+            "for_steps": 3,
             "skip_warmup": True,
             "mute_after_restart": 50,
             "severity": "warning",
             "hint": f"{HINT_QK}; or lower the LR",
             "source": "Zhai et al. 2023 (entropy collapse)",
+            **TREND,
         },
     ]
 
@@ -129,6 +149,7 @@ def output_logits() -> list[dict]:
             "severity": "warning",
             "hint": z,
             "source": "PaLM z-loss; Wortsman et al. 2023 §3.2",
+            **LEVEL,
         },
         {
             "name": "logz-drift",
@@ -146,6 +167,7 @@ def output_logits() -> list[dict]:
             "severity": "warning",
             "hint": z,
             "source": "PaLM z-loss; Wortsman et al. 2023 §3.2",
+            **TREND,
         },
         {
             "name": "output-logit-near-cap",
@@ -160,6 +182,7 @@ def output_logits() -> list[dict]:
             "severity": "warning",
             "hint": f"{z}; enable weight decay 0.1",
             "source": "Gemma 2 final soft-cap (30); PaLM z-loss",
+            **LEVEL,
         },
         {
             "name": "output-logit-mean",
@@ -169,6 +192,7 @@ def output_logits() -> list[dict]:
             "severity": "warning",
             "hint": f"{z}; enable weight decay 0.1",
             "source": "Wortsman et al. 2023 §3.2 (output logit divergence)",
+            **LEVEL,
         },
     ]
 
@@ -181,15 +205,18 @@ def spikes() -> list[dict]:
     differences over the last 200 (/√2): the noise around the trend, not the trend, and earlier
     spikes do not widen it. A grad-norm spike alone is info (clipping absorbs it); one before a
     loss spike is the instability signature (warning); both at the same step is more likely one
-    bad batch. SGDR restarts mute these rules for 50 steps.
+    bad batch. SGDR restarts mute these rules for 50 steps. A loss spike must also be 15 %
+    above the median: a tiny model's loss reported every step on 512-token batches (Hugging
+    Face, LR 1e-3 with warmup, healthy) passed 6σ by 5-12 % seven times in 200 steps; a batch
+    of random bytes doubles it.
     """
     spike = {"kind": "mad", "window": 200, "sigmas": 6, "min_points": 10}
-    common = {"skip_warmup": True, "mute_after_restart": 50, "severity": "warning"}
+    common = {"skip_warmup": True, "mute_after_restart": 50, "severity": "warning", **EVENT}
     return [
         {
             "name": "loss-spike",
             "metric": "loss",
-            "condition": spike | {"min_rel": 0.05},
+            "condition": spike | {"min_rel": 0.15},
             "hint": f"if the loss does not recover: {HINT_RESTART}; lower the LR",
             "source": "OLMo 2 (Team OLMo 2024) spike score",
             **common,
@@ -210,7 +237,7 @@ def spikes() -> list[dict]:
         {
             "name": "grad-spike-then-loss-spike",
             "metric": "loss",
-            "condition": spike | {"min_rel": 0.05},
+            "condition": spike | {"min_rel": 0.15},
             "preceded_by": {"rule": "grad-norm-spike", "within_steps": 20},
             "hint": f"lower the LR; {HINT_RESTART}",
             "source": "OLMo 2 (Team OLMo 2024); PaLM §5.1",
@@ -235,6 +262,7 @@ def schedule_and_updates() -> list[dict]:
             "severity": "warning",
             "hint": "the LR is not the declared schedule: check the scheduler state after a resume; lower the LR to the schedule",
             "source": "Loshchilov & Hutter 2017 (SGDR); LLaMA cosine to 10 %",
+            **LEVEL,
         },
         {
             "name": "update-ratio-jump",
@@ -247,6 +275,7 @@ def schedule_and_updates() -> list[dict]:
             "severity": "warning",
             "hint": "updates jumped: lower the LR (a resume with the wrong LR?); lengthen warmup after a resume",
             "source": "lecture: LR too high; Loshchilov & Hutter 2017 for expected restarts",
+            **EVENT,
         },
     ]
 

@@ -52,6 +52,9 @@ class RunContext:
     schedule: ScheduleConfig | None = None
     warmup_steps: int = 0
     schedule_error: str | None = None
+    #: The config gives the warmup (``schedule`` or a top-level ``warmup_steps``); else the
+    #: service infers it from the run's lr series (warmup.py) before each batch.
+    warmup_declared: bool = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> RunContext:
@@ -64,8 +67,12 @@ class RunContext:
             except (TypeError, ValueError) as exc:
                 error = str(exc)  # a bad schedule disables the schedule rule, never ingest
         ctx = cls(config=config, schedule=schedule, schedule_error=error)
-        warmup = schedule.warmup_steps if schedule else ctx.config_value("warmup_steps")
-        ctx.warmup_steps = int(warmup) if warmup else 0
+        # Top level only: a nested one (Hugging Face's training_args.warmup_steps) may be 0
+        # while warmup_ratio sets the real warmup; the lr series then tells.
+        warmup = schedule.warmup_steps if schedule else config.get("warmup_steps")
+        number = isinstance(warmup, int | float) and not isinstance(warmup, bool)
+        if number and math.isfinite(warmup) and warmup >= 0:
+            ctx.warmup_steps, ctx.warmup_declared = int(warmup), True
         return ctx
 
     def config_value(self, key: str) -> float | None:
@@ -95,6 +102,10 @@ class Verdict:
     active: bool
     value: float
     threshold: float | None
+    #: What was compared with the threshold (|value|, a slope, ...) and on which side of it
+    #: the condition holds: what a resolve margin is measured on (NaN: no margin applies).
+    measured: float = math.nan
+    above: bool = True
 
 
 def reset_windows(state: dict[str, Any]) -> None:
@@ -118,13 +129,19 @@ def _threshold(c: Threshold, value: float, ctx: RunContext) -> Verdict | None:
             return None  # e.g. no final soft-cap configured: nothing to be near
         limit = c.value * base
     v = abs(value) if c.abs else value
-    return Verdict(_OPS[c.op](v, limit), value, limit)
+    return Verdict(_OPS[c.op](v, limit), value, limit, v, c.op[0] == ">")
 
 
-def _growth(c: Growth, state: dict, step: int, value: float) -> Verdict | None:
+def _must_settle(c: Growth, state: dict, ctx: RunContext) -> bool:
+    """A run without warmup is judged only once the series has settled (see model.Growth)."""
+    return c.settle and ctx.warmup_steps == 0 and not state.get("settled")
+
+
+def _growth(c: Growth, state: dict, step: int, value: float, ctx: RunContext) -> Verdict | None:
     # The window is a monotonic deque (steps "ws", |values| "w"): for a rise only the points
     # smaller than every later one can still be the minimum, so the front is the minimum
     # (for a drop, the maximum), each point costs O(1), and the JSON stays a few numbers.
+    # "from" is the series' first step, "settled" set once it has settled.
     ws: list[int] = state.get("ws") or []
     w: list[float] = state.get("w") or []
     if len(ws) != len(w):
@@ -135,14 +152,29 @@ def _growth(c: Growth, state: dict, step: int, value: float) -> Verdict | None:
     v = abs(value)
     verdict = None
     rise = c.ratio > 1
+    settling = _must_settle(c, state, ctx)
+    if settling:
+        state.setdefault("from", step)
     if w:
         base = w[0]
-        limit = base * c.ratio
+        # Settled: less than sqrt(ratio) beyond the baseline (half-way to firing, in log
+        # terms), so that noise around the ratio itself does not count as settling.
+        half = math.sqrt(c.ratio) * base
         if rise:
-            active = v >= c.min_value and base > 0 and v >= limit
+            limit = c.ratio * max(base, c.min_value)
+            active = limit > 0 and v >= limit
+            moving = v >= half
         else:
+            limit = c.ratio * base
             active = base >= c.min_value and v <= limit
-        verdict = Verdict(active, value, limit)
+            moving = v <= half
+        if settling:
+            if moving or step - state["from"] < c.over_steps:
+                active = False  # still the fast change after initialisation: no baseline yet
+            else:
+                state["settled"] = True
+                del state["from"]
+        verdict = Verdict(active, value, limit, v, rise)
     while w and (w[-1] >= v if rise else w[-1] <= v):
         del ws[-1], w[-1]
     ws.append(step)
@@ -196,7 +228,9 @@ def _spike(c: Spike, state: dict, value: float) -> Verdict | None:
         hi, lo = centre + margin, centre - margin
         up = c.direction in ("up", "both") and value > hi
         down = c.direction in ("down", "both") and value < lo
-        verdict = Verdict(up or down, value, hi if c.direction != "down" else lo)
+        verdict = Verdict(
+            up or down, value, hi if c.direction != "down" else lo, value, c.direction != "down"
+        )
         # Winsorise what enters the window so one spike does not mask the next.
         pushed = min(max(value, lo), hi)
     w.append(pushed)
@@ -218,7 +252,7 @@ def _slope(c: Slope, state: dict, step: int, value: float) -> Verdict | None:
     if sxx == 0:
         return None
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-    return Verdict(slope > c.above and abs(v) >= c.min_value, slope, c.above)
+    return Verdict(slope > c.above and abs(v) >= c.min_value, slope, c.above, slope)
 
 
 def _jump(c: Jump, state: dict, value: float) -> Verdict | None:
@@ -227,7 +261,7 @@ def _jump(c: Jump, state: dict, value: float) -> Verdict | None:
     if len(w) >= c.min_points:
         med = statistics.median(w)
         if med > 0:
-            verdict = Verdict(value >= c.ratio * med, value, c.ratio * med)
+            verdict = Verdict(value >= c.ratio * med, value, c.ratio * med, value)
     w.append(value)
     state["w"] = w[-c.window :]
     return verdict
@@ -257,7 +291,7 @@ def evaluate(cond: Any, state: dict[str, Any], step: int, value: float, ctx: Run
     if not math.isfinite(value):
         return None
     if isinstance(cond, Growth):
-        return _growth(cond, state, step, value)
+        return _growth(cond, state, step, value, ctx)
     if isinstance(cond, Spike):
         return _spike(cond, state, value)
     if isinstance(cond, Slope):
@@ -285,7 +319,7 @@ def fast_path(
         return True
     small = len(values) <= _SMALL
     if isinstance(cond, Growth) and bounds is not None and bounds.finite and not small:
-        if not _growth_quiet(cond, state, bounds.finite_abs_hi):
+        if not _growth_quiet(cond, state, bounds.finite_abs_hi, ctx):
             return False
         _growth_window(cond, state, steps, np.abs(values))
         return True
@@ -305,7 +339,7 @@ def fast_path(
         v = np.abs(values[ok])
         if not len(v):
             return True
-        if not _growth_quiet(cond, state, float(v.max())):
+        if not _growth_quiet(cond, state, float(v.max()), ctx):
             return False
         _growth_window(cond, state, steps[ok], v)
         return True
@@ -374,10 +408,10 @@ def _fast_small(cond: Any, state: dict, steps: list, values: list, ctx: RunConte
         pts = [(s, abs(v)) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
         if not pts:
             return True
-        if not _growth_quiet(cond, state, max(v for _, v in pts)):
+        if not _growth_quiet(cond, state, max(v for _, v in pts), ctx):
             return False
         for s, v in pts:  # no verdict can hold: only the window moves
-            _growth(cond, state, s, v)
+            _growth(cond, state, s, v, ctx)
         return True
     return False
 
@@ -389,9 +423,12 @@ def _limit(cond: Threshold, ctx: RunContext) -> float | None:
     return cond.value * base if base else None
 
 
-def _growth_quiet(cond: Growth, state: dict, top: float) -> bool:
-    """No point can hold: a rise fires only at |value| >= min_value, a drop only from a window
-    maximum >= min_value."""
+def _growth_quiet(cond: Growth, state: dict, top: float, ctx: RunContext) -> bool:
+    """No point can hold: a rise fires only at |value| >= ratio x min_value, a drop only from
+    a window maximum >= min_value. A series not yet settled goes point by point (the point
+    that settles it must be found)."""
+    if _must_settle(cond, state, ctx):
+        return False
     if cond.ratio > 1:
-        return cond.min_value > 0 and top < cond.min_value
+        return cond.min_value > 0 and top < cond.ratio * cond.min_value
     return max(top, max(state.get("w") or [0.0])) < cond.min_value

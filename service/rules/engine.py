@@ -4,12 +4,15 @@ Each (run, series) keeps every rule's memory in a rule_state row, read and writt
 ingest transaction while the run's row is locked (SELECT ... FOR NO KEY UPDATE on PostgreSQL;
 the single writer on SQLite), so several service processes and a restart neither lose state
 nor fire twice. Points at or before a series' last step are ignored (late or replayed batches).
+Between batches each process keeps the rows in memory, used while the run's rule-state epoch
+is unchanged (state.py); the user rules' version is read once per transaction.
 """
 
 from __future__ import annotations
 
+import json
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,8 +26,10 @@ from logitwatch.service.rules.model import Rule
 from logitwatch.service.rules.notify import Notifier
 from logitwatch.service.rules.state import Points, StateRows
 from logitwatch.service.rules.user import effective_rules, get_user_rules, user_rules_version
+from logitwatch.service.rules.warmup import infer_warmup
 from logitwatch.service.store.ingest import Prepared, series_columns
 from logitwatch.service.store.models import Run, utcnow
+from logitwatch.service.store.rule_tables import Alert
 from logitwatch.service.store.sql import is_pg, labels_key
 
 __all__ = ["RuleEngine"]
@@ -57,18 +62,37 @@ class RuleEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._plans: dict[tuple, tuple[list[Rule], list[Rule], list[Rule]]] = {}
+        self._contexts: dict[str, RunContext] = {}
 
     # --- rules ------------------------------------------------------------------------
 
     def rules(self, session: Session) -> list[Rule]:
-        """The effective rules, reloaded when another process (or PUT) changed the user rules."""
-        version = user_rules_version(session)
+        """The effective rules, reloaded when another process (or PUT) changed the user rules.
+
+        The version is read once per transaction (a group commit carries many batches).
+        """
+        version = session.info.get(_VERSION_SEEN)
+        if version is None or session.info.get(_VERSION_TX) is not session.get_transaction():
+            version = user_rules_version(session)
+            session.info[_VERSION_SEEN] = version
+            session.info[_VERSION_TX] = session.get_transaction()
         if version != self._version:
             _, user, _ = get_user_rules(session)
             with self._lock:
                 self._rules = effective_rules(self._builtin, user)
                 self._version = version
         return self._rules
+
+    def _context(self, config: Any) -> RunContext:
+        """The run's RunContext, kept per distinct config (its JSON text on SQLite)."""
+        key = config if isinstance(config, str) else json.dumps(config, sort_keys=True)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            if len(self._contexts) > 10_000:
+                self._contexts.clear()
+            parsed = json.loads(config) if isinstance(config, str) else config
+            ctx = self._contexts[key] = RunContext.from_config(parsed)
+        return ctx
 
     @property
     def builtin(self) -> list[Rule]:
@@ -102,26 +126,23 @@ class RuleEngine:
         """
         if prepared is not None and len(prepared.columns) != len(batch.series):
             raise ValueError("prepared was made from another batch")
-        t = Run.__table__  # Core, not the ORM entity: a cheaper statement on every batch
-        q = select(t.c.id, t.c.name, t.c.config).where(t.c.name == run)
-        if is_pg(session):
-            # One evaluator per run at a time, across processes. NO KEY UPDATE (what ingest's
-            # UPDATE of last_seen_at already holds) does not conflict with the KEY SHARE locks
-            # that other transactions' foreign keys take on the run row, so no deadlock.
-            q = q.with_for_update(key_share=True)  # renders FOR NO KEY UPDATE
-        run_row = session.execute(q).one()
+        run_row = _lock_run(session, run)
         rules = self.rules(session)
         columns = (
             prepared.columns if prepared is not None else [series_columns(s) for s in batch.series]
         )
-        series = [(s, c) for s, c in zip(batch.series, columns, strict=True) if len(c.steps)]
+        lkeys = prepared.keys if prepared is not None and prepared.keys else None
+        if lkeys is None:
+            lkeys = [labels_key(s.labels) for s in batch.series]
+        series = [
+            (s, c, k) for s, c, k in zip(batch.series, columns, lkeys, strict=True) if len(c.steps)
+        ]
         if not series or not rules:
             return
-        ctx = RunContext.from_config(run_row.config)
-        upto = max(int(c.steps[-1]) for _, c in series)  # steps are sorted
+        ctx = self._context(run_row.config)
+        upto = max(int(c.steps[-1]) for _, c, _ in series)  # steps are sorted
         plans = []
-        for s, c in series:
-            lkey = labels_key(s.labels)
+        for s, c, lkey in series:
             plan = self._plan(rules, s.metric, s.labels, lkey)
             plans.append((s, c, f"{s.metric}{{{lkey}}}", plan))
         plans = [p for p in plans if any(p[3])]
@@ -129,6 +150,9 @@ class RuleEngine:
             return
         rows = StateRows(session, run_row.id, batch.segment)
         rows.load([key for _, _, key, plan in plans if plan[0] or plan[1]])
+        ctx = infer_warmup(
+            ctx, rows, [(s, c) for s, c, _ in series], upto
+        )  # from the lr series when none is declared
         job = BatchJob(self, session, run_row, batch, ctx, Restarts(ctx, upto), rows)
         todo = []
         for s, c, key, (ungated, gated, _) in plans:
@@ -156,6 +180,24 @@ class RuleEngine:
     def firing(self, session: Session, *, run: str) -> list[dict[str, Any]]:
         run_id = session.scalar(select(Run.id).where(Run.name == run))
         return [] if run_id is None else al.firing(session, run_id=run_id, run=run)
+
+    def firing_of(self, session: Session, runs: dict[int, str]) -> dict[int, list[dict[str, Any]]]:
+        """Each run's firing, unsilenced alerts (run id -> alert dicts), in one query."""
+        if not runs:
+            return {}
+        alerts = session.scalars(
+            select(Alert)
+            .where(Alert.run_id.in_(sorted(runs)), Alert.state == "firing")
+            .order_by(Alert.id)
+        ).all()
+        out: dict[int, list[dict[str, Any]]] = {}
+        if alerts:
+            silences = al.active_silences(session)
+            for a in alerts:
+                name = runs[a.run_id]
+                if not al.is_silenced(silences, a, name):
+                    out.setdefault(a.run_id, []).append(al.alert_dict(a, name))
+        return out
 
     # --- periodic: runs that stopped reporting ----------------------------------------
 
@@ -190,6 +232,34 @@ class RuleEngine:
                 self.check_absent()
             except Exception:  # keep checking; the database may come back
                 logging.getLogger("logitwatch.service.rules").exception("absent check failed")
+
+
+class _RunRow(NamedTuple):
+    id: int
+    name: str
+    config: Any  # JSON text on SQLite, a dict on PostgreSQL
+
+
+_VERSION_SEEN = "rules_version"
+_VERSION_TX = "rules_version_tx"
+_RUN_SQLITE = "SELECT id, config FROM runs WHERE name = ?"
+# One evaluator per run at a time, across processes. NO KEY UPDATE (what ingest's UPDATE of
+# last_seen_at already holds) does not conflict with the KEY SHARE locks that other
+# transactions' foreign keys take on the run row, so no deadlock.
+_RUN_PG = "SELECT id, config FROM runs WHERE name = %s FOR NO KEY UPDATE"
+
+
+def _lock_run(session: Session, run: str) -> _RunRow:
+    raw = session.connection().connection.driver_connection
+    cur = raw.cursor()
+    try:
+        cur.execute(_RUN_PG if is_pg(session) else _RUN_SQLITE, (run,))
+        found = cur.fetchone()
+    finally:
+        cur.close()
+    if found is None:
+        raise LookupError(f"run {run!r} does not exist")
+    return _RunRow(found[0], run, found[1])
 
 
 def _idle(rule: Rule, pts: Points, ctx: RunContext) -> bool:

@@ -4,6 +4,7 @@ alert transitions (pending -> firing -> resolved) and webhook events they cause.
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from typing import Any
 
@@ -155,8 +156,16 @@ class BatchJob:
                 )
         active = v.active and not (rule.preceded_by is not None and st.get("blocked"))
         alert = self._alert(st.get("open"))
+        if (
+            not active
+            and alert is not None
+            and alert.state == "firing"
+            and _held(rule, st, step, v)
+        ):
+            return  # hysteresis: the episode goes on
         if active:
             st["streak"] = st.get("streak", 0) + 1
+            st["last"] = step
             state = "firing" if st["streak"] >= rule.for_steps else "pending"
             if alert is None:
                 alert = al.open_alert(
@@ -176,6 +185,7 @@ class BatchJob:
             return
         st.pop("streak", None)
         st.pop("open", None)
+        st.pop("last", None)
         if not v.active:
             st.pop("on", None)
             st.pop("blocked", None)
@@ -212,3 +222,16 @@ class BatchJob:
             al.resolve_alert(alert, step=upto)
             self._notify(alert, "resolved")
         self.rows.get("").dirty = True
+
+
+def _held(rule: Rule, st: dict[str, Any], step: int, v: Verdict) -> bool:
+    """A firing alert whose condition just failed keeps firing while the value is within the
+    rule's resolve margin of the threshold, or until the condition has been clear for
+    ``hold_steps`` steps since it last held."""
+    measured, threshold = v.measured, v.threshold
+    if rule.resolve_margin and threshold is not None and math.isfinite(measured):
+        band = rule.resolve_margin * abs(threshold)
+        if measured > threshold - band if v.above else measured < threshold + band:
+            st["last"] = step
+            return True
+    return step < st.setdefault("last", step) + rule.hold_steps

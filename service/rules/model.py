@@ -81,14 +81,26 @@ class Threshold(_Model):
 
 
 class Growth(_Model):
-    """``ratio`` > 1: value ≥ ratio × its minimum over the last ``over_steps`` steps;
-    ``ratio`` < 1: value ≤ ratio × its maximum (a sharp drop)."""
+    """|value| against a baseline: its minimum (``ratio`` > 1, a rise) or maximum (``ratio`` < 1,
+    a drop) over the last ``over_steps`` steps.
+
+    A rise fires at |value| ≥ ratio × max(baseline, ``min_value``): the floor keeps a doubling
+    from near zero (early training) from counting. A drop fires at |value| ≤ ratio × baseline,
+    and only from a baseline ≥ ``min_value``. Rules with ``skip_warmup`` take their baseline
+    after warmup; on a run without warmup (none declared, none seen in its lr), ``settle``
+    (the default) waits until the value has settled: the first point at least ``over_steps``
+    after the series' first whose |value| is less than √ratio beyond the baseline (half-way to
+    firing), which ends the fast change that follows initialisation.
+    """
 
     kind: Literal["growth"]
     ratio: float = Field(gt=0)
     over_steps: int = Field(ge=1, le=100_000)
-    #: Ignore changes while |value| (rise) or the window maximum (drop) is below this.
+    #: The absolute floor: a rise counts from a baseline of at least this; a drop only from
+    #: a baseline (window maximum) of at least this.
     min_value: float = Field(default=0.0, ge=0)
+    #: Judge only once the value has settled (see above); false judges from the first point.
+    settle: bool = True
 
     @field_validator("ratio")
     @classmethod
@@ -201,12 +213,19 @@ class Rule(_Model):
     hint: str = Field(default="", max_length=1000)
     description: str = Field(default="", max_length=2000)
     enabled: bool = True
-    #: Ignore points before the end of the run's declared warmup (``schedule.warmup_steps``).
+    #: Ignore points before the end of the run's warmup: declared (``schedule.warmup_steps``,
+    #: ``warmup_steps``) or else inferred from its ``lr`` series (see warmup.py).
     skip_warmup: bool = False
     min_step: int = Field(default=0, ge=0)
     #: Steps after each scheduled SGDR restart during which the rule is muted (and its window reset).
     mute_after_restart: int = Field(default=0, ge=0)
     preceded_by: Precedent | None = None
+    #: A firing alert resolves only once its condition has been clear for this many steps; a
+    #: condition that holds again within them continues the same alert (one alert an episode).
+    hold_steps: int = Field(default=0, ge=0, le=100_000)
+    #: A firing alert's condition clears only once the value is this fraction of |threshold|
+    #: on the safe side of the threshold (between the two, it keeps firing).
+    resolve_margin: float = Field(default=0.0, ge=0, lt=1)
     #: Where the default comes from (built-in rules name their paper).
     source: str = ""
 

@@ -24,7 +24,7 @@ from logitwatch.service.store.db import WRITE
 from logitwatch.service.store.models import utcnow
 from logitwatch.service.store.rule_tables import Alert, Delivery
 
-__all__ = ["Notifier", "parse_webhook", "render_payload", "summary_line"]
+__all__ = ["Notifier", "fired_step", "parse_webhook", "render_payload", "summary_line"]
 
 log = logging.getLogger("logitwatch.service.rules.notify")
 
@@ -41,26 +41,36 @@ def parse_webhook(url: str) -> tuple[str, str]:
     return fmt, url
 
 
+def fired_step(alert: dict[str, Any]) -> int | None:
+    """The step the alert went firing at; alerts stored before the service recorded it (and
+    pending ones) give the step they began."""
+    step = alert.get("fired_step")
+    return step if step is not None else alert.get("first_step")
+
+
 def summary_line(alert: dict[str, Any], event: str) -> str:
     labels = ",".join(f"{k}={v}" for k, v in sorted(alert["labels"].items()))
     series = f"{alert['metric']}{{{labels}}}" if labels else alert["metric"]
     head = f"[{event.upper()} {alert['severity']}] {alert['rule']} on run {alert['run']}"
     if event == "resolved":
         return f"{head}: {series} back to normal at step {alert.get('resolved_step')}"
-    steps = f"step {alert['first_step']}"
-    if alert["last_step"] != alert["first_step"]:
-        steps = f"steps {alert['first_step']}-{alert['last_step']}"
+    fired = fired_step(alert)
+    began = f" (from step {alert['first_step']})" if alert["first_step"] != fired else ""
     thr = f" (threshold {alert['threshold']})" if alert["threshold"] is not None else ""
-    return f"{head}: {series} = {alert['value']}{thr} at {steps}. Hint: {alert['hint']}"
+    return (
+        f"{head}: {series} = {alert['value']}{thr}, firing at step {fired}{began}."
+        f" Hint: {alert['hint']}"
+    )
 
 
 def render_payload(
     fmt: str, alert: dict[str, Any], event: str, dashboard_url: str | None
 ) -> dict[str, Any]:
     line = summary_line(alert, event)
-    link = dashboard_link(dashboard_url, alert["run"], alert.get("first_step"))
+    step = fired_step(alert)
+    link = dashboard_link(dashboard_url, alert["run"], step)
     if fmt == "slack":
-        text = line if not link else f"{line} <{link}|dashboard at step {alert.get('first_step')}>"
+        text = line if not link else f"{line} <{link}|dashboard at step {step}>"
         return {
             "text": line,
             "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}}],
@@ -69,6 +79,7 @@ def render_payload(
         "source": "logitwatch",
         "event": event,
         "summary": line,
+        "fired_step": step,
         "alert": alert,
         "dashboard_url": link,
     }

@@ -10,7 +10,9 @@ makes them faster and the file smaller.
 Concurrency: the merge reads outside the write transaction, then deletes exactly the
 chunks it read and inserts the merged ones; if any of them is gone (another process
 compacted first) it rolls back. The merged chunks take the largest ids of the chunks they
-replace, so "the later write wins" between equal steps keeps its meaning.
+replace, so "the later write wins" between equal steps keeps its meaning. Each merged chunk
+gets its block summary (summary.py) in the same transaction; the replaced chunks' summaries
+go with them (ON DELETE CASCADE).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from collections.abc import Iterable
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from logitwatch.service.store.codec import (
@@ -33,9 +35,10 @@ from logitwatch.service.store.codec import (
     encode_steps,
     pg_array,
 )
-from logitwatch.service.store.models import Chunk, Run, Series
+from logitwatch.service.store.models import Chunk, ChunkSummary, Run, Series
 from logitwatch.service.store.read import merge_parts
 from logitwatch.service.store.sql import insert_chunks, is_pg, pg_arrays
+from logitwatch.service.store.summary import summarize
 
 __all__ = [
     "MERGE_CHUNKS",
@@ -53,11 +56,12 @@ TARGET = 32_768
 #: A (series, segment) is due for compaction once it has this many small chunks.
 MERGE_CHUNKS = 16
 _C = Chunk.__table__.c
+_S = ChunkSummary.__table__.c
 
 
 def _suffix(session: Session, series_id: int, segment: int) -> list:
     """The small chunks written after the series-segment's last final chunk, oldest first,
-    as (id, (segment, steps, values, times), written by ingest and not merged yet)."""
+    as (id, (segment, steps, values, times), fresh: written by ingest and not merged yet)."""
     last_final = session.scalar(
         select(func.max(_C.id)).where(
             _C.series_id == series_id, _C.segment == segment, _C.n >= TARGET
@@ -67,13 +71,18 @@ def _suffix(session: Session, series_id: int, segment: int) -> list:
     payload = [_C.steps, _C["values"], _C.times]
     if pg:
         payload = [func.array_send(col) for col in payload]
-    q = select(_C.id, _C.step_min, _C.n, *payload).where(
-        _C.series_id == series_id, _C.segment == segment, _C.n < TARGET
+    # Every chunk a merge writes has a summary, so one without is fresh from ingest (or from
+    # before summaries existed: merging it once more gives it one).
+    fresh = _S.chunk_id.is_(None)
+    q = (
+        select(_C.id, _C.step_min, _C.n, fresh, *payload)
+        .select_from(Chunk.__table__.outerjoin(ChunkSummary.__table__, _S.chunk_id == _C.id))
+        .where(_C.series_id == series_id, _C.segment == segment, _C.n < TARGET)
     )
     if last_final is not None:
         q = q.where(_C.id > last_final)
     out = []
-    for cid, step_min, n, steps, values, times in session.execute(q.order_by(_C.id)):
+    for cid, step_min, n, is_fresh, steps, values, times in session.execute(q.order_by(_C.id)):
         if pg:
             arrays = (pg_array(steps, "i8"), pg_array(values, "f8"), pg_array(times, "f8"))
         else:
@@ -82,8 +91,7 @@ def _suffix(session: Session, series_id: int, segment: int) -> list:
                 decode_floats(values, n),
                 decode_floats(times, n),
             )
-        # values tagged b"R" were written by ingest and never merged (codec.py)
-        out.append((cid, (segment, *arrays), not pg and values[:1] == b"R"))
+        out.append((cid, (segment, *arrays), bool(is_fresh)))
     return out
 
 
@@ -104,8 +112,8 @@ def compact_series(
 ) -> int:
     """Merge the series-segment's small chunks if there are at least min_chunks; returns how many.
 
-    fresh_only merges only the newest run of chunks that ingest wrote (SQLite), leaving
-    earlier merged ones alone: its cost is the new points, not the whole tail again.
+    fresh_only merges only the newest run of chunks that ingest wrote, leaving earlier merged
+    ones alone: its cost is the new points, not the whole tail again.
     """
     with sessions() as session:
         rows = _suffix(session, series_id, segment)
@@ -121,11 +129,13 @@ def compact_series(
     ids = [cid for cid, _, _ in rows]
     pieces = max(1, len(steps) // TARGET)  # pieces of TARGET..2*TARGET points
     bounds = np.linspace(0, len(steps), pieces + 1).astype(int)
-    new = []
+    new, summaries = [], []
     for k, (a, b) in enumerate(itertools.pairwise(bounds)):
         st = steps[a:b]
         ti = times[a:b] if len(times) else times
         cid = ids[len(ids) - pieces + k]
+        level, blocks = summarize(st, values[a:b])
+        summaries.append({"chunk_id": cid, "level": level, "blocks": blocks})
         new.append(
             (
                 cid,
@@ -143,6 +153,7 @@ def compact_series(
             session.rollback()  # someone else compacted these meanwhile
             return 0
         insert_chunks(session, new, with_id=True)
+        session.execute(insert(ChunkSummary), summaries)
         session.commit()
     return len(ids)
 

@@ -1,4 +1,5 @@
-"""SQLAlchemy 2.0 models: runs, series, chunks of points, latest values, batches, tokens.
+"""SQLAlchemy 2.0 models: runs, series, chunks of points and their summaries, latest values,
+batches, tokens.
 
 Points live in chunks, one row per (series, segment, step range) holding packed arrays:
 PostgreSQL int8[]/float8[] (Grafana's SQL can unnest them), SQLite bytes (see codec.py).
@@ -26,7 +27,18 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "Batch", "Chunk", "Latest", "Run", "Series", "Token", "UtcDateTime", "utcnow"]
+__all__ = [
+    "Base",
+    "Batch",
+    "Chunk",
+    "ChunkSummary",
+    "Latest",
+    "Run",
+    "Series",
+    "Token",
+    "UtcDateTime",
+    "utcnow",
+]
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets bigint identities.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -107,6 +119,23 @@ class Chunk(Base):
     values: Mapped[Any] = mapped_column(Floats)
     #: Unix seconds, or empty when the client sent none.
     times: Mapped[Any] = mapped_column(Floats)
+
+
+class ChunkSummary(Base):
+    """Per-block min/max/first/last/NaN count of a chunk the compactor merged (summary.py).
+
+    Bucketed reads of long ranges sum these instead of the points. A chunk without one (fresh
+    from ingest, or written before revision 0005) is read point by point, with the same answer.
+    """
+
+    __tablename__ = "chunk_summaries"
+
+    chunk_id: Mapped[int] = mapped_column(
+        ForeignKey("chunks.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    #: Blocks span 2**level steps, aligned to multiples of it.
+    level: Mapped[int] = mapped_column(Integer)
+    blocks: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Latest(Base):

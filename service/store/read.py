@@ -1,9 +1,11 @@
 """Reading a metric back: chunks decoded with numpy, the newest segment per step, buckets or pages.
 
-Buckets (max_points given) cut the step range into max_points equal step widths and give,
-for each non-empty bucket, its first and last step, count, min, max, first and last value,
-and the number of NaN in it. min/max skip NaN (np.fmin/np.fmax) so a spike next to a NaN
-still shows, and ``nan`` > 0 says the bucket held one: a NaN is never averaged away.
+Buckets (max_points given) cut the step range into at most max_points equal step widths
+(summary.grid: wide buckets snap to a power-of-two grid) and give, for each non-empty bucket,
+its first and last step, count, min, max, first and last value, and the number of NaN in it.
+min/max skip NaN (np.fmin/np.fmax) so a spike next to a NaN still shows, and ``nan`` > 0 says
+the bucket held one: a NaN is never averaged away. Merged chunks that the grid does not cut
+answer from their block summaries (summary.py), the rest from their points: the same buckets.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from logitwatch.service.store.codec import decode_floats, decode_steps, pg_array
-from logitwatch.service.store.models import Chunk, Run, Series
+from logitwatch.service.store.models import Chunk, ChunkSummary, Run, Series
 from logitwatch.service.store.sql import is_pg
+from logitwatch.service.store.summary import bucketize, combine, grid, unpack
 
 __all__ = ["Buckets", "Points", "ReadResult", "bucketize", "merge_parts", "read_points"]
 
@@ -60,45 +63,6 @@ class ReadResult:
     series: list[Points | Buckets] = field(default_factory=list)
     #: Pass back as `cursor` for the next page; None on the last page (and for buckets).
     next_cursor: str | None = None
-
-
-def bucketize(
-    steps: np.ndarray,
-    values: np.ndarray,
-    max_points: int,
-    lo: int | None = None,
-    hi: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Cut [lo, hi] (default: the data's step range) into max_points equal step widths."""
-    n = len(steps)
-    if n == 0:
-        z = _EMPTY_I
-        return {k: z for k in ("steps", "last_steps", "count", "nan")} | {
-            k: _EMPTY_F for k in ("min", "max", "first", "last")
-        }
-    lo = int(steps[0]) if lo is None else lo
-    hi = int(steps[-1]) if hi is None else hi
-    width = max(1, -(-(hi - lo + 1) // max_points))
-    # Bucket edges located by binary search: O(buckets * log n), no pass over the steps.
-    edges = np.searchsorted(steps, lo + width * np.arange(max_points + 1, dtype=np.int64))
-    starts = edges[:-1][edges[:-1] < edges[1:]]  # non-empty buckets only
-    ends = np.append(starts[1:], edges[-1])
-    nan = np.isnan(values)
-    counts = (
-        np.add.reduceat(nan, starts, dtype=np.int64)
-        if nan.any()
-        else np.zeros(len(starts), dtype=np.int64)
-    )
-    return {
-        "steps": steps[starts],
-        "last_steps": steps[ends - 1],
-        "count": ends - starts,
-        "min": np.fmin.reduceat(values, starts),
-        "max": np.fmax.reduceat(values, starts),
-        "first": values[starts],
-        "last": values[ends - 1],
-        "nan": counts,
-    }
 
 
 def _chunks(
@@ -179,6 +143,145 @@ def _parse_cursor(cursor: str | None) -> tuple[int, int, int] | None:
     return sid, seg, step
 
 
+@dataclass(slots=True)
+class _Chunk:
+    """A chunk as a bucketed read sees it: where it lies, its summary (if the compactor made
+    one) and its points (fetched only where no summary answers)."""
+
+    id: int
+    segment: int
+    step_min: int
+    step_max: int
+    n: int
+    level: int | None
+    blocks: bytes | None
+    points: tuple[np.ndarray, np.ndarray] | None
+
+
+def _decode(pg: bool, step_min: int, n: int, steps, values) -> tuple[np.ndarray, np.ndarray]:
+    if pg:
+        return pg_array(steps, "i8"), pg_array(values, "f8")
+    return decode_steps(steps, step_min, n), decode_floats(values, n)
+
+
+def _bucket_chunks(session: Session, sids: list[int], start, end, *, all_points: bool):
+    """{series id: [_Chunk]} in write order; points only of chunks without a summary (or of
+    all when all_points). One statement, so one consistent view of the chunks."""
+    c, s = Chunk.__table__.c, ChunkSummary.__table__.c
+    pg = is_pg(session)
+    payload = [c.steps, c["values"]]
+    if not all_points:
+        payload = [case((s.chunk_id.is_(None), col)) for col in payload]
+    if pg:
+        payload = [func.array_send(col) for col in payload]
+    q = (
+        select(c.id, c.series_id, c.segment, c.step_min, c.step_max, c.n, s.level, s.blocks)
+        .add_columns(*payload)
+        .select_from(Chunk.__table__.outerjoin(ChunkSummary.__table__, s.chunk_id == c.id))
+        .where(c.series_id.in_(sids))
+    )
+    if start is not None:
+        q = q.where(c.step_max >= start)
+    if end is not None:
+        q = q.where(c.step_min <= end)
+    out: dict[int, list[_Chunk]] = {sid: [] for sid in sids}
+    for cid, sid, seg, lo, hi, n, level, blocks, steps, values in session.execute(
+        q.order_by(c.series_id, c.segment, c.id)
+    ):
+        points = _decode(pg, lo, n, steps, values) if all_points or level is None else None
+        out[sid].append(_Chunk(cid, seg, lo, hi, n, level, blocks, points))
+    return out
+
+
+def _points_of(session: Session, chunks: list[_Chunk]) -> dict | None:
+    """{id: (steps, values)} of `chunks`; None if any was replaced since it was listed."""
+    c = Chunk.__table__.c
+    pg = is_pg(session)
+    payload = [c.steps, c["values"]]
+    if pg:
+        payload = [func.array_send(col) for col in payload]
+    wanted = {ch.id: ch for ch in chunks}
+    q = select(c.id, c.segment, c.step_min, c.step_max, c.n, *payload).where(c.id.in_(wanted))
+    out = {}
+    for cid, seg, lo, hi, n, steps, values in session.execute(q):
+        ch = wanted[cid]
+        if (ch.segment, ch.step_min, ch.step_max, ch.n) != (seg, lo, hi, n):
+            return None
+        out[cid] = _decode(pg, lo, n, steps, values)
+    return out if len(out) == len(wanted) else None
+
+
+@dataclass(slots=True)
+class _Plan:
+    """How one series (or one segment of it) is bucketed: the grid, which chunks answer from
+    their summaries, and which from their points."""
+
+    lo: int
+    hi: int
+    origin: int
+    width: int
+    summarized: list[_Chunk]
+    raw: list[_Chunk]
+
+
+def _plan(chunks: list[_Chunk], start, end, max_points: int) -> _Plan | None:
+    if not chunks:
+        return None
+    lo = min(ch.step_min for ch in chunks) if start is None else start
+    hi = max(ch.step_max for ch in chunks) if end is None else end
+    if lo > hi:
+        return None
+    origin, width, g = grid(lo, hi, max_points)
+    # A summary answers for a chunk that shares no step with another (so no newer write
+    # overrides any of its points), lies inside [lo, hi], and whose blocks the grid holds whole.
+    by_start = sorted(chunks, key=lambda ch: (ch.step_min, ch.step_max))
+    alone, reach = set(), None
+    for i, ch in enumerate(by_start):
+        after_prev = reach is None or ch.step_min > reach
+        before_next = i + 1 == len(by_start) or by_start[i + 1].step_min > ch.step_max
+        if after_prev and before_next:
+            alone.add(ch.id)
+        reach = ch.step_max if reach is None else max(reach, ch.step_max)
+    summarized, raw = [], []
+    for ch in chunks:
+        fits = ch.level is not None and g >= 1 << ch.level
+        inside = lo <= ch.step_min and ch.step_max <= hi
+        (summarized if ch.id in alone and fits and inside else raw).append(ch)
+    return _Plan(lo, hi, origin, width, summarized, raw)
+
+
+def _read_buckets(session: Session, sids: list[int], start, end, max_points: int, by_segment):
+    """Yield (series id, segment or None, bucket columns): every series when not by_segment
+    (empty columns for one with no points in range), else each segment that has points."""
+    for all_points in (False, True):
+        chunks = _bucket_chunks(session, sids, start, end, all_points=all_points)
+        groups = []
+        for sid in sids:
+            if by_segment:
+                segs = sorted({ch.segment for ch in chunks[sid]})
+                groups += [(sid, g, [ch for ch in chunks[sid] if ch.segment == g]) for g in segs]
+            else:
+                groups.append((sid, None, chunks[sid]))
+        plans = [(sid, seg, _plan(group, start, end, max_points)) for sid, seg, group in groups]
+        missing = [ch for _, _, p in plans if p for ch in p.raw if ch.points is None]
+        fetched = _points_of(session, missing) if missing else {}
+        if fetched is not None:
+            break
+        # A compaction replaced some of them meanwhile: read everything in one statement.
+    for ch in missing:
+        ch.points = fetched[ch.id]
+    for sid, seg, plan in plans:
+        if plan is None:
+            yield sid, seg, bucketize(_EMPTY_I, _EMPTY_F, max_points)
+            continue
+        parts = [unpack(ch.blocks) for ch in plan.summarized]
+        if plan.raw:
+            merged = merge_parts([(ch.segment, *ch.points, _EMPTY_F) for ch in plan.raw])
+            st, va, _ = _clip(*merged, start, end)
+            parts.append(bucketize(st, va, max_points, plan.lo, plan.hi))
+        yield sid, seg, combine(parts, plan.origin, plan.width)
+
+
 def read_points(
     session: Session,
     *,
@@ -211,7 +314,13 @@ def read_points(
         matched = [(sid, lab) for sid, lab in matched if sid >= after[0]]
     labels_of = dict(matched)
     sids = sorted(labels_of)
-    for sid, parts in _chunks(session, sids, start, end, times and max_points is None):
+    if max_points is not None:
+        for sid, seg, b in _read_buckets(session, sids, start, end, max_points, segments_all):
+            if after and (sid, -1 if seg is None else seg) < after[:2]:
+                continue
+            result.series.append(Buckets(sid, metric, labels_of[sid], seg, **b))
+        return result
+    for sid, parts in _chunks(session, sids, start, end, times):
         lab = labels_of[sid]
         groups: list[tuple[int | None, list]] = (
             [(seg, [p for p in parts if p[0] == seg]) for seg in sorted({p[0] for p in parts})]
@@ -223,10 +332,6 @@ def read_points(
             if after and (sid, key) < after[:2]:
                 continue
             st, va, ti = _clip(*merge_parts(group), start, end)
-            if max_points is not None:
-                b = bucketize(st, va, max_points, start, end)
-                result.series.append(Buckets(sid, metric, lab, seg, **b))
-                continue
             if after and (sid, key) == after[:2]:
                 i = int(np.searchsorted(st, after[2], "right"))
                 st, va, ti = st[i:], va[i:], ti[i:] if len(ti) else ti

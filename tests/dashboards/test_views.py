@@ -1,4 +1,4 @@
-"""Migration 0003_views: logitwatch_points() and logitwatch_alerts on PostgreSQL, nothing on SQLite."""
+"""Migrations 0003_views and 0006: logitwatch_points() and logitwatch_alerts on PostgreSQL, none on SQLite."""
 
 from __future__ import annotations
 
@@ -105,6 +105,11 @@ def test_alerts_view_names_the_run_layer_and_the_value_where_the_alert_began(pg_
         engine.dispose()
     rows = query(pg_url, "SELECT run, layer, step, step_value, value FROM logitwatch_alerts")
     assert rows == [("r", 2, 2, 30.0, 60.0)]
+    # fired_step (0006): NULL on a row that never recorded it; the value where it fired
+    assert query(pg_url, "SELECT fired_step, fired_value FROM logitwatch_alerts") == [(None, None)]
+    with make_engine(pg_url).begin() as conn:
+        conn.execute(text("UPDATE alerts SET fired_step = 4, fired_at = now()"))
+    assert query(pg_url, "SELECT fired_step, fired_value FROM logitwatch_alerts") == [(4, 50.0)]
 
 
 def test_sqlite_gets_no_views(tmp_path):
@@ -116,3 +121,45 @@ def test_sqlite_gets_no_views(tmp_path):
         assert "runs" in inspect(engine).get_table_names()
     finally:
         engine.dispose()
+
+
+def test_deep_dive_marks_and_lists_alerts_at_the_step_they_fired(pg_url):
+    """The deep-dive's own alert queries (markers, table, annotations), as Grafana sends them."""
+    import json
+    from datetime import UTC, datetime, timedelta
+    from pathlib import Path
+
+    from grafana_queries import Variable, replace, sql_macros, sql_variable
+
+    upgrade(pg_url)
+    ingest(pg_url, "r", 0, 1, [
+        series_from_columns("attn.logit_max", {"layer": 2, "head": 1}, range(6), [1, 2, 130, 140, 150, 160]),
+    ])  # fmt: skip
+    with make_engine(pg_url).begin() as conn:
+        conn.execute(text(
+            "INSERT INTO alerts (run_id, rule, severity, metric, labels, labels_key, state, segment,"
+            " first_step, last_step, value, threshold, hint, created_at, updated_at, fired_at,"
+            " fired_step) SELECT id, 'attn-logit-high', 'warning', 'attn.logit_max',"
+            " '{\"layer\": \"2\", \"head\": \"1\"}', 'head=1,layer=2', 'firing', 0, 2, 5, 160, 100,"
+            " 'enable QK-norm', now(), now(), now(), 3 FROM runs WHERE name = 'r'"
+        ))  # fmt: skip
+    board = json.loads((Path(__file__).parents[2] / "dashboards/run-deep-dive.json").read_text())
+    variables = {n: Variable(n, v) for n, v in (("run", "r"), ("step_min", ""), ("step_max", ""))}
+    now = datetime.now(UTC)
+
+    def run(sql: str) -> list[tuple]:
+        sql = sql_macros(replace(sql, variables, sql_variable), now - timedelta(hours=1),
+                         now + timedelta(hours=1), 1000)  # fmt: skip
+        return query(pg_url, sql)
+
+    targets = [t for p in board["panels"] for t in p.get("targets", []) if "rawSql" in t]
+    markers = [
+        t["rawSql"] for t in targets if "attn.logit_max" in t["rawSql"] and '"alert"' in t["rawSql"]
+    ]
+    assert markers and all(run(m) == [(3, 140.0)] for m in markers)  # fired at 3, not began at 2
+    (table,) = [t["rawSql"] for t in targets if "zoom_from" in t["rawSql"]]
+    (row,) = run(table)
+    assert row[:3] == (3, 2, "attn-logit-high")
+    (annotation,) = board["annotations"]["list"][1:]
+    ((_, _, note, tags),) = run(annotation["target"]["rawSql"])
+    assert "fired at step 3 (from step 2)" in note and tags == "warning,attn-logit-high"

@@ -186,11 +186,12 @@ def test_alerts_reach_alertmanager_and_its_receiver_then_resolve(tmp_path):
             note = groups("firing")["nonfinite"]
             assert note["alerts"][0]["labels"]["severity"] == "critical"
 
+            # clear, 20 steps after the last bad point: the rules' hold
             _post(
                 c, run, 2,
-                {"metric": "loss", "steps": [3], "values": [2.0]},
+                {"metric": "loss", "steps": [30], "values": [2.0]},
                 {"metric": "attn.logit_max", "labels": {"layer": "0", "head": "1"},
-                 "steps": [3], "values": [3.0]},
+                 "steps": [30], "values": [3.0]},
             )  # fmt: skip
             until(lambda: not held(), what="both alerts resolved in Alertmanager")
             until(lambda: len(groups("resolved")) == 2, what="the receiver's resolved notes")
@@ -283,7 +284,7 @@ def test_two_processes_share_the_work_and_resolved_is_sent_once(writer, run_name
         assert before + timedelta(seconds=4 * 3600 - 5) < ends < utcnow() + timedelta(hours=4)
         _make_due(writer, run_name)  # the resend interval passed
         assert one.run_once() + two.run_once() == 1 and len(_mine(got, run_name)) == 2
-        f.send(S("loss", [3], [2.0]))  # resolves
+        f.send(S("loss", [30], [2.0]))  # resolves (clear 20 steps after the NaN)
         assert two.run_once() + one.run_once() == 1
         last = _mine(got, run_name)[-1]
         (a,) = alerts(writer, run_name)

@@ -87,8 +87,12 @@ def test_alerts_table(server, capsys):
     assert code == 0 and [(a["rule"], a["metric"], a["state"]) for a in alerts] == [
         ("nonfinite", "loss", "firing")
     ]
+    assert alerts[0]["fired_step"] == 99
     code, out, _ = _run(capsys, "alerts", "--server", server.url, "--state", "firing")
     assert code == 0 and "nonfinite" in out and "cli-run" in out
+    names = next(line.split() for line in out.splitlines() if line.split()[:1] == ["id"])
+    row = next(line.split() for line in out.splitlines() if "nonfinite" in line)
+    assert row[names.index("fired")] == "99" and row[names.index("last")] == "99"
     code, out, _ = _run(capsys, "alerts", "--server", server.url, "--state", "resolved")
     assert code == 0 and "nonfinite" not in out
 

@@ -93,7 +93,7 @@ def test_json_and_slack_payloads_for_firing_and_resolved(writer, run_name):
         try:
             f = Feeder(writer, engine, run_name)
             f.send(S("loss", [1, 2], [2.0, math.nan]))
-            f.send(S("loss", [3], [2.0]))
+            f.send(S("loss", [3, 30], [2.0, 2.0]))  # resolved once clear for 20 steps
             wait_for(lambda: len(got) == 4)
         finally:
             engine.close()
@@ -143,3 +143,23 @@ def test_webhook_urls_are_checked():
     assert parse_webhook("http://127.0.0.1:9/x") == ("json", "http://127.0.0.1:9/x")
     with pytest.raises(ValueError, match="webhook_urls"):
         parse_webhook("ftp://example.com")
+
+
+def test_webhooks_carry_the_step_the_alert_fired_at(writer, run_name):
+    """attn-logit-high needs two points: it begins at step 10 and fires at step 20."""
+    with receiver("ok") as (url, got):
+        notifier = Notifier(writer, urls=[url, f"slack+{url}/slack"], poll_s=0.05)
+        engine = RuleEngine(writer, notifier=notifier)
+        engine.start()
+        try:
+            f = Feeder(writer, engine, run_name)
+            f.send(S("attn.logit_max", [10, 20], [150.0, 160.0], layer="0", head="1"))
+            wait_for(lambda: len(got) == 2)
+        finally:
+            engine.close()
+    generic = next(g["body"] for g in got if g["path"] != "/slack")
+    slack = next(g["body"] for g in got if g["path"] == "/slack")
+    assert generic["fired_step"] == 20 and generic["alert"]["fired_step"] == 20
+    assert generic["alert"]["first_step"] == 10
+    assert "firing at step 20 (from step 10)" in generic["summary"]
+    assert "firing at step 20" in slack["text"]

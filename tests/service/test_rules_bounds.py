@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -52,18 +53,21 @@ def test_a_quiet_threshold_has_no_active_point(batch, c):
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(st.floats(0.1, 19.0), min_size=1, max_size=200),
-    st.lists(st.floats(0.1, 19.0), max_size=60),
+    st.lists(st.floats(0.1, 39.0), min_size=1, max_size=200),
+    st.lists(st.floats(0.1, 39.0), max_size=60),
     st.sampled_from([2.0, 0.5]),
 )
 def test_growth_window_in_one_go_equals_point_by_point(new, old, ratio):
-    """Below min_value nothing can fire; the window must end as the per-point deque would."""
+    """A rise below 2 x min_value (a drop from below min_value) cannot fire; the window must
+    end as the per-point deque would."""
     c = cond(kind="growth", ratio=ratio, over_steps=50, min_value=20.0)
-    ctx = RunContext()
+    if ratio < 1:
+        new, old = [v / 2 for v in new], [v / 2 for v in old]
+    ctx = RunContext(warmup_steps=5, warmup_declared=True)  # after warmup: nothing to settle
     slow: dict = {}
     for i, v in enumerate(old):
         evaluate(c, slow, i, v, ctx)
-    fast = {k: list(v) for k, v in slow.items()}
+    fast = copy.deepcopy(slow)
     start = len(old) + 3
     steps = np.arange(start, start + len(new), dtype=np.int64)
     for s, v in zip(steps.tolist(), new, strict=True):
@@ -73,3 +77,15 @@ def test_growth_window_in_one_go_equals_point_by_point(new, old, ratio):
     (b,) = batch_bounds([vals])
     assert fast_path(c, fast, steps, vals, ctx, b)
     assert fast == slow
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0.1, 39.0), min_size=1, max_size=80), st.sampled_from([2.0, 0.5]))
+def test_a_growth_series_still_settling_is_never_skipped(vals, ratio):
+    """Without warmup the point that settles a series must be found: no fast path before."""
+    c = cond(kind="growth", ratio=ratio, over_steps=50, min_value=20.0)
+    state: dict = {}
+    steps = np.arange(len(vals), dtype=np.int64)
+    (b,) = batch_bounds([np.array(vals)])
+    assert not fast_path(c, state, steps, np.array(vals), RunContext(), b)
+    assert state == {}

@@ -47,15 +47,66 @@ def test_zscore_is_winsorised():
     assert verdicts[30].active and not verdicts[31].active and verdicts[32].active
 
 
+#: A run whose warmup is known and over (the settle wait is for runs without warmup).
+WARM = RunContext(warmup_steps=10, warmup_declared=True)
+
+
 def test_growth_rise_and_drop():
     rise = cond(kind="growth", ratio=2, over_steps=50, min_value=20)
-    verdicts, _ = run(rise, [5.0, 8.0, 12.0], steps=[0, 10, 20])
-    assert not any(v and v.active for v in verdicts)  # doubled, but below min_value
-    verdicts, _ = run(rise, [30.0, 45.0, 61.0, 70.0], steps=[0, 10, 20, 200])
+    verdicts, _ = run(rise, [5.0, 8.0, 12.0, 39.0], WARM, steps=[0, 10, 20, 30])
+    assert not any(v and v.active for v in verdicts)  # x8, but from below the floor of 20
+    verdicts, _ = run(rise, [1.0, 40.0], WARM, steps=[0, 10])
+    assert verdicts[1].active and verdicts[1].threshold == 40.0  # 2 x the floor, not 2 x 1
+    verdicts, _ = run(rise, [30.0, 45.0, 61.0, 70.0], WARM, steps=[0, 10, 20, 200])
     assert [bool(v and v.active) for v in verdicts] == [False, False, True, False]
     drop = cond(kind="growth", ratio=0.5, over_steps=50, min_value=0.2)
-    verdicts, _ = run(drop, [0.9, 0.8, 0.4, 0.1], steps=[0, 10, 20, 30])
+    verdicts, _ = run(drop, [0.9, 0.8, 0.4, 0.1], WARM, steps=[0, 10, 20, 30])
     assert [bool(v and v.active) for v in verdicts] == [False, False, True, True]
+    verdicts, _ = run(drop, [0.19, 0.05], WARM, steps=[0, 10])
+    assert not verdicts[1].active  # from a baseline below min_value
+
+
+def test_growth_uses_the_magnitude_whatever_the_sign():
+    rise = cond(kind="growth", ratio=2, over_steps=50, min_value=20)
+    pos, _ = run(rise, [21.0, 30.0, 45.0], WARM, steps=[0, 10, 20])
+    neg, _ = run(rise, [-21.0, -30.0, -45.0], WARM, steps=[0, 10, 20])
+    assert [v and (v.active, v.threshold) for v in pos] == [
+        v and (v.active, v.threshold) for v in neg
+    ]
+    assert neg[2].active and neg[2].value == -45.0
+
+
+def test_growth_waits_for_the_value_to_settle_on_a_run_without_warmup():
+    """A tiny model at LR 1e-2 with no warmup: its logits rise from 0.1 to ~45 and stay (the
+    shape of a healthy Hugging Face run); only a doubling after that counts."""
+    rise = cond(kind="growth", ratio=2, over_steps=50, min_value=20)
+    early = [0.1 * 1.2**i for i in range(33)] + [45.0] * 60  # x2 every 4 steps, then flat
+    late = [95.0] * 5  # the value doubles after it settled
+    steps = list(range(len(early) + len(late)))
+    cold, state = run(rise, early + late, RunContext(), steps=steps)
+    fired = [s for s, v in zip(steps, cold, strict=True) if v and v.active]
+    assert fired == steps[len(early) :]
+    assert state["settled"] and "from" not in state
+    # the same series after a declared warmup of 10 steps is judged at once (and fires early)
+    warm, _ = run(rise, early, RunContext(warmup_steps=10, warmup_declared=True), steps=steps[:93])
+    assert any(v and v.active for v in warm[:40])
+    # settle: false judges from the first point, whatever the warmup
+    eager, _ = run(cond(kind="growth", ratio=2, over_steps=50, min_value=20, settle=False),
+                   early, RunContext(), steps=steps[:93])  # fmt: skip
+    assert any(v and v.active for v in eager[:40])
+
+
+def test_settling_needs_a_full_window_and_a_clear_margin():
+    drop = cond(kind="growth", ratio=0.5, over_steps=50, min_value=0.4)
+    # entropy falling steadily 1.0 -> 0.35 over 100 steps: never "settled", never judged
+    falling = [1.0 - 0.0065 * i for i in range(101)]
+    verdicts, state = run(drop, falling, RunContext(), steps=list(range(101)))
+    assert not any(v and v.active for v in verdicts) and "settled" not in state
+    # flat from the start: settled a full window after the first point, not before
+    _, state = run(drop, [0.9] * 50, RunContext(), steps=list(range(50)))
+    assert "settled" not in state
+    _, state = run(drop, [0.9] * 51, RunContext(), steps=list(range(51)))
+    assert state["settled"]
 
 
 def test_slope_of_abs_value():
@@ -102,24 +153,32 @@ def test_growth_window_in_one_go_matches_point_by_point():
     from logitwatch.service.rules.conditions import fast_path
 
     rng = random.Random(1)
-    for ratio in (2.0, 0.5):
-        c = cond(kind="growth", ratio=ratio, over_steps=30, min_value=20 if ratio > 1 else 100)
-        vals = [abs(rng.gauss(5, 3)) for _ in range(120)]
-        steps = list(range(0, 600, 5))
-        one, seq_state = run(c, vals, steps=steps)
-        assert not any(v and v.active for v in one)
-        for size in (10, 40):  # small batches go through Python, larger ones through numpy
-            state: dict = {}
-            for lo in range(0, 120, size):  # each batch is quiet: handled in one go
-                s_np, v_np = np.array(steps[lo : lo + size]), np.array(vals[lo : lo + size])
-                assert fast_path(c, state, s_np, v_np, RunContext())
-            assert state == seq_state
-    # a rise past min_value is not quiet, and judged against the window's minimum
+    for ctx in (WARM, RunContext()):  # judged at once, or after settling (no warmup)
+        for ratio in (2.0, 0.5):
+            c = cond(kind="growth", ratio=ratio, over_steps=30, min_value=20 if ratio > 1 else 100)
+            vals = [abs(rng.gauss(5, 3)) for _ in range(120)]
+            steps = list(range(0, 600, 5))
+            one, seq_state = run(c, vals, ctx, steps=steps)
+            assert not any(v and v.active for v in one)
+            for size in (10, 40):  # small batches go through Python, larger ones through numpy
+                state: dict = {}
+                quick = 0
+                for lo in range(0, 120, size):  # quiet batches are handled in one go ...
+                    s_np, v_np = np.array(steps[lo : lo + size]), np.array(vals[lo : lo + size])
+                    if fast_path(c, state, s_np, v_np, ctx):
+                        quick += 1
+                    else:  # ... except while the series is settling: point by point
+                        assert not state.get("settled") and ctx is not WARM
+                        for st, v in zip(s_np.tolist(), v_np.tolist(), strict=True):
+                            evaluate(c, state, st, v, ctx)
+                assert state == seq_state and quick >= 120 // size - 2
+    # a rise past 2 x min_value is not quiet, and judged against the floored window minimum
     rise = cond(kind="growth", ratio=2.0, over_steps=30, min_value=20)
     state = {"ws": [570, 590], "w": [3.0, 9.0]}
-    assert not fast_path(rise, dict(state), np.array([600]), np.array([25.0]), RunContext())
-    v = evaluate(rise, state, 600, 25.0, RunContext())
-    assert v.active and v.threshold == 6.0
+    assert not fast_path(rise, dict(state), np.array([600]), np.array([45.0]), WARM)
+    assert fast_path(rise, dict(state), np.array([600]), np.array([39.0]), WARM)
+    v = evaluate(rise, state, 600, 45.0, WARM)
+    assert v.active and v.threshold == 40.0
 
 
 def test_mad_spike_on_a_falling_loss():

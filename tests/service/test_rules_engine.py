@@ -38,14 +38,43 @@ def test_attention_logit_level_lifecycle_and_resolution(writer, run_name):
     # Above 1000: critical at once, a second alert of another rule on the same series.
     rules = {a["rule"] for a in f.send(S("attn.logit_max", [40], [2000.0], layer="0", head="1"))}
     assert rules == {"attn-logit-high", "attn-logit-critical"}
-    assert f.send(S("attn.logit_max", [50], [3.0], layer="0", head="1")) == []
+    # Clear, but held for 20 steps after the last step the condition held (40).
+    assert len(f.send(S("attn.logit_max", [50], [3.0], layer="0", head="1"))) == 2
+    assert f.send(S("attn.logit_max", [60], [3.0], layer="0", head="1")) == []
     states = {a["rule"]: a for a in alerts(writer, run_name)}
     assert states["attn-logit-high"]["state"] == "resolved"
-    assert states["attn-logit-high"]["resolved_step"] == 50
+    assert states["attn-logit-high"]["resolved_step"] == 60
+    assert states["attn-logit-high"]["fired_step"] == 30
     # A new episode opens a new alert; a pending that clears is forgotten.
-    f.send(S("attn.logit_max", [60], [500.0], layer="0", head="1"))
-    f.send(S("attn.logit_max", [70], [5.0], layer="0", head="1"))
+    f.send(S("attn.logit_max", [70], [500.0], layer="0", head="1"))
+    f.send(S("attn.logit_max", [80], [5.0], layer="0", head="1"))
     assert len(alerts(writer, run_name)) == 2
+
+
+def test_hysteresis_one_alert_an_episode_hold_and_resolve_margin(writer, run_name):
+    """A value hovering around its threshold fires once and resolves once: within 10 % under
+    the threshold it keeps firing, and it resolves only 20 steps after it last held."""
+    f = Feeder(writer, RuleEngine(writer), run_name)
+    hover = [150.0, 150.0, 95.0, 120.0, 85.0, 110.0, 92.0, 130.0, 80.0, 101.0]  # steps 0-90
+    f.send(S("attn.logit_max", list(range(0, 100, 10)), hover, layer="0", head="0"))
+    (a,) = alerts(writer, run_name)
+    assert (a["state"], a["first_step"], a["fired_step"], a["last_step"]) == ("firing", 0, 10, 90)
+    # 80 at step 100: clear by the margin, but within 20 steps of 90; 80 at 110 resolves it
+    f.send(S("attn.logit_max", [100], [80.0], layer="0", head="0"))
+    assert alerts(writer, run_name)[0]["state"] == "firing"
+    f.send(S("attn.logit_max", [110], [80.0], layer="0", head="0"))
+    (a,) = alerts(writer, run_name)
+    assert (a["state"], a["resolved_step"]) == ("resolved", 110)
+    # a user rule without hysteresis resolves at the first clear point, every time
+    loud = parse_rules(
+        [{"name": "loud", "metric": "x", "condition": {"kind": "threshold", "value": 1}}]
+    )
+    with writer() as s:
+        put_user_rules(s, rules=loud)
+        s.commit()
+    f.send(S("x", list(range(8)), [2.0, 0.5] * 4))
+    loud = [a for a in alerts(writer, run_name) if a["rule"] == "loud"]
+    assert len(loud) == 4 and all(a["state"] == "resolved" for a in loud)
 
 
 def test_nonfinite_is_critical_at_once_and_json_safe(writer, run_name):
@@ -143,7 +172,7 @@ def test_loss_spike_fires_and_resolves_sgdr_restart_is_muted(writer, run_name):
     f.send(S("loss", steps, vals))
     got = [a for a in alerts(writer, run_name) if a["rule"] == "loss-spike"]
     assert [(a["first_step"], a["state"], a["resolved_step"]) for a in got] == [
-        (80, "resolved", 81)
+        (80, "resolved", 90)  # held 10 steps after the spike
     ]
 
 

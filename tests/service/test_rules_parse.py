@@ -8,7 +8,13 @@ import sys
 import pytest
 
 from logitwatch.service.rules.builtin import builtin_rules
-from logitwatch.service.rules.model import RuleError, load_rules_file, parse_rules, parse_rules_text
+from logitwatch.service.rules.model import (
+    RuleError,
+    load_rules_file,
+    parse_rules,
+    parse_rules_text,
+    rules_to_data,
+)
 from logitwatch.service.rules.user import effective_rules
 
 GOOD = """
@@ -80,6 +86,34 @@ def test_yaml_rules_parse_with_defaults():
             "rules[0].extra",
             "not permitted",
         ),
+        (
+            {"name": "a", "metric": "x", "condition": {"kind": "nonfinite"}, "hold_steps": -1},
+            "rules[0].hold_steps",
+            "greater than or equal to 0",
+        ),
+        (
+            {"name": "a", "metric": "x", "condition": {"kind": "nonfinite"}, "resolve_margin": 1},
+            "rules[0].resolve_margin",
+            "less than 1",
+        ),
+        (
+            {
+                "name": "a",
+                "metric": "x",
+                "condition": {"kind": "growth", "ratio": 2, "over_steps": 5, "min_value": -1},
+            },
+            "rules[0].condition.min_value",
+            "greater than or equal to 0",
+        ),
+        (
+            {
+                "name": "a",
+                "metric": "x",
+                "condition": {"kind": "growth", "ratio": 2, "over_steps": 5, "settle": "maybe"},
+            },
+            "rules[0].condition.settle",
+            "boolean",
+        ),
     ],
 )
 def test_invalid_rules_name_the_field(rule, field, words):
@@ -146,3 +180,27 @@ def test_rules_file_errors_are_one_line(tmp_path):
     )  # fmt: skip
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "over_steps" in out.stderr
+
+
+def test_hysteresis_knobs_and_their_defaults():
+    (r,) = parse_rules([{"name": "a", "metric": "x", "condition": {"kind": "growth", "ratio": 2,
+                         "over_steps": 50, "min_value": 20}, "hold_steps": 50,
+                         "resolve_margin": 0.1}])  # fmt: skip
+    assert (r.hold_steps, r.resolve_margin, r.condition.settle) == (50, 0.1, True)
+    (plain,) = parse_rules([{"name": "b", "metric": "x", "condition": {"kind": "nonfinite"}}])
+    assert (plain.hold_steps, plain.resolve_margin) == (0, 0.0)  # user rules: no hysteresis
+    assert "hold_steps" not in rules_to_data([plain])[0]
+
+
+def test_every_builtin_attention_max_rule_compares_the_magnitude():
+    rules = [r for r in builtin_rules() if r.matches("attn.logit_max", {"layer": "0", "head": "0"})]
+    assert {r.name for r in rules} >= {
+        "attn-logit-high",
+        "attn-logit-critical",
+        "attn-logit-growth",
+    }
+    for r in rules:
+        c = r.condition
+        if c.kind in ("absent", "nonfinite"):
+            continue  # no value compared
+        assert c.kind == "growth" or getattr(c, "abs", False), r.name  # growth always uses |x|
