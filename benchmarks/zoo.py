@@ -1,8 +1,12 @@
 """The full instability zoo: every case x seeds, scored, with a table, zoo.json and a PNG per run.
 
     python benchmarks/zoo.py [--seeds N] [--steps N] [--jobs 2] [--out .logitwatch/zoo-benchmark]
+    python benchmarks/zoo.py --healthy [--seeds 3]   # the healthy matrix: false alarms only
 
-Starts its own `logitwatch serve` (SQLite in a temp dir) unless --server URL is given.
+Starts its own `logitwatch serve` (SQLite in a temp dir) unless --server URL is given. Every
+run also writes its metrics file (out/metrics/*.jsonl); the lead-time and false-alarm tables
+come from `logitwatch backtest` replaying them, so `logitwatch backtest out/metrics --healthy
+'*stable*' ...` re-scores a zoo against a candidate rule set without training again.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import sys
 from rich.console import Console
 
 from logitwatch.agent.cli.zoo import print_table
-from logitwatch.agent.zoo.cases import ZooScale, cases_named
+from logitwatch.agent.zoo.cases import HEALTHY_SCALE, ZooScale, cases_named, healthy_cases
 from logitwatch.agent.zoo.run import run_zoo
 from logitwatch.tables import Records, num
 
@@ -22,14 +26,21 @@ from logitwatch.tables import Records, num
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seeds", type=int, default=ZooScale.seeds)
-    p.add_argument("--steps", type=int, default=ZooScale.steps)
+    p.add_argument(
+        "--steps", type=int, help=f"default {ZooScale.steps}; healthy {HEALTHY_SCALE.steps}"
+    )
     p.add_argument("--cases", help="comma list (default: all)")
+    p.add_argument("--healthy", action="store_true", help="the healthy matrix instead")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--server")
     p.add_argument("--out", default=".logitwatch/zoo-benchmark")
     args = p.parse_args(argv)
-    scale = ZooScale(steps=args.steps, seeds=args.seeds)
-    cases = cases_named(args.cases.split(",") if args.cases else None)
+    base = HEALTHY_SCALE if args.healthy else ZooScale()
+    scale = ZooScale(steps=args.steps or base.steps, seeds=args.seeds)
+    if args.healthy:
+        cases = healthy_cases()
+    else:
+        cases = cases_named(args.cases.split(",") if args.cases else None)
     result = run_zoo(cases, scale, server=args.server, jobs=args.jobs, out=args.out)
     print_table(result)
     summary(result)

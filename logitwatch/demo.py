@@ -33,6 +33,8 @@ __all__ = ["add_arguments", "run"]
 
 HEALTHY = "demo-healthy"
 UNSTABLE = "demo-no-qknorm"
+#: What makes the healthy run healthy (the preset alone has neither).
+HEALTHY_FLAGS = ["--qk-norm", "--z-loss", "1e-4"]
 
 
 @dataclass
@@ -185,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         logs = Path(tempfile.mkdtemp(prefix="logitwatch-demo-"))
         trainers = [
-            _start_trainer(url, HEALTHY, args.steps, [], logs / "healthy.log"),
+            _start_trainer(url, HEALTHY, args.steps, HEALTHY_FLAGS, logs / "healthy.log"),
             _start_trainer(
                 url, UNSTABLE, args.steps,
                 ["--no-qk-norm", "--z-loss", "0", "--lr", str(args.lr_unstable), "--warmup", "10"],

@@ -18,7 +18,7 @@ STEPS = 40
 def test_the_demos_healthy_run_raises_no_warning_and_no_critical(tmp_path):
     log = tmp_path / "healthy.log"
     with live_server(f"sqlite:///{tmp_path / 'lw.db'}") as server:
-        trainer = demo._start_trainer(server.url, demo.HEALTHY, STEPS, [], log)
+        trainer = demo._start_trainer(server.url, demo.HEALTHY, STEPS, demo.HEALTHY_FLAGS, log)
         try:
             code = trainer.wait(timeout=300)
         finally:

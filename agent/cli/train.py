@@ -40,6 +40,7 @@ _VALUES: dict[str, tuple[str, str, str]] = {
     "--t0": ("t0", "int", "SGDR: first period in steps (default a third of the steps)"),
     "--t-mult": ("t_mult", "int", "SGDR: period multiplier (default 1)"),
     "--weight-decay": ("weight_decay", "float", "AdamW decoupled weight decay (default 0.1)"),
+    "--adam-eps": ("adam_eps", "float", "AdamW epsilon (default 1e-8)"),
     "--clip-grad-norm": (
         "clip_grad_norm",
         "cap",
@@ -63,7 +64,8 @@ _VALUES: dict[str, tuple[str, str, str]] = {
     "--every": ("every", "int", "monitor reporting interval in steps (default 10)"),
     "--on-alert": ("on_alert", "list", "on a firing alert: checkpoint,lower-lr,stop (comma list)"),
 }
-_SWITCHES = {"--full": "full", "--qk-norm": "qk_norm", "--bf16": "bf16", "--progress": "progress"}
+_SWITCHES = {"--full": "full", "--qk-norm": "qk_norm", "--bf16": "bf16", "--fp16": "fp16",
+             "--progress": "progress"}  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar = {"int": "N", "float": "X", "cap": "C|off"}.get(kind, "VALUE")
         parser.add_argument(flag, metavar=metavar, default=_S, help=help_text)
     helps = {"full": "the published size (not for a CPU)", "qk_norm": "RMSNorm on q and k per head",
-             "bf16": "bf16 autocast", "progress": "progress bar (default on)"}  # fmt: skip
+             "bf16": "bf16 autocast", "fp16": "fp16 autocast, no loss scaler",
+             "progress": "progress bar (default on)"}  # fmt: skip
     for flag, name in _SWITCHES.items():
         parser.add_argument(
             flag, dest=name, action=argparse.BooleanOptionalAction, default=_S, help=helps[name]

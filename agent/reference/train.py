@@ -1,6 +1,6 @@
 """A plain training loop for the reference decoder on the stdlib corpus, CPU or CUDA.
 
-sample -> forward (optional bf16 autocast) -> ce + z-loss -> backward -> AdamW step (clips
+sample -> forward (optional bf16 or fp16 autocast) -> ce + z-loss -> backward -> AdamW step (clips
 inside) -> LR step. The host reads the loss only every ``log_every`` steps.
 """
 
@@ -203,6 +203,7 @@ def train(
         cfg.weight_decay,
         decay_embeddings=cfg.decay_embeddings,
         clip_grad_norm=cfg.clip_grad_norm,
+        eps=cfg.adam_eps,
     )
     scheduler = build_scheduler(optimizer, cfg.schedule_config())
     corpus = build_corpus(cfg.corpus_bytes)
@@ -215,7 +216,8 @@ def train(
         raise ValueError(
             f"steps ({cfg.steps}) must exceed the checkpoint's step ({start}) to continue."
         )
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
+    half = torch.float16 if cfg.fp16 else torch.bfloat16
+    autocast = lambda: torch.autocast(device.type, dtype=half, enabled=cfg.bf16 or cfg.fp16)  # noqa: E731
     tokens = cfg.batch_size * cfg.seq_len
     log = _Log(cfg, start, tokens)
     run_config = _run_config(cfg, model_cfg, scheduler, device)
@@ -260,13 +262,13 @@ def _run_config(cfg: TrainConfig, model_cfg, scheduler, device) -> dict[str, Any
     schedule = {**scheduler.shape.to_dict(), "peak_lr": scheduler.base_lrs[0]}
     return {
         "decoder": model_cfg.to_dict(),
-        "optimizer": {"name": "adamw", "lr": cfg.lr, "betas": [0.9, 0.95],
+        "optimizer": {"name": "adamw", "lr": cfg.lr, "betas": [0.9, 0.95], "eps": cfg.adam_eps,
                       "weight_decay": cfg.weight_decay, "decay_embeddings": cfg.decay_embeddings,
                       "clip_grad_norm": cfg.clip_grad_norm},
         "schedule": ScheduleConfig.from_dict(schedule).to_dict(),
         "train": {"preset": cfg.preset, "full": cfg.full, "steps": cfg.steps,
                   "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "bf16": cfg.bf16,
-                  "seed": cfg.seed, "device": str(device)},
+                  "fp16": cfg.fp16, "seed": cfg.seed, "device": str(device)},
     }  # fmt: skip
 
 

@@ -46,6 +46,7 @@ class TrainConfig:
     t0: int | None = None  # SGDR first period; None: a third of the post-warmup steps
     t_mult: int = 1
     weight_decay: float = 0.1
+    adam_eps: float = 1e-8  # AdamW's epsilon: too small lets near-zero gradients take full steps
     decay_embeddings: bool = False
     clip_grad_norm: float | None = 1.0
     # The run.
@@ -53,6 +54,7 @@ class TrainConfig:
     batch_size: int = 16
     seq_len: int = 128
     bf16: bool = False
+    fp16: bool = False  # fp16 autocast with no loss scaler: the plain fp16 failure modes
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
     corpus_bytes: int = 4_000_000
@@ -94,12 +96,15 @@ class TrainConfig:
         for name in ("warmup", "t0"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 0 if name == "warmup" else 1)
-        for name in ("full", "bf16", "progress", "decay_embeddings", "qk_norm"):
+        for name in ("full", "bf16", "fp16", "progress", "decay_embeddings", "qk_norm"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "qk_norm" and value is None):
                 raise ValueError(f"{name} must be true or false; got {value!r}.")
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are exclusive: choose one autocast dtype.")
         _check_number("lr", self.lr, positive=True)
         _check_number("weight_decay", self.weight_decay)
+        _check_number("adam_eps", self.adam_eps, positive=True)
         _check_number("min_lr_ratio", self.min_lr_ratio, upper=1.0)
         if self.clip_grad_norm is not None:
             _check_number("clip_grad_norm", self.clip_grad_norm, positive=True)

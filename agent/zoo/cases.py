@@ -9,7 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CASES", "CAUSES", "KINDS", "REDUCED", "ZooCase", "ZooScale", "cases_named"]
+__all__ = [
+    "CASES",
+    "CAUSES",
+    "HEALTHY",
+    "HEALTHY_SCALE",
+    "KINDS",
+    "REDUCED",
+    "TRAINERS",
+    "ZooCase",
+    "ZooScale",
+    "cases_named",
+    "healthy_cases",
+]
 
 #: The rules that name each cause (a case passes when one of these fires before anything else).
 CAUSES: dict[str, tuple[str, ...]] = {
@@ -17,6 +29,7 @@ CAUSES: dict[str, tuple[str, ...]] = {
         "attn-logit-high",
         "attn-logit-critical",
         "attn-logit-growth",
+        "attn-logit-runaway",
         "attn-entropy-floor",
         "attn-entropy-drop",
     ),
@@ -27,6 +40,9 @@ CAUSES: dict[str, tuple[str, ...]] = {
 }
 
 KINDS = ("control", "failing", "spike")
+#: The loops a case can run under: the reference trainer, tiny Hugging Face models under
+#: ``transformers.Trainer``, and a user's own decoder under ``attach`` (agent/zoo/trainers.py).
+TRAINERS = ("reference", "hf-gpt2", "hf-llama", "hf-qwen2", "attach")
 STABLE = dict(qk_norm=True, z_loss=1e-4, weight_decay=0.1, schedule="cosine", lr=3e-3)
 
 
@@ -46,8 +62,11 @@ class ZooCase:
     corrupt_at: tuple[float, ...] = ()  # fractions of the run: those batches are random bytes
     resume_at: float | None = None  # fraction of the run: checkpoint there, then resume ...
     resume_lr_scale: float = 1.0  # ... with the optimizer's LR times this (the schedule unchanged)
+    trainer: str = "reference"  # one of TRAINERS; only the reference trainer reads overrides
 
     def __post_init__(self) -> None:
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"trainer must be one of {', '.join(TRAINERS)}; got {self.trainer!r}.")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}.")
         if (self.cause is None) != (self.kind == "control") or (
@@ -95,6 +114,8 @@ class ZooScale:
 
 
 REDUCED = ZooScale(steps=150, batch_size=8, seq_len=64, every=5, seeds=1, corpus_bytes=300_000)
+#: The healthy matrix's scale: the presets are 4-layer models, some wide (t5: d_ff 8192).
+HEALTHY_SCALE = ZooScale(steps=150, seeds=3)
 
 CASES: tuple[ZooCase, ...] = (
     ZooCase(
@@ -154,6 +175,14 @@ CASES: tuple[ZooCase, ...] = (
         {**STABLE, "qk_norm": False, "bf16": True, "lr": 3e-2},
     ),
     ZooCase(
+        "fp16-noqk",
+        "failing",
+        "attention",
+        "fp16 autocast with no loss scaler, attention computed in fp16 (eager), no QK-norm, "
+        "LR 5e-2: the attention logits grow for ~100 steps, then the loss goes NaN",
+        {**STABLE, "qk_norm": False, "fp16": True, "lr": 5e-2, "model": {"attn_impl": "eager"}},
+    ),
+    ZooCase(
         "resume-lr-x10",
         "failing",
         "lr",
@@ -173,12 +202,55 @@ CASES: tuple[ZooCase, ...] = (
 )
 
 
+PRESET_NAMES = ("gpt3", "t5", "t5-v1.1", "lamda", "palm", "llama2")
+
+#: The healthy matrix beyond CASES' controls: every preset at its CPU size with the stable
+#: recipe, tiny Hugging Face models under their Trainer, and a user decoder under ``attach``.
+#: ``logitwatch zoo --healthy`` runs these and every control of CASES: no alert is allowed.
+HEALTHY: tuple[ZooCase, ...] = (
+    *(
+        ZooCase(
+            f"preset-{name}",
+            "control",
+            None,
+            f"the {name} preset at its CPU size with the stable recipe",
+            {**STABLE, "preset": name},
+        )
+        for name in PRESET_NAMES
+    ),
+    *(
+        ZooCase(
+            f"hf-{name}",
+            "control",
+            None,
+            f"a tiny Hugging Face {name} built from its config under transformers.Trainer and "
+            "LogitwatchCallback: LR 1e-3, 10 % warmup, cosine, weight decay 0.1, clipping 1.0",
+            trainer=f"hf-{name}",
+        )
+        for name in ("gpt2", "llama", "qwen2")
+    ),
+    ZooCase(
+        "attach-user-decoder",
+        "control",
+        None,
+        "a user's own decoder (fused qkv, inline attention) in a plain loop, probes installed by "
+        "attach: LR 1e-3, 10 % warmup, cosine, weight decay 0.1, clipping 1.0",
+        trainer="attach",
+    ),
+)
+
+
+def healthy_cases() -> list[ZooCase]:
+    """The healthy matrix: every control of CASES, then HEALTHY."""
+    return [c for c in CASES if c.kind == "control"] + list(HEALTHY)
+
+
 def cases_named(names: list[str] | None) -> list[ZooCase]:
-    """The cases by name, in catalogue order (all when ``names`` is empty)."""
+    """The cases by name, in catalogue order (all of CASES when ``names`` is empty)."""
     if not names:
         return list(CASES)
-    known = {c.name: c for c in CASES}
+    known = {c.name: c for c in (*CASES, *HEALTHY)}
     for n in names:
         if n not in known:
             raise ValueError(f"cases: unknown zoo case {n!r}; known: {', '.join(known)}.")
-    return [c for c in CASES if c.name in names]
+    return [c for c in known.values() if c.name in names]

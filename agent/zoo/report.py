@@ -13,9 +13,22 @@ from typing import Any
 
 from logitwatch.agent.zoo.cases import CAUSES, ZooCase
 
-__all__ = ["GAP_NATS", "Score", "divergence", "score", "smoothed"]
+__all__ = [
+    "GAP_NATS",
+    "LEAD_MEDIAN",
+    "LEAD_MIN",
+    "RunAlerts",
+    "Score",
+    "divergence",
+    "false_alarms",
+    "leads",
+    "run_alerts",
+    "score",
+    "smoothed",
+]
 
 GAP_NATS = 0.2  # how far above the control's smoothed loss counts as diverged
+LEAD_MIN, LEAD_MEDIAN = 30, 40  # steps: every first warning at least this early; the median
 BAD = ("warning", "critical")
 
 
@@ -182,3 +195,65 @@ def describe(alert: dict[str, Any] | None) -> str:
     short = {"layer": "L", "head": "h"}  # others in full: group=no_decay
     where = "/".join(f"{short.get(k, k + '=')}{labels[k]}" for k in order)
     return f"{alert['rule']}{' ' + where if where else ''} @{alert.get('first_step')}"
+
+
+@dataclass
+class RunAlerts:
+    """One run's warning-or-worse alerts, each with the step it went firing (``fired_step``)."""
+
+    case: str
+    kind: str
+    cause: str | None
+    seed: int
+    run: str
+    steps: int
+    diverged_at: int | None
+    alerts: list[dict[str, Any]]
+
+
+def run_alerts(
+    scores: list[Score], cases: dict[str, ZooCase], backtest: dict[str, Any] | None
+) -> tuple[list[RunAlerts], str]:
+    """Each run's alerts from the backtest's replay when there is one, else the live service's
+    (``fired_step`` then falls back to ``first_step``); and which of the two it was."""
+    replayed = {r["run"]: r for r in (backtest or {}).get("runs", [])}
+    out = []
+    for s in scores:
+        if s.error:
+            continue
+        if s.run in replayed:
+            r = replayed[s.run]
+            alerts, steps = r["alerts"], r.get("steps") or 0
+        else:
+            alerts, steps = s.alerts, 0
+        bad = [
+            {**a, "fired_step": a.get("fired_step", a.get("first_step"))}
+            for a in alerts
+            if a.get("severity") in BAD
+        ]
+        bad.sort(key=lambda a: a["fired_step"] if a["fired_step"] is not None else 1 << 62)
+        case = cases[s.case]
+        out.append(RunAlerts(s.case, s.kind, case.cause, s.seed, s.run, steps, s.diverged_at, bad))
+    return out, "backtest" if replayed else "service"
+
+
+def false_alarms(runs: list[RunAlerts], steps_per_run: int) -> tuple[int, dict[str, int]]:
+    """(healthy steps, {rule: alerts}) over the control runs; a run's steps are its replayed
+    step span, or ``steps_per_run`` when it was not replayed."""
+    steps, per_rule = 0, {}
+    for r in runs:
+        if r.kind != "control":
+            continue
+        steps += r.steps or steps_per_run
+        for a in r.alerts:
+            per_rule[a["rule"]] = per_rule.get(a["rule"], 0) + 1
+    return steps, per_rule
+
+
+def leads(r: RunAlerts) -> tuple[dict[str, Any] | None, int | None, bool | None]:
+    """(first alert, lead in steps before the divergence, the first alert names the cause)."""
+    first = r.alerts[0] if r.alerts else None
+    if first is None or r.cause is None:
+        return first, None, None
+    lead = r.diverged_at - first["fired_step"] if r.diverged_at is not None else None
+    return first, lead, first["rule"] in CAUSES[r.cause]

@@ -2,6 +2,8 @@
 
 Each case (stable controls, failing configurations, corrupted batches) runs for several seeds in
 worker processes; the service's alerts are read back and set against when each run diverged.
+Each run's metrics file is then replayed by ``logitwatch backtest`` (a subprocess), labelled
+with those divergence steps and controls: the lead-time and false-alarm tables read the replay.
 
 Divergence: a non-finite loss; or a trailing-mean loss that stays above ln(vocab) to the end; or
 one that stays at least 0.2 nats above the stable control of the same seed to the end (at this
@@ -23,13 +25,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from logitwatch.agent.zoo.cases import CASES, ZooCase, ZooScale
 from logitwatch.agent.zoo.report import Score, score
 from logitwatch.agent.zoo.runs import RunOutput, run_case
 from logitwatch.client import Alert, ApiClient, NotReady
 
-__all__ = ["ZooResult", "run_zoo"]
+__all__ = ["ZooResult", "rescore", "run_zoo"]
 
 
 @dataclass
@@ -39,6 +42,10 @@ class ZooResult:
     outputs: list[RunOutput]
     seconds: float
     server: str
+    # `logitwatch backtest --json` over the runs' metrics files, the zoo's divergence steps and
+    # controls given as labels; None when it could not run (backtest_error says why).
+    backtest: dict[str, Any] | None = None
+    backtest_error: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -63,18 +70,74 @@ def run_zoo(
     prefix = f"zoo-{time.strftime('%Y%m%d-%H%M%S')}-"
     with contextlib.ExitStack() as stack:
         url = server or stack.enter_context(_local_service())
+        metrics = (
+            Path(out) / "metrics"
+            if out is not None
+            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lwzoo-m-")))
+        )
+        if metrics.is_dir():  # a file per run of this zoo only: backtest reads the folder
+            for old in metrics.glob("*.jsonl"):
+                old.unlink()
         work = [(c, seed) for seed in range(scale.seeds) for c in cases]
-        work.sort(key=lambda cs: not cs[0].overrides.get("bf16", False))  # slowest first
+        work.sort(key=lambda cs: not _slow(cs[0]))  # slowest first
         ctx = multiprocessing.get_context("spawn")  # fork and torch's threads do not mix
         with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(run_case, c, scale, seed, url, prefix) for c, seed in work]
+            futures = [
+                pool.submit(run_case, c, scale, seed, url, prefix, str(metrics)) for c, seed in work
+            ]
             outputs = [f.result() for f in futures]
         alerts = _alerts(url, [o.run for o in outputs])
-    scores = _score_all(cases, scale, outputs, alerts)
-    result = ZooResult(scale, scores, outputs, time.perf_counter() - start, url)
+        scores = _score_all(cases, scale, outputs, alerts)
+        result = ZooResult(scale, scores, outputs, time.perf_counter() - start, url)
+        result.backtest, result.backtest_error = _backtest(metrics, scores)
     if out is not None:
         _write(result, Path(out), plots)
     return result
+
+
+def rescore(out: str | os.PathLike[str]) -> ZooResult:
+    """The zoo written to ``out`` (zoo.json and metrics/), its backtest run again: the rules as
+    they are now, on the same runs, without training again."""
+    path = Path(out) / "zoo.json"
+    if not path.is_file():
+        raise ValueError(f"--rescore: no zoo.json in {str(out)!r}; run the zoo with --out first.")
+    data = json.loads(path.read_text())
+    scores = [Score(**s) for s in data["scores"]]
+    outputs = [RunOutput(**o) for o in data["runs"]]
+    result = ZooResult(ZooScale(**data["scale"]), scores, outputs, data["seconds"], "")
+    result.backtest, result.backtest_error = _backtest(Path(out) / "metrics", scores)
+    return result
+
+
+def _slow(case: ZooCase) -> bool:
+    over = case.overrides
+    return bool(over.get("bf16") or over.get("fp16") or over.get("preset"))
+
+
+def _backtest(metrics: Path, scores: list[Score]) -> tuple[dict[str, Any] | None, str | None]:
+    """Replay the metrics files through the service's rule engine (``logitwatch backtest``, a
+    subprocess: the agent never imports the service), labelled with the zoo's verdicts."""
+    files = sorted(metrics.glob("*.jsonl"))
+    if not files:
+        return None, "no metrics files were written"
+    cmd = [sys.executable, "-m", "logitwatch", "backtest", "--json", "--quiet", str(metrics)]
+    for s in scores:
+        if s.error:
+            continue
+        if s.kind == "control":
+            cmd += ["--healthy", s.run]
+        elif s.diverged_at is not None:
+            cmd += ["--diverged", f"{s.run}={s.diverged_at}"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"backtest did not run: {exc}"
+    if done.returncode != 0:
+        return None, f"backtest failed ({done.returncode}): {done.stderr.strip()[-500:]}"
+    try:
+        return json.loads(done.stdout), None
+    except json.JSONDecodeError as exc:
+        return None, f"backtest printed no JSON: {exc}"
 
 
 def _score_all(cases, scale, outputs, alerts) -> list[Score]:
@@ -88,7 +151,8 @@ def _score_all(cases, scale, outputs, alerts) -> list[Score]:
     window = max(10, scale.steps // 15)
     scores = []
     for o in outputs:
-        ref = None if o.case == "stable" else control.get(o.seed)
+        # A control is judged on its own loss: other loops and presets are other models.
+        ref = None if by_name[o.case].kind == "control" else control.get(o.seed)
         scores.append(
             score(by_name[o.case], o, alerts[o.run], ref, vocab=vocab, warmup=warmup, window=window)
         )
@@ -138,6 +202,8 @@ def _write(result: ZooResult, out: Path, plots: bool) -> None:
         "seconds": result.seconds,
         "scores": [asdict(s) for s in result.scores],
         "runs": [asdict(o) for o in result.outputs],
+        "backtest": result.backtest,
+        "backtest_error": result.backtest_error,
     }
     (out / "zoo.json").write_text(json.dumps(data, indent=1, default=str))
     if plots:

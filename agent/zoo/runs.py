@@ -34,18 +34,24 @@ class RunOutput:
     error: str | None = None
 
 
-def run_case(case: Any, scale: Any, seed: int, server: str, prefix: str) -> RunOutput:
-    """Train ``case`` at ``scale`` with ``seed``, reporting to ``server`` as ``{prefix}{case}-s{seed}``."""
+def run_case(
+    case: Any, scale: Any, seed: int, server: str, prefix: str, metrics_dir: str | None = None
+) -> RunOutput:
+    """Train ``case`` at ``scale`` with ``seed``, reporting to ``server`` as
+    ``{prefix}{case}-s{seed}``, and into ``metrics_dir/<run>.jsonl`` (a FileSink) when given."""
     import time
 
     import torch
 
     from logitwatch.agent.monitoring.monitor import Monitor
     from logitwatch.agent.reference.train import TrainConfig, train
+    from logitwatch.agent.transport.filesink import FileSink
     from logitwatch.agent.transport.sink import FanOutSink, MemorySink
 
     torch.set_num_threads(1)
     run = f"{prefix}{case.name}-s{seed}"
+    if case.trainer != "reference":
+        return _run_other(case, scale, seed, server, run, metrics_dir)
     steps = scale.steps
     # Knobs at reporting steps: a spike between two reports would be invisible to everyone.
     corrupt = sorted({_on_report(f * steps, scale.every) for f in case.corrupt_at})
@@ -62,13 +68,17 @@ def run_case(case: Any, scale: Any, seed: int, server: str, prefix: str) -> RunO
         http = HttpSink(server, run, resume_from_step=start_step, spool_dir=spool / "spool")
         kwargs.pop("server", None)
         kwargs.pop("spool_dir", None)
-        return Monitor(model, optimizer, sink=FanOutSink([http, memory]), **kwargs)
+        sinks = [http, memory] + ([FileSink(metrics_dir, run)] if metrics_dir else [])
+        return Monitor(model, optimizer, sink=FanOutSink(sinks), **kwargs)
 
     with tempfile.TemporaryDirectory(prefix="lwzoo-") as tmp:
         spool = Path(tmp)
+        sized = scale.train_overrides()
+        model = {} if case.overrides.get("preset") else sized["model"]  # a preset's CPU size
         base = {
-            **scale.train_overrides(),
+            **sized,
             **case.overrides,
+            "model": {**model, **case.overrides.get("model", {})},
             "seed": seed,
             "run": run,
             "server": server,
@@ -91,6 +101,36 @@ def run_case(case: Any, scale: Any, seed: int, server: str, prefix: str) -> RunO
             out.error = f"{type(exc).__name__}: {exc}"
         finally:
             sampler.close()
+    out.seconds = time.perf_counter() - start
+    out.series = _plotted(memory)
+    return out
+
+
+def _run_other(
+    case: Any, scale: Any, seed: int, server: str, run: str, metrics_dir: str | None
+) -> RunOutput:
+    """A case of another loop (Hugging Face Trainer, attach): see agent/zoo/trainers.py."""
+    import time
+
+    from logitwatch.agent.transport.filesink import FileSink
+    from logitwatch.agent.transport.sender import HttpSink
+    from logitwatch.agent.transport.sink import FanOutSink, MemorySink
+    from logitwatch.agent.zoo.trainers import train_attach, train_hf
+
+    memory = MemorySink()
+    out = RunOutput(case.name, seed, run, [])
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lwzoo-") as tmp:
+        sinks = [HttpSink(server, run, spool_dir=Path(tmp) / "spool"), memory]
+        sinks += [FileSink(metrics_dir, run)] if metrics_dir else []
+        sink = FanOutSink(sinks)
+        try:
+            if case.trainer == "attach":
+                out.losses = train_attach(scale, seed, run, sink)
+            else:
+                out.losses = train_hf(case.trainer.removeprefix("hf-"), scale, seed, run, sink)
+        except Exception as exc:  # a run that crashes is a result too, not the zoo's end
+            out.error = f"{type(exc).__name__}: {exc}"
     out.seconds = time.perf_counter() - start
     out.series = _plotted(memory)
     return out

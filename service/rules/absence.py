@@ -47,7 +47,10 @@ def check_absent(engine, sm: sessionmaker[Session], *, now: datetime) -> int:
             state = dict(state or {})
             # A run that reached the number of steps its config declares has finished, not
             # stopped: it is never "silent" (the trainer records config.train.steps).
-            total = RunContext.from_config(config).config_value("steps")
+            # A run reporting every N steps sends its last report up to N - 1 steps before.
+            ctx = RunContext.from_config(config)
+            total = ctx.config_value("steps")
+            every = max(int(ctx.config_value("every") or 1), 1)
             seen, open_ = state.get("seen", {}), state.setdefault("absent_open", {})
             changed = False
             for rule in rules:
@@ -58,7 +61,7 @@ def check_absent(engine, sm: sessionmaker[Session], *, now: datetime) -> int:
                 alert = session.get(Alert, open_[rule.name]) if rule.name in open_ else None
                 if alert is not None and alert.state == "resolved":
                     alert = None
-                done = total is not None and last_step + 1 >= total
+                done = total is not None and last_step + every >= total
                 if done or silent > engine.absent_horizon_s or silent < rule.condition.seconds:
                     if alert is not None and (done or silent > engine.absent_horizon_s):
                         al.resolve_alert(alert, step=last_step)

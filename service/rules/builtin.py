@@ -59,6 +59,13 @@ def attention_logits() -> list[dict]:
     still grow from ~1 to 10-22 (zoo controls, the demo), which is training, not a runaway.
     Runs without warmup (tiny Hugging Face models at LR 1e-2 reach 47) are judged once the
     value has settled (model.Growth).
+
+    The runaway rule watches from the first step, warmup included, because the runaway starts
+    there: in the zoo's failing runs the max logit passes 50 by step 15-25 and the run diverges
+    by step 48-132, while 64 healthy runs (six presets, SGDR, Hugging Face GPT-2, Llama and
+    Qwen2, a user decoder) stay under 13, and healthy runs without QK-norm or warmup under 50.
+    It needs |x| >= 50 (a baseline floor of 25) and a doubling within 50 steps, so a model that
+    sits at a high but steady logit is not judged by level alone. 50 is where Gemma 2 soft-caps.
     """
     return [
         {
@@ -90,6 +97,22 @@ def attention_logits() -> list[dict]:
             "severity": "warning",
             "hint": f"{HINT_QK}; or lower the LR",
             "source": "Wortsman et al. 2023 (attention logit growth)",
+            **TREND,
+        },
+        {
+            "name": "attn-logit-runaway",
+            "metric": "attn.logit_max",
+            "condition": {
+                "kind": "growth",
+                "ratio": 2.0,
+                "over_steps": 50,
+                "min_value": 25,
+                "settle": False,
+            },
+            "mute_after_restart": 50,
+            "severity": "warning",
+            "hint": f"{HINT_QK}; or lower the LR",
+            "source": "Wortsman et al. 2023 (attention logit growth); Gemma 2 soft-cap 50",
             **TREND,
         },
     ]

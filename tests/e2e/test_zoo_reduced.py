@@ -69,3 +69,20 @@ def test_results_and_plots_are_written(zoo):
     for case in scores:
         png = out / f"{case}-s0.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_the_metrics_files_are_replayed_by_backtest_with_the_zoo_labels(zoo):
+    result, scores, out = zoo
+    assert len(list((out / "metrics").glob("*.jsonl"))) == 4
+    assert result.backtest_error is None
+    replayed = {r["run"]: r for r in result.backtest["runs"]}
+    assert set(replayed) == {s.run for s in scores.values()}
+    for case in ("stable", "stable-sgdr"):
+        assert replayed[scores[case].run]["status"] == "healthy"
+    noqk = replayed[scores["noqk-high-lr"].run]
+    assert (
+        noqk["status"] == "diverged" and noqk["diverged_at"] == scores["noqk-high-lr"].diverged_at
+    )
+    loud = [a for a in noqk["alerts"] if a["severity"] in BAD]
+    first = min(loud, key=lambda a: a["fired_step"])
+    assert first["rule"] in CAUSES["attention"]  # the replay agrees on the cause

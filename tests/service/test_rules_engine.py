@@ -24,6 +24,11 @@ def writer(db_url):
 
 
 def test_attention_logit_level_lifecycle_and_resolution(writer, run_name):
+    with writer() as s:  # the level rules alone (the runaway rule is tested below)
+        off = [{"name": "attn-logit-runaway", "metric": "x", "condition": {"kind": "nonfinite"},
+                "enabled": False}]  # fmt: skip
+        put_user_rules(s, rules=parse_rules(off))
+        s.commit()
     f = Feeder(writer, RuleEngine(writer), run_name)
     # attn-logit-high needs 2 steps above 100: pending first, then firing.
     assert f.send(S("attn.logit_max", [10, 20], [90.0, 150.0], layer="0", head="1")) == []
@@ -49,6 +54,9 @@ def test_attention_logit_level_lifecycle_and_resolution(writer, run_name):
     f.send(S("attn.logit_max", [70], [500.0], layer="0", head="1"))
     f.send(S("attn.logit_max", [80], [5.0], layer="0", head="1"))
     assert len(alerts(writer, run_name)) == 2
+    with writer() as s:
+        put_user_rules(s, rules=[])
+        s.commit()
 
 
 def test_hysteresis_one_alert_an_episode_hold_and_resolve_margin(writer, run_name):
@@ -236,3 +244,36 @@ def test_a_run_that_reached_its_declared_steps_is_finished_not_silent(writer, ru
     f.send(S("loss", [0, 1, 2, 3], [1.0] * 4))
     engine.check_absent(now=utcnow() + timedelta(seconds=601))
     assert alerts(writer, run_name) == []
+
+
+@pytest.mark.parametrize(("last", "silent"), [(145, False), (140, True)])
+def test_a_run_reporting_every_n_steps_is_finished_at_its_last_report(
+    writer, run_name, last, silent
+):
+    """150 steps reported every 5: the last report is step 145, and the run is done there."""
+    engine = RuleEngine(writer)
+    f = Feeder(writer, engine, run_name)
+    f.config({"train": {"steps": 150, "every": 5}})
+    f.send(S("loss", list(range(0, last + 1, 5)), [1.0] * (last // 5 + 1)))
+    engine.check_absent(now=utcnow() + timedelta(seconds=601))
+    assert [a["rule"] for a in alerts(writer, run_name)] == (["run-silent"] if silent else [])
+
+
+def test_attention_runaway_fires_in_warmup_from_a_floor_and_not_on_a_steady_high_logit(
+    writer, run_name
+):
+    """The runaway rule counts from the first step (warmup included): |x| >= 50 and doubled
+    within 50 steps. Early growth from ~0 to 40 is training; a steady 60 is a level, not a
+    runaway; 0.1 -> 55 in 20 steps is."""
+    with writer() as s:  # the built-ins as shipped (user rules live in the shared database)
+        put_user_rules(s, rules=[])
+        s.commit()
+    f = Feeder(writer, RuleEngine(writer), run_name)
+    f.config({"schedule": {"kind": "cosine", "peak_lr": 1e-3, "warmup_steps": 100,
+                           "total_steps": 1000}})  # fmt: skip
+    early = [0.1, 5.0, 20.0, 40.0, 45.0, 44.0]  # steps 0-25: under 50
+    f.send(S("attn.logit_max", list(range(0, 30, 5)), early, layer="0", head="0"))
+    f.send(S("attn.logit_max", list(range(0, 300, 5)), [60.0] * 60, layer="1", head="0"))
+    assert [a["rule"] for a in alerts(writer, run_name)] == []
+    fired = f.send(S("attn.logit_max", [30, 35], [55.0, 90.0], layer="0", head="0"))
+    assert [(a["rule"], a["fired_step"]) for a in fired] == [("attn-logit-runaway", 30)]
