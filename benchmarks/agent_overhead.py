@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch._dynamo.utils import counters
 
 from logitwatch.agent import Monitor, MonitorConfig
@@ -81,19 +82,24 @@ def overhead(args, console: Console) -> None:
     batches = [torch.randint(0, 256, (args.batch, args.seq), generator=g) for _ in range(4)]
     total = args.warmup + args.rounds * 10  # rounds of 10 steps: every=10 reports once per round
     graphs, order = 0, random.Random(2)
-    for step in range(total):
-        if step == args.warmup and args.compile:
-            graphs = counters["stats"]["unique_graphs"]
-        # Interleaved, in a new random order each step: an arm's place in the round (after
-        # which arm, in what state it left the caches and the allocator) moves its step time
-        # by several percent on a 2-core box, and a rotation keeps each arm's predecessor.
-        arms_now = list(runs.values())
-        order.shuffle(arms_now)
-        for model, opt, monitor, wall, cpu in arms_now:
-            t, c = step_fn(model, opt, monitor, batches[step % len(batches)], step)
-            if step >= args.warmup:
-                wall.append(t)
-                cpu.append(c)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"steps ({len(runs)} arms each)", total=total)
+        for step in range(total):
+            if step == args.warmup and args.compile:
+                graphs = counters["stats"]["unique_graphs"]
+            # Interleaved, in a new random order each step: an arm's place in the round (after
+            # which arm, in what state it left the caches and the allocator) moves its step
+            # time by several percent on a 2-core box, and a rotation keeps each predecessor.
+            arms_now = list(runs.values())
+            order.shuffle(arms_now)
+            for model, opt, monitor, wall, cpu in arms_now:
+                t, c = step_fn(model, opt, monitor, batches[step % len(batches)], step)
+                if step >= args.warmup:
+                    wall.append(t)
+                    cpu.append(c)
+            progress.advance(task)
     for _, _, monitor, _, _ in runs.values():
         if monitor is not None:
             monitor.close()
@@ -112,6 +118,13 @@ def overhead(args, console: Console) -> None:
         )
         rows.append((name, 1e3 * med, med / ref, verdict, 1e3 * med_cpu, med_cpu / ref_cpu))
     console.print(overhead_table(title, rows))
+    for prefix in ("", "compiled, ") if args.compile else ("",):
+        base = [statistics.median(x) for x in runs[prefix + "no monitor"][3:]]
+        every1 = [statistics.median(x) for x in runs[prefix + "every=1"][3:]]
+        console.print(
+            f"{prefix or 'eager, '}every=1 costs {1e3 * (every1[0] - base[0]):.1f} ms a step "
+            f"(CPU {1e3 * (every1[1] - base[1]):.1f} ms; the breakdown below sums its parts)"
+        )
     # Reporting vs non-reporting steps of the every=10 arms: what a probe step costs on its own.
     first = (10 - args.warmup % 10) % 10
     for prefix in ("", "compiled, ") if args.compile else ("",):
@@ -149,32 +162,61 @@ def breakdown(args, console: Console) -> None:
         q, k = (t.detach() for t in grabbed["qk"])
         scale = model.blocks[0].attn.scale
         cfg = MonitorConfig()
+        weights = [p.detach() for p in params.params]
+
+        def moved() -> None:  # what an optimizer step does to the weights: a new version
+            torch._foreach_mul_(weights, 1.0)
+
+        layers = args.layers
+        # name -> (setup, untimed; the timed call; how many times an every=1 step makes it)
         cases = {
-            f"attn_stats, one layer (x{args.layers})": lambda: attn_stats(
+            f"attn_stats, one layer (x{layers})": (None, lambda: attn_stats(
                 q, k, scale, sample_rows=cfg.sample_rows, sample_batch=cfg.sample_batch
+            ), layers),
+            "  of which the exact max |logit|": (None, lambda: attn_logit_absmax(q, k, scale), 0),
+            "logits_stats (logits, log Z)": (
+                None, lambda: logits_stats(grabbed["logits"], sample_tokens=cfg.sample_tokens), 1
             ),
-            "  of which the exact max |logit|": lambda: attn_logit_absmax(q, k, scale),
-            "logits_stats (logits, log Z)": lambda: logits_stats(
-                grabbed["logits"], sample_tokens=512
+            f"act_rms, one layer (x{layers})": (None, lambda: act_rms(grabbed["resid"]), layers),
+            "grad norms (global + per layer)": (None, params.grads, 1),
+            # every=1: weights(keep=True) leaves the next snapshot, which copies nothing.
+            "param norms + update ratio, every=1": (
+                lambda: (params.snapshot(), moved()), lambda: params.weights(keep=True), 1
             ),
-            f"act_rms, one layer (x{args.layers})": lambda: act_rms(grabbed["resid"]),
-            "grad norms (global + per layer)": params.grads,
-            "weight snapshot (for update ratio)": params.snapshot,
-            "param norms + update ratio": lambda: (params.snapshot(), params.weights()),
-            "device-to-host copy of the buffer": lambda: monitor.slots.buf[
-                : monitor.slots.used
-            ].clone(),
-        }
-        costs = []
+            "  every=1: the snapshot (nothing to copy)": (
+                lambda: (params.snapshot(), moved(), params.weights(keep=True)),
+                params.snapshot,
+                1,
+            ),
+            "  every>1: the snapshot before the step": (
+                lambda: (params.weights(), moved()), params.snapshot, 0
+            ),
+            "  every>1: norms + ratio after it": (
+                lambda: (moved(), params.snapshot(), moved()), params.weights, 0
+            ),
+            "device-to-host copy of the buffer": (
+                None, lambda: monitor.slots.buf[: monitor.slots.used].clone(), 1
+            ),
+        }  # fmt: skip
+        costs, total = [], [0.0, 0.0]
         with torch.no_grad():
-            for name, fn in cases.items():
-                times = []
-                for _ in range(20):
-                    t = time.perf_counter()
+            for name, (setup, fn, count) in cases.items():
+                wall, cpu = [], []
+                for _ in range(args.breakdown_reps):
+                    if setup is not None:
+                        setup()
+                    t, c = time.perf_counter(), time.process_time()
                     fn()
-                    times.append(time.perf_counter() - t)
-                costs.append((name, 1e3 * statistics.median(times)))
-        console.print(breakdown_table(costs))
+                    wall.append(time.perf_counter() - t)
+                    cpu.append(time.process_time() - c)
+                ms = (1e3 * statistics.median(wall), 1e3 * statistics.median(cpu))
+                costs.append((name, *ms))
+                total = [t + count * m for t, m in zip(total, ms, strict=True)]
+        console.print(breakdown_table(costs, args.breakdown_reps))
+        console.print(
+            f"breakdown summed for an every=1 reporting step: {total[0]:.1f} ms "
+            f"(CPU {total[1]:.1f} ms)"
+        )
 
 
 def overhead_table(title: str, rows: list[tuple[str, float, float, str, float, float]]) -> Records:
@@ -191,14 +233,14 @@ def overhead_table(title: str, rows: list[tuple[str, float, float, str, float, f
     return table
 
 
-def breakdown_table(costs: list[tuple[str, float]]) -> Records:
-    """(probe, median ms) a row."""
+def breakdown_table(costs: list[tuple[str, float, float]], reps: int) -> Records:
+    """(probe, median ms, median CPU ms) a row."""
     table = Records(
-        [Col("probe", readable=24), num("ms")],
-        title="Cost of each reduction on a reporting step (median of 20)",
+        [Col("probe", readable=24), num("ms"), num("CPU ms")],
+        title=f"Cost of each reduction on a reporting step (median of {reps})",
     )
-    for name, ms in costs:
-        table.add_row(name, f"{ms:,.3f}")
+    for name, ms, cpu_ms in costs:
+        table.add_row(name, f"{ms:,.3f}", f"{cpu_ms:,.3f}")
     return table
 
 
@@ -264,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--breakdown-reps", type=int, default=40, help="calls timed per probe")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false")
     p.add_argument("--sync-check", action="store_true", help="CUDA: prove no sync between reports")
     p.add_argument("--no-transport", action="store_true", help="skip the transport comparison")
     p.add_argument(
@@ -277,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         sync_check(args, console)
         return 0
     overhead(args, console)
-    breakdown(args, console)
+    if args.breakdown:
+        breakdown(args, console)
     if not args.no_transport:
         transports(console)
     return 0

@@ -19,8 +19,9 @@ class MonitorConfig:
     |q·k/√d| over every batch item, query row and key it may attend, computed in chunks so
     memory stays bounded (about one causal half of q·kᵀ of compute per layer and reporting
     step). The attention entropies (``attn.entropy_*``) are means over ``sample_rows`` evenly
-    spaced query rows of the first ``sample_batch`` batch items; log Z statistics are over
-    ``sample_tokens`` evenly spaced token positions, while ``logits.*`` read every token.
+    spaced query rows of the first ``sample_batch`` batch items, read from the maximum's own
+    chunks of q·kᵀ (no second matmul); log Z statistics are over ``sample_tokens`` evenly
+    spaced token positions, while ``logits.*`` read every token.
 
     >>> MonitorConfig(every=10, probes=("loss", "grad")).every
     10

@@ -225,7 +225,8 @@ class Monitor:
             self._guard("param", self._write_weights)
 
     def _write_weights(self) -> None:
-        norms, ratio = self.params.weights()
+        # Reporting every step: the next step's snapshot is the copy this call leaves.
+        norms, ratio = self.params.weights(keep=self.config.every == 1)
         layers = self.params.layers
         if "param" in self.config.probes:
             keys = [series_key("param.norm", **self.label)]

@@ -95,7 +95,9 @@ class ParamStats:
         self._prev: list[torch.Tensor] | None = None
         self._prev_sq: torch.Tensor | None = None
         self._cur_sq: torch.Tensor | None = None
-        self._versions: list[int] = []
+        self._seen: tuple | None = None  # the weights weights() last read (see _identity)
+        self._kept = False  # _prev holds a copy of those weights (weights(keep=True))
+        self._groups = _cache_groups([self.local(p.detach()) for p in self.params], device)
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's shard of a DTensor; any other tensor as it is."""
@@ -104,7 +106,9 @@ class ParamStats:
     def _sq_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if self._dtensor is not None:
             tensors = [self.local(t) for t in tensors]
-        norms = torch._foreach_norm(tensors)
+        return self._stack_sq(torch._foreach_norm(tensors))
+
+    def _stack_sq(self, norms: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([n.to(self.device, torch.float32) for n in norms]).square()
 
     def _grouped(
@@ -138,37 +142,80 @@ class ParamStats:
         nonfinite = (~torch.isfinite(sq)).sum().float().reshape(1)
         return torch.cat([self._root(self._grouped(sq, index, weight)), nonfinite])
 
+    def _identity(self) -> tuple:
+        """What changes whenever the weights may have: each parameter's version counter (in-place
+        writes: optimizer steps, load_state_dict) and its local storage (``p.data = ...``)."""
+        return tuple((p._version, self.local(p).data_ptr()) for p in self.params)
+
     @torch.no_grad()
     def snapshot(self) -> None:
         """Copy the weights (before an optimizer step) for the update ratio. The copy lives in
-        one buffer kept across steps: fresh memory each time costs page faults on the CPU."""
+        one buffer kept across steps: fresh memory each time costs page faults on the CPU.
+        Nothing to copy when weights(keep=True) left a copy of these very weights."""
+        same = self._seen is not None and self._identity() == self._seen
+        if same and self._kept:
+            self._prev_sq = self._cur_sq
+            return
         cur = [self.local(p.detach()) for p in self.params]
         if self._prev is None:
             self._prev = [t.clone() for t in cur]
         else:
             torch._foreach_copy_(self._prev, cur)
-        # Reporting every step: the weights have not moved since weights() took their norms
-        # (no in-place op bumped a version counter), so those norms are ||w_prev|| already.
-        if self._cur_sq is not None and [p._version for p in self.params] == self._versions:
-            self._prev_sq = self._cur_sq
-        else:
-            self._prev_sq = self._sq_norms(self._prev)
+        # The weights have not moved since weights() took their norms: those are ||w_prev||.
+        self._prev_sq = self._cur_sq if same else self._sq_norms(self._prev)
+        self._kept = False
 
     @torch.no_grad()
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def weights(self, keep: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(global, *per layer) weight norms, and ||w - w_prev|| / ||w_prev|| when a snapshot
         was taken since the last call. ``squared``: the weighted squares of the norms, and
-        of the update's numerator then denominator, concatenated."""
+        of the update's numerator then denominator, concatenated.
+
+        ``keep``: leave a copy of the weights in the snapshot buffer, for a snapshot() before
+        the next step (reporting every step) that then has nothing to copy. The difference,
+        both norms and that copy are taken one cache-sized group of tensors at a time, so each
+        weight is read from memory once."""
         cur = [self.local(p.detach()) for p in self.params]
-        self._cur_sq = cur_sq = self._sq_norms(cur)
-        self._versions = [p._version for p in self.params]
-        norms = self._root(self._grouped(cur_sq, self.index, self.weight))
         if self._prev is None or self._prev_sq is None:
-            return norms, None
-        torch._foreach_sub_(self._prev, cur)  # in place: w_prev - w, no extra copy
-        delta = self._grouped(self._sq_norms(self._prev), self.index, self.weight)
-        prev = self._grouped(self._prev_sq, self.index, self.weight)
-        self._prev_sq = None  # the buffer now holds the difference, not a snapshot
+            self._cur_sq = cur_sq = self._sq_norms(cur)
+            self._seen, self._kept = self._identity(), False
+            return self._root(self._grouped(cur_sq, self.index, self.weight)), None
+        prev, delta, now = self._prev, [], []
+        for group in self._groups:
+            old, new = [prev[j] for j in group], [cur[j] for j in group]
+            torch._foreach_sub_(old, new)  # in place: w_prev - w, no extra memory
+            delta.extend(torch._foreach_norm(old))
+            now.extend(torch._foreach_norm(new))
+            if keep:
+                torch._foreach_copy_(old, new)
+        self._cur_sq = cur_sq = self._stack_sq(now)
+        self._seen, self._kept = self._identity(), keep
+        norms = self._root(self._grouped(cur_sq, self.index, self.weight))
+        delta_sq = self._grouped(self._stack_sq(delta), self.index, self.weight)
+        prev_sq = self._grouped(self._prev_sq, self.index, self.weight)
+        self._prev_sq = None  # the buffer holds the difference or the new weights, not w_prev
         if self.squared:
-            return norms, torch.cat([delta, prev])
-        return norms, (delta / prev.clamp_min(1e-30)).sqrt()
+            return norms, torch.cat([delta_sq, prev_sq])
+        return norms, (delta_sq / prev_sq.clamp_min(1e-30)).sqrt()
+
+
+#: Bytes of weights the update ratio handles at a time on the CPU: its difference, norms and
+#: copy then read each weight from memory once, the rest from cache (L2-sized).
+CACHE_BYTES = 1 << 20
+
+
+def _cache_groups(params: list[torch.Tensor], device: torch.device) -> list[list[int]]:
+    """Indices of ``params`` in consecutive groups of about CACHE_BYTES on the CPU (a tensor
+    larger than that alone); one group elsewhere, where fewer, larger launches win."""
+    if device.type != "cpu":
+        return [list(range(len(params)))] if params else []
+    groups: list[list[int]] = []
+    size = CACHE_BYTES
+    for j, p in enumerate(params):
+        nbytes = p.numel() * p.element_size()
+        if size + nbytes > CACHE_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(j)
+        size += nbytes
+    return groups

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from logitwatch.agent.transport.sink import SeriesKey
+
+_T = TypeVar("_T")
 
 __all__ = [
     "ATTN_FIELDS",
@@ -45,47 +49,62 @@ LOGITS_FIELDS = (
     "_nonfinite.logits",
 )
 
-_rows_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+_cache: dict[tuple, object] = {}
+_LOG2E, _LN2 = 1.0 / math.log(2.0), math.log(2.0)
+
+
+def _cached(key: tuple, make: Callable[[], _T]) -> _T:
+    """``make()``, made once per ``key``. Under torch.compile the cache is bypassed: a global
+    dict that fills up during tracing would fail its guards on the next call and cost a
+    recompile."""
+    compiling = torch.compiler.is_compiling()
+    hit = None if compiling else _cache.get(key)
+    if hit is None:
+        hit = make()
+        if not compiling:
+            _cache[key] = hit
+    return hit  # type: ignore[return-value]
+
+
+def spaced(n: int, k: int) -> tuple[int, ...]:
+    """k evenly spaced indices out of n, always the first and last (nearest, ties up); all n
+    when n <= k. The spacing (n-1)/(k-1) is above 1, so rounding never merges two of them."""
+    if n <= k:
+        return tuple(range(n))
+    if k == 1:
+        return (0,)
+    return tuple((2 * i * (n - 1) + k - 1) // (2 * (k - 1)) for i in range(k))
+
+
+def _index(rows: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``rows`` as a long tensor on ``device``, cached."""
+    rows = tuple(rows)
+    return _cached(("index", rows, device), lambda: torch.tensor(rows, device=device))
 
 
 def even_rows(n: int, k: int, device: torch.device) -> torch.Tensor:
-    """Indices of k evenly spaced rows out of n, always the first and last; all rows if n <= k."""
-    key = (n, k, device)
-    # Under torch.compile the cache is bypassed: a global dict that fills up during tracing
-    # would fail its guards on the next call and cost a recompile.
-    compiling = torch.compiler.is_compiling()
-    rows = None if compiling else _rows_cache.get(key)
-    if rows is None:
-        if n <= k:
-            rows = torch.arange(n, device=device)
-        else:
-            # Spacing (n-1)/(k-1) > 1, so rounding never merges two rows (no unique(): a sync).
-            rows = torch.linspace(0, n - 1, k, device=device).round().long()
-        if not compiling:
-            _rows_cache[key] = rows
-    return rows
-
-
-_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    """Indices of k evenly spaced rows out of n (``spaced``), as a tensor on ``device``."""
+    return _cached(("even", n, k, device), lambda: torch.tensor(spaced(n, k), device=device))
 
 
 def _causal(
-    rows: torch.Tensor, Tq: int, Tk: int, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, 1, R, Tk) "may attend" and its additive 0/-inf twin, cached; query row i sits at key
-    position i + (Tk - Tq) (a KV cache precedes the queries)."""
-    key = (Tq, rows.numel(), Tk, causal, rows.device)
-    compiling = torch.compiler.is_compiling()  # no cache under compile: see even_rows
-    hit = None if compiling else _masks.get(key)
-    if hit is None:
-        keys = torch.arange(Tk, device=rows.device)
-        allowed = keys[None, :] <= rows[:, None] + (Tk - Tq) if causal else keys[None, :] >= 0
-        allowed = allowed.view(1, 1, -1, Tk)
-        bias = torch.zeros(allowed.shape, device=rows.device).masked_fill_(~allowed, float("-inf"))
-        hit = (allowed, bias)
-        if not compiling:
-            _masks[key] = hit
-    return hit
+    rows: Sequence[int], off: int, n_keys: int, causal: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(1, 1, R, n_keys) "may attend" of query ``rows`` over the first ``n_keys`` keys, its
+    additive 0/-inf twin and (1, 1, R) the keys each row may attend, cached; query row i sits
+    at key position i + off (a KV cache of ``off`` keys precedes the queries)."""
+
+    def make() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if causal:
+            keys = torch.arange(n_keys, device=device)
+            allowed = keys[None, :] <= _index(rows, device)[:, None] + off  # (R, n_keys)
+        else:
+            allowed = torch.ones(len(rows), n_keys, dtype=torch.bool, device=device)
+        allowed = allowed.view(1, 1, -1, n_keys)
+        bias = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
+        return allowed, bias, allowed.sum(-1)
+
+    return _cached(("causal", tuple(rows), off, n_keys, causal, device), make)
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -116,6 +135,19 @@ def _plan(B: int, H: int, Tq: int, Tk: int, causal: bool, budget: int) -> tuple[
         # Causal chunks of a quarter of the rows skip 3/8 of q·kᵀ (the keys past each chunk).
         rows = min(rows, -(-Tq // 4))
     return max(1, min(B, budget // (H * rows * Tk))), rows
+
+
+def _bmm_ready(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """``t`` (b, H, c, hs) if bmm can read it as (b·H/groups, groups·c, hs) in place: rows of
+    unit stride, batch dims that fold into one stride and, with GQA, the ``groups`` heads of a
+    kv head one after the other (a slice of query rows of (B, H, T, hs) memory, as RoPE
+    leaves it); else a contiguous copy (of (B, T, H, hs) memory transposed, say), made once
+    here rather than inside bmm."""
+    b, H, c, hs = t.shape
+    s0, s1, s2, s3 = t.stride()
+    if s3 == 1 and s2 >= hs and (b == 1 or s0 == H * s1) and (groups == 1 or s1 == c * s2):
+        return t
+    return t.contiguous()
 
 
 def _matmul_dtype(q: torch.Tensor) -> torch.dtype:
@@ -149,92 +181,127 @@ def attn_logit_absmax(
     the keys its last row may see. ``mask``: bool "may attend" or additive float, (B|1, 1|H,
     Tq, Tk). A head that may attend nothing reads 0.
     """
-    return _absmax_sq(q, k, causal, mask, chunk_elems)[0] * scale
+    budget = chunk_budget(q.device, chunk_elems)
+    return _attn_pass(q, k, causal, mask, budget).absmax * scale
 
 
-def _absmax_sq(
+@dataclass
+class _Pass:
+    absmax: torch.Tensor  # (H,) max |q·k| before scaling, fp32
+    q_sq: torch.Tensor  # () sum of squares of q
+    k_sq: torch.Tensor  # () sum of squares of k
+    entropy: list[torch.Tensor]  # per sampled batch chunk: (b, H, R) nats
+    n_keys: list[torch.Tensor]  # per sampled batch chunk: (b|1, H|1, R) keys each row sees
+
+
+def _attn_pass(
     q: torch.Tensor,
     k: torch.Tensor,
     causal: bool,
     mask: torch.Tensor | None,
-    chunk_elems: int | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """attn_logit_absmax before scaling (fp32), and the sums of squares of q and of k, read
-    from each chunk while it is in cache rather than in two more passes over q and k."""
+    budget: int,
+    rows: Sequence[int] = (),
+    n_batch: int = 0,
+    scale: float = 1.0,
+) -> _Pass:
+    """One chunked pass over q·kᵀ: the per-head max |q·k|, the sums of squares of q and k,
+    and the entropies of the softmax of ``scale``·q·k of the query ``rows`` of the first
+    ``n_batch`` batch items, read from the same products (no second matmul) over only the
+    keys their chunk multiplied."""
     B, H, Tq, hs = q.shape
     Hkv, Tk = k.size(1), k.size(2)
     off = Tk - Tq
-    bc, rc = _plan(B, H, Tq, Tk, causal, chunk_budget(q.device, chunk_elems))
+    bc, rc = _plan(B, H, Tq, Tk, causal, budget)
     dtype = _matmul_dtype(q)
     mask = _may_attend(mask) if mask is not None else None
-    found, q_norms, k_norms = [], [], []
+    per_item = mask is not None and mask.size(0) > 1  # else the keys per row are shared
+    found, q_sq, k_sq, ents, keys = [], [], [], [], []
     for b0 in range(0, B, bc):
         b1 = min(B, b0 + bc)
         # Contiguous: a strided k (the usual transpose of (B, T, H, hs)) cannot be batched by
         # bmm and would be copied again for every row chunk.
         kc = k[b0:b1].to(dtype).contiguous()  # (b, Hkv, Tk, hs)
-        k_norms.append(torch.linalg.vector_norm(kc, dtype=torch.float32))
+        k_sq.append(torch.linalg.vector_norm(kc, dtype=torch.float32).square())
         kt = kc.transpose(-2, -1)  # (b, Hkv, hs, Tk)
+        # A norm reads contiguous memory ~8x faster than row chunks of it: one for the batch
+        # chunk's q when it is contiguous, else one per (copied) row chunk.
+        whole_q = q[b0:b1].is_contiguous()
+        if whole_q:
+            q_sq.append(torch.linalg.vector_norm(q[b0:b1], dtype=torch.float32).square())
+        nb = min(b1, n_batch) - b0  # batch items of this chunk whose rows are sampled
+        m = (mask[b0 : b0 + nb] if per_item else mask) if mask is not None else None
+        ents_b, keys_b = [], []
         for r0 in range(0, Tq, rc):
             r1 = min(Tq, r0 + rc)
-            # GQA without copying k: the G query heads of a kv head (h = kv·G + g, as
-            # repeat_interleave lays them out) are stacked along the row axis and share one
-            # matmul with their k.
-            qc = q[b0:b1, :, r0:r1].to(dtype)  # (b, H, c, hs)
-            q_norms.append(torch.linalg.vector_norm(qc, dtype=torch.float32))
+            qc = _bmm_ready(q[b0:b1, :, r0:r1].to(dtype), H // Hkv)  # (b, H, c, hs)
+            if not whole_q:
+                q_sq.append(torch.linalg.vector_norm(qc, dtype=torch.float32).square())
             n_keys = max(0, min(Tk, r1 + off)) if causal else Tk  # keys the chunk's last row sees
             if n_keys == 0:
                 continue
-            # A view when G is 1 (bmm reads the strided rows), else a copy of the chunk.
-            qc = qc.reshape(b1 - b0, Hkv, -1, hs)  # (b, Hkv, G·c, hs)
-            att = qc @ kt[..., :n_keys]  # (b, Hkv, G·c, n_keys)
+            # GQA without copying k: the G query heads of a kv head (h = kv·G + g, as
+            # repeat_interleave lays them out) are stacked along the row axis and share one
+            # matmul with their k.
+            att = qc.view(b1 - b0, Hkv, -1, hs) @ kt[..., :n_keys]  # (b, Hkv, G·c, n_keys)
             grid = att.view(b1 - b0, H, r1 - r0, n_keys)  # (b, H, c, n_keys)
+            mine = [r for r in rows if r0 <= r < r1]
+            if nb > 0 and mine:
+                # The sampled rows' entropies, before masking (the maximum masks with 0).
+                at = _index([r - r0 for r in mine], q.device)
+                ent, n = _entropy(grid[:nb].index_select(2, at), scale, mine, off, causal, m)
+                ents_b.append(ent)
+                keys_b.append(n)
             # Hidden logits become 0, which never beats a max of magnitudes.
             if causal and r0 + off < n_keys - 1:
                 grid.tril_(r0 + off)  # row r0 + i sees keys <= r0 + i + off
             if mask is not None:
-                m = mask[b0:b1] if mask.size(0) > 1 else mask
-                grid.masked_fill_(~m[:, :, r0:r1, :n_keys], 0.0)
+                mc = mask[b0:b1] if mask.size(0) > 1 else mask
+                grid.masked_fill_(~mc[:, :, r0:r1, :n_keys], 0.0)
             # max |x| as max(max, -min) over each head's contiguous c·n_keys run: two
-            # vectorised reads (abs-max reductions, the inf-norm, are ~40x slower on the CPU).
+            # vectorised reads (abs-max reductions, the inf-norm, are ~40x slower on the CPU,
+            # and aminmax ~10x).
             flat = att.view(b1 - b0, H, -1)
             found.append(torch.maximum(flat.amax(-1), flat.amin(-1).neg_()))  # (b, H)
+        if ents_b:
+            ents.append(torch.cat(ents_b, 2) if len(ents_b) > 1 else ents_b[0])
+            keys.append(torch.cat(keys_b, -1) if len(keys_b) > 1 else keys_b[0])
     # The scale is positive, so it scales the max: applied once, by the caller, in fp32.
     absmax = torch.cat(found).amax(0).float() if found else torch.zeros(H, device=q.device)
-    sq = [torch.stack(n).square().sum() for n in (q_norms, k_norms)]
-    return absmax, sq[0], sq[1]
+    return _Pass(absmax, torch.stack(q_sq).sum(), torch.stack(k_sq).sum(), ents, keys)
 
 
 def _entropy(
-    q: torch.Tensor,
-    k: torch.Tensor,
+    att: torch.Tensor,
     scale: float,
-    rows: torch.Tensor,
+    rows: Sequence[int],
+    off: int,
     causal: bool,
     mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy in nats of the softmax of each of ``rows`` (B, H, R), and its keys (b, h, R)."""
-    B, H, Tq, hs = q.shape
-    Hkv, Tk = k.size(1), k.size(2)
-    R = rows.numel()
-    qs = q.index_select(2, rows).float() * scale  # (B, H, R, hs), scaled: R·hs < R·Tk
-    att = qs.reshape(B, Hkv, -1, hs) @ k.float().transpose(-2, -1)  # (B, Hkv, G·R, Tk)
-    att = att.view(B, H, R, Tk)
-    allowed, bias = _causal(rows, Tq, Tk, causal)  # (1, 1, R, Tk)
-    if mask is None:
-        att.add_(bias)  # an add of 0/-inf is ~4x faster than masked_fill on CPU
-    else:
-        allowed = allowed & mask[..., :Tk].index_select(-2, rows)
-        att.masked_fill_(~allowed, float("-inf"))
-    row_max = att.amax(dim=-1, keepdim=True)  # (B, H, R, 1)
-    # One exp pass: with d = a - max, p = e^d / s and H = log s - sum(e^d · d) / s. Clamping d
-    # at -80 keeps exp off its slow underflow path (e^-80 ~ 1e-35: no effect on H) and turns
-    # masked -inf into terms that vanish instead of 0 · -inf = NaN.
-    row_max = torch.where(row_max == float("-inf"), 0.0, row_max)  # fully masked rows
-    d = att.sub_(row_max).clamp_(min=-80.0)
-    e = d.exp()
-    s = e.sum(-1)  # (B, H, R)
-    return s.log() - e.mul_(d).sum(-1) / s, allowed.sum(-1)
+    """Entropy in nats of the softmax of ``scale``·``att``, the raw q·k (b, H, R, n) of query
+    ``rows`` over the first n keys (keys a row may not attend hold anything): (b, H, R), and
+    the keys each row may attend (b|1, H|1, R)."""
+    n = att.size(-1)
+    allowed, bias, n_keys = _causal(rows, off, n, causal, att.device)  # (1, 1, R, n), (1, 1, R)
+    # In base 2: exp2 runs ~3x faster than exp on the CPU (which MKL's exp serves there), and
+    # log2(e) folds into the scale.
+    scale2 = scale * _LOG2E
+    if mask is not None:
+        allowed = allowed & mask[..., :n].index_select(-2, _index(rows, att.device))
+        n_keys = allowed.sum(-1)
+        att = att.float().mul_(scale2).masked_fill_(~allowed, float("-inf"))
+    else:  # scaled and masked in one pass: an add of 0/-inf is ~4x faster than masked_fill
+        att = torch.add(bias, att.float(), alpha=scale2)  # (b, H, R, n)
+    row_max = att.amax(dim=-1, keepdim=True)  # (b, H, R, 1)
+    if mask is not None or off < 0:  # rows that may attend nothing: -inf - -inf is NaN
+        row_max = torch.where(row_max == float("-inf"), 0.0, row_max)
+    # One exp pass: with d = a - max (in bits), p = 2^d / s and H = ln 2 · (log2 s - sum(2^d ·
+    # d) / s). Clamping d at -115 (e^-80) keeps exp2 off its slow subnormal path (2^-115 ~
+    # 1e-35: no effect on H) and turns masked -inf into terms that vanish instead of 0 · -inf.
+    d = att.sub_(row_max).clamp_(min=-115.0)
+    e = d.exp2()
+    s = e.sum(-1)  # (b, H, R)
+    return (s.log2() - e.mul_(d).sum(-1) / s) * _LN2, n_keys
 
 
 @torch.no_grad()
@@ -252,30 +319,24 @@ def attn_stats(
     """Per-head max |logit|, then entropy min/mean/frac and q/k RMS: a (n_heads + 5,) tensor.
 
     q (B, H, Tq, hs) and k (B, Hkv, Tk, hs), before scaling and soft-capping. The max is exact:
-    ``attn_logit_absmax`` over all batch items and query rows, in chunks. Only the averages are
-    sampled: entropies are over ``sample_rows`` evenly spaced query rows (all when Tq <= it) of
-    the first ``sample_batch`` batch items (all when None), in chunks of whole batch items,
-    leaving out rows with fewer than two keys (their entropy is 0 by construction);
+    over all batch items and query rows, in chunks (``attn_logit_absmax``). Only the averages
+    are sampled: entropies are over ``sample_rows`` evenly spaced query rows (all when Tq <=
+    it) of the first ``sample_batch`` batch items (all when None), read from the same chunks'
+    logits (bf16 on an accelerator, as the maximum), leaving out rows with fewer than two keys
+    (their entropy is 0 by construction);
     entropy_min/mean are the min/mean over heads of each head's mean entropy. q/k RMS are over
     everything. ``mask``: as in attn_logit_absmax.
     """
+    B, Tq = q.size(0), q.size(2)
+    Bs = B if sample_batch is None else min(B, sample_batch)
     budget = chunk_budget(q.device, chunk_elems)
-    absmax, q_sq, k_sq = _absmax_sq(q, k, causal, mask, budget)
-    logit_max = absmax * scale  # (H,)
-    q_rms, k_rms = (q_sq / max(q.numel(), 1)).sqrt(), (k_sq / max(k.numel(), 1)).sqrt()
-    mask = _may_attend(mask) if mask is not None else None
-    Bs = q.size(0) if sample_batch is None else min(q.size(0), sample_batch)
-    H, Tq, Tk = q.size(1), q.size(2), k.size(2)
-    rows = even_rows(Tq, sample_rows, q.device)  # (R,)
-    step = max(1, budget // (H * rows.numel() * Tk))  # batch items per chunk
+    rows = _cached(("spaced", Tq, sample_rows), lambda: spaced(Tq, sample_rows))
+    found = _attn_pass(q, k, causal, mask, budget, rows, Bs, scale)
+    logit_max = found.absmax * scale  # (H,)
+    q_rms = (found.q_sq / max(q.numel(), 1)).sqrt()
+    k_rms = (found.k_sq / max(k.numel(), 1)).sqrt()
+    ents, keys = found.entropy, found.n_keys
     per_item = mask is not None and mask.size(0) > 1  # else the keys per row are shared
-    ents, keys = [], []
-    for b0 in range(0, Bs, step):
-        b1 = min(Bs, b0 + step)
-        m = mask[b0:b1] if per_item else mask
-        ent, n = _entropy(q[b0:b1], k[b0:b1], scale, rows, causal, m)
-        ents.append(ent)
-        keys.append(n)
     ent = torch.cat(ents) if len(ents) > 1 else ents[0]  # (Bs, H, R) nats
     n_keys = torch.cat(keys) if per_item and len(keys) > 1 else keys[0]  # (Bs|1, H|1, R)
     w = (n_keys >= 2).float().expand_as(ent)  # rows with one key have entropy 0 by construction
@@ -297,7 +358,7 @@ def logits_stats(logits: torch.Tensor, *, sample_tokens: int = 512) -> torch.Ten
     rows = flat.index_select(0, even_rows(flat.size(0), sample_tokens, x.device)).float()
     log_z = torch.logsumexp(rows, dim=-1)  # (N,)
     std = log_z.std(correction=0) if log_z.numel() > 1 else torch.zeros_like(log_z[0])
-    nonfinite = (~torch.isfinite(rows)).sum().float()
+    nonfinite = rows.numel() - torch.isfinite(rows).sum().float()
     return torch.stack(
         [max_abs, _rms(x), mean, log_z.mean(), std, log_z.max(), log_z.min(), nonfinite]
     )

@@ -167,7 +167,7 @@ def test_probes_can_be_switched_off():
 def test_alert_callbacks_fire_once_per_alert():
     class Alerting(MemorySink):
         def firing_alerts(self):
-            return [{"id": 7, "metric": "attn.logit_max"}]
+            return [{"id": 7, "metric": "attn.logit_max", "first_step": 1}]
 
     model, seen = tiny(), []
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -175,8 +175,9 @@ def test_alert_callbacks_fire_once_per_alert():
         monitor.on_alert(seen.append)
         train(model, opt, monitor, steps=3)
         monitor.flush()
-        assert monitor.firing_alerts() == [{"id": 7, "metric": "attn.logit_max"}]
-    assert seen == [{"id": 7, "metric": "attn.logit_max"}]
+        assert monitor.firing_alerts() == [{"id": 7, "metric": "attn.logit_max", "first_step": 1}]
+    # Callbacks also learn the step the alert went firing at (an older service: its first).
+    assert seen == [{"id": 7, "metric": "attn.logit_max", "first_step": 1, "fired_step": 1}]
 
 
 def test_attach_docstring_example_runs():

@@ -185,6 +185,44 @@ def test_grad_norm_is_read_before_clipping_and_update_ratio():
         assert sink.rows[step][2][series_key("update.ratio")] == pytest.approx(d / w, rel=1e-4)
 
 
+def test_update_ratio_every_step_with_the_kept_snapshot_and_weights_moved_between_steps():
+    """Reporting every step, the update ratio's snapshot is the copy the previous report kept;
+    weights written between steps (in place, or ``p.data`` swapped) are copied afresh, so the
+    ratio stays ||w after - w before|| / ||w before|| of each optimizer step."""
+    model, sink = tiny(), MemorySink()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before, after = [], []
+    opt.register_step_pre_hook(
+        lambda o, a, k: before.append([p.detach().clone() for p in model.parameters()])
+    )
+    opt.register_step_post_hook(
+        lambda o, a, k: after.append([p.detach().clone() for p in model.parameters()])
+    )
+    first = next(model.parameters())
+    with Monitor(model, opt, run="t", sink=sink) as monitor:
+        for step in range(5):
+            if step == 2:
+                with torch.no_grad():
+                    first.mul_(0.5)  # outside the optimizer: a new version
+            if step == 3:
+                first.data = first.data.clone().add_(1.0)  # new storage, same version
+            idx = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(step))
+            ce, z = loss_fn(model(idx), idx, z_loss=0.0)
+            (ce + z).backward()
+            opt.step()
+            opt.zero_grad()
+            monitor.step(step, loss=ce)
+    ratios = sink.series("update.ratio")[1]
+    assert len(ratios) == 5
+    for step in range(5):
+        pairs = zip(after[step], before[step], strict=True)
+        d = math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in pairs))
+        w = math.sqrt(sum(float(b.pow(2).sum()) for b in before[step]))
+        assert ratios[step] == pytest.approx(d / w, rel=1e-4), step
+        norm = math.sqrt(sum(float(a.pow(2).sum()) for a in after[step]))
+        assert sink.series("param.norm")[1][step] == pytest.approx(norm, rel=1e-5), step
+
+
 def test_loss_lr_and_nonfinite_count():
     model, sink = tiny(), MemorySink()
     opt = torch.optim.AdamW(

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from logitwatch.agent import Monitor, MonitorConfig
-from logitwatch.agent.probes.reductions import _plan, attn_logit_absmax, attn_stats
+from logitwatch.agent.probes.reductions import _plan, attn_logit_absmax, attn_stats, spaced
 from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, loss_fn
 from logitwatch.agent.transport.sink import MemorySink, series_key
 
@@ -31,9 +31,14 @@ def direct(q, k, scale, causal=True, mask=None):
     ids=["gqa", "mqa-kv-cache", "odd-rows", "long"],
 )
 @pytest.mark.parametrize("chunk", [None, 64, 1000], ids=["default", "tiny", "small"])
-def test_exact_max_matches_the_full_logits_whatever_the_chunks(B, H, Hkv, Tq, Tk, chunk):
+@pytest.mark.parametrize("heads_first", [True, False], ids=["bhtd", "bthd-transposed"])
+def test_exact_max_matches_the_full_logits_whatever_the_chunks(
+    B, H, Hkv, Tq, Tk, chunk, heads_first
+):
     torch.manual_seed(0)
     q, k = torch.randn(B, H, Tq, 8) * 3, torch.randn(B, Hkv, Tk, 8) * 3
+    if not heads_first:  # the strided q and k of (B, T, H, hs).transpose(1, 2)
+        q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
     for causal in (True, False):
         got = attn_logit_absmax(q, k, 0.3, causal=causal, chunk_elems=chunk)
         torch.testing.assert_close(got, direct(q, k, 0.3, causal))
@@ -82,6 +87,52 @@ def test_sampled_entropy_is_the_same_in_batch_chunks_and_with_a_padding_mask():
         whole = attn_stats(q, k, 0.3, sample_rows=9, sample_batch=5, mask=m)
         chunked = attn_stats(q, k, 0.3, sample_rows=9, sample_batch=5, mask=m, chunk_elems=300)
         torch.testing.assert_close(chunked, whole)
+
+
+def direct_entropy(q, k, scale, rows, n_batch, causal=True, mask=None):
+    """Entropy min/mean/frac over ``rows`` of the first ``n_batch`` items, from full logits."""
+    q, k = q[:n_batch], k[:n_batch].repeat_interleave(q.size(1) // k.size(1), dim=1)
+    Tq, Tk = q.size(2), k.size(2)
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool)
+    if causal:
+        allowed = allowed.tril(Tk - Tq)
+    if mask is not None:
+        allowed = allowed & mask[:n_batch]
+    allowed = allowed.expand(n_batch, q.size(1), Tq, Tk)[:, :, rows]  # (b, H, R, Tk)
+    att = ((q @ k.transpose(-2, -1)) * scale)[:, :, rows].masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(att, -1).nan_to_num(0.0)
+    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # (b, H, R)
+    n_keys = allowed.sum(-1)
+    w = (n_keys >= 2).float()
+    per_head = (ent * w).sum((0, 2)) / w.sum((0, 2))
+    frac = (ent / n_keys.clamp_min(2).float().log() * w).sum() / w.sum()
+    return torch.stack([per_head.min(), per_head.mean(), frac])
+
+
+@pytest.mark.parametrize("chunk", [None, 300, 5000], ids=["default", "tiny", "small"])
+def test_sampled_entropy_read_from_the_max_chunks_matches_the_full_softmax(chunk):
+    """The entropies come from the same chunked products as the maximum: every row chunk,
+    batch chunk, kv-cache offset, mask and memory layout gives what the full softmax gives,
+    and the q/k RMS what the whole tensors give."""
+    torch.manual_seed(0)
+    B, H, Hkv, Tq, Tk = 5, 4, 2, 70, 90
+    q, k = torch.randn(B, H, Tq, 8) * 2, torch.randn(B, Hkv, Tk, 8) * 2
+    rows = spaced(Tq, 9)
+    mask = torch.rand(B, 1, Tq, Tk) > 0.2
+    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k)]
+    for (qq, kk), causal, m in [
+        ((q, k), True, None),
+        ((q, k), False, None),
+        ((q, k), True, mask),
+        (strided, True, None),
+    ]:
+        got = attn_stats(
+            qq, kk, 0.3, sample_rows=9, sample_batch=3, causal=causal, mask=m, chunk_elems=chunk
+        )
+        want = direct_entropy(q, k, 0.3, rows, 3, causal, m)
+        torch.testing.assert_close(got[H : H + 3], want)
+        rms = torch.stack([q.pow(2).mean().sqrt(), k.pow(2).mean().sqrt()])
+        torch.testing.assert_close(got[H + 3 :], rms)
 
 
 def test_monitor_reports_the_exact_max_of_every_head_and_per_layer():
