@@ -262,11 +262,11 @@ def test_agent_overhead_tables(benchmarks):
     check(text, ["arm", "median ms", "ratio", "target", "CPU ms", "CPU ratio"],
           ["1,234,567.8", "1,271,604.8", "1.0300", "1,271.5", "every=1", "NOT"])  # fmt: skip
     costs = [
-        ("attn_stats, one layer (x4)", 1234.5678),
-        ("device-to-host copy of the buffer", 0.012),
+        ("attn_stats, one layer (x4)", 1234.5678, 1000.25),
+        ("device-to-host copy of the buffer", 0.012, 0.011),
     ]
-    text = render_text(bench.breakdown_table(costs), width=WIDTH)
-    check(text, ["probe", "ms"], ["1,234.568", "0.012"])
+    text = render_text(bench.breakdown_table(costs, 30), width=WIDTH)
+    check(text, ["probe", "ms", "CPU ms"], ["1,234.568", "1,000.250", "0.012"])
 
 
 def test_transport_table(benchmarks):
