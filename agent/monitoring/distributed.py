@@ -25,7 +25,7 @@ log = logging.getLogger("logitwatch.agent")
 #: Alerts rank 0 hands on per reporting step; more wait for the next one, most severe first.
 MAX_ALERTS = 8
 _RULE_BYTES = 24  # of an alert's rule name, 6 bytes per float64 (exact below 2**53)
-_ALERT = 2 + _RULE_BYTES // 6  # severity, first step, rule name
+_ALERT = 3 + _RULE_BYTES // 6  # severity, first step, fired step, rule name
 # Header: body length, layout checksum (two 16-bit halves), a flag per probe kind that is
 # off, the number of alerts, the alerts.
 _NEED, _CRC, _OFF = 0, 1, 3
@@ -81,30 +81,33 @@ def write_host(slots: Slots, host: Mapping[SeriesKey, float]) -> dict[SeriesKey,
 def _encode(alerts: Sequence[Mapping[str, Any]]) -> list[float]:
     out = [float(len(alerts))]
     for a in alerts:
-        step = a.get("first_step")
+        step, fired = a.get("first_step"), a.get("fired_step")
         rule = str(a.get("rule", "")).encode()[:_RULE_BYTES].ljust(_RULE_BYTES, b"\0")
         out += [
             float(SEVERITY_RANK.get(str(a.get("severity")), 0)),
             float(step) if isinstance(step, int) else math.nan,
+            float(fired) if isinstance(fired, int) else math.nan,
         ]
         out += [float(int.from_bytes(rule[i : i + 6], "big")) for i in range(0, _RULE_BYTES, 6)]
     return out + [0.0] * (HEADER - _ALERTS - len(out))
 
 
 def _decode(values: Sequence[float]) -> list[dict[str, Any]]:
-    """Rank 0's alerts as the other ranks see them: severity, first step and rule name."""
+    """Rank 0's alerts as the other ranks see them: severity, first and fired step, rule name."""
     alerts = []
     for i in range(int(values[0])):
         a = values[1 + i * _ALERT : 1 + (i + 1) * _ALERT]
-        raw = b"".join(int(x).to_bytes(6, "big") for x in a[2:])
+        raw = b"".join(int(x).to_bytes(6, "big") for x in a[3:])
         rule = raw.rstrip(b"\0").decode("utf-8", "replace")
         step = int(a[1]) if math.isfinite(a[1]) else None
+        fired = int(a[2]) if math.isfinite(a[2]) else step
         alerts.append(
             {
                 "id": f"rank0:{rule}:{step}",
                 "rule": rule,
                 "severity": _SEVERITIES.get(int(a[0]), "info"),
                 "first_step": step,
+                "fired_step": fired,
                 "labels": {},
                 "source": "rank 0",
             }

@@ -281,14 +281,16 @@ def test_rank0s_alerts_reach_the_other_ranks_by_rule_severity_and_step():
     from logitwatch.agent.monitoring.distributed import _ALERTS, HEADER, _decode, _encode
 
     alerts = [
-        {"rule": "attn-logit-critical", "severity": "critical", "first_step": 12},
+        {"rule": "attn-logit-critical", "severity": "critical", "first_step": 12, "fired_step": 14},
         {"rule": "x" * 40, "severity": "warning", "first_step": None},
+        {"rule": "nonfinite", "severity": "critical", "first_step": 7},  # no fired_step given
     ]
     encoded = _encode(alerts)
     assert len(encoded) == HEADER - _ALERTS  # the fixed tail of the header
     got = _decode(encoded)
-    assert [(a["rule"], a["severity"], a["first_step"]) for a in got] == [
-        ("attn-logit-critical", "critical", 12),
-        ("x" * 24, "warning", None),
+    assert [(a["rule"], a["severity"], a["first_step"], a["fired_step"]) for a in got] == [
+        ("attn-logit-critical", "critical", 12, 14),
+        ("x" * 24, "warning", None, None),
+        ("nonfinite", "critical", 7, 7),
     ]
     assert all(a["source"] == "rank 0" for a in got)
