@@ -161,6 +161,16 @@ class Series:
     def key(self) -> tuple[str, tuple[tuple[str, str], ...]]:
         return self.metric, tuple(sorted(self.labels.items()))
 
+    @classmethod
+    def _of_arrays(
+        cls, metric: str, labels: dict[str, str], steps: array, values: array, times: array
+    ) -> Series:
+        """A series from arrays the decoder just made and typed: no conversion checks."""
+        series = object.__new__(cls)
+        series.metric, series.labels = metric, labels
+        series.steps, series.values, series.times = steps, values, times
+        return series
+
 
 @dataclass(slots=True)
 class Batch:
@@ -278,45 +288,66 @@ def _floats(raw: Any, field: str) -> array:
         return array("d", (load_float(x, f"{field}[{i}]") for i, x in enumerate(raw)))
 
 
-#: (metric, label items) pairs that passed the checks: a fleet sends the same few hundred
-#: series in every request, and checking their names cost more than decoding their points.
-_VALID_NAMES: dict[tuple, dict[str, str]] = {}
+#: (metric, label items) → (labels, sorted key) of the pairs that passed the checks: a fleet
+#: sends the same few hundred series in every request, and checking their names cost more
+#: than decoding their points. Only all-string pairs are stored, so a lookup needs no type
+#: checks: an integer or boolean label value never equals a string one.
+_VALID_NAMES: dict[tuple, tuple[dict[str, str], tuple]] = {}
 
 
-def _names_key(metric: Any, labels: Any) -> tuple | None:
-    """The cache key of an all-strings (metric, labels) pair, else None (checked every time:
-    an integer label value is accepted as its string, and True == 1 must not pass for it)."""
-    if type(metric) is not str or type(labels) is not dict:
-        return None
-    if not all(type(v) is str for v in labels.values()):
-        return None
-    return metric, tuple(labels.items())
+def _checked_names(metric: Any, labels_raw: Any, path: str) -> tuple[dict[str, str], tuple]:
+    """The labels of a series and its key, from the cache or checked (and then cached)."""
+    try:
+        key = (metric, tuple(labels_raw.items()))
+        hit = _VALID_NAMES.get(key)
+    except (AttributeError, TypeError):  # not a map, or unhashable parts: checked below
+        key, hit = None, None
+    if hit is not None:
+        return hit
+    metric = check_metric_name(metric, f"{path}.metric")
+    if not isinstance(labels_raw, Mapping):
+        raise ProtocolError(f"{path}.labels", "must be an object of string keys and values")
+    if len(labels_raw) > MAX_LABELS:
+        raise ProtocolError(f"{path}.labels", f"at most {MAX_LABELS} labels")
+    labels = {
+        check_label_key(k, f"{path}.labels"): check_label_value(v, f"{path}.labels.{k}")
+        for k, v in labels_raw.items()
+    }
+    hit = labels, (metric, tuple(sorted(labels.items())))
+    all_str = type(metric) is str and all(type(v) is str for v in labels_raw.values())
+    if key is not None and all_str and len(_VALID_NAMES) < 100_000:
+        _VALID_NAMES[key] = hit
+    return hit
 
 
-def _series(obj: Any, path: str) -> Series:
-    if not isinstance(obj, Mapping):
-        raise ProtocolError(path, "each series must be an object")
-    metric, labels_raw = obj.get("metric"), obj.get("labels") or {}
-    key = _names_key(metric, labels_raw)
-    labels = _VALID_NAMES.get(key) if key is not None else None
-    if labels is None:
-        metric = check_metric_name(metric, f"{path}.metric")
-        if not isinstance(labels_raw, Mapping):
-            raise ProtocolError(f"{path}.labels", "must be an object of string keys and values")
-        if len(labels_raw) > MAX_LABELS:
-            raise ProtocolError(f"{path}.labels", f"at most {MAX_LABELS} labels")
-        labels = {
-            check_label_key(k, f"{path}.labels"): check_label_value(v, f"{path}.labels.{k}")
-            for k, v in labels_raw.items()
-        }
-        if key is not None and len(_VALID_NAMES) < 100_000:
-            _VALID_NAMES[key] = labels
-    labels = dict(labels)
-    if "steps" not in obj or "values" not in obj:
+def _series(obj: Any, path: str) -> tuple[Series, tuple]:
+    """One series and its key (metric, sorted label items)."""
+    if type(obj) is not dict:
+        if not isinstance(obj, Mapping):
+            raise ProtocolError(path, "each series must be an object")
+        obj = dict(obj)
+    labels, key = _checked_names(obj.get("metric"), obj.get("labels") or {}, path)
+    raw_steps, raw_values, raw_times = obj.get("steps"), obj.get("values"), obj.get("times")
+    if (raw_steps is None or raw_values is None) and ("steps" not in obj or "values" not in obj):
         raise ProtocolError(path, "each series needs 'steps' and 'values'")
-    steps = _steps(obj["steps"], f"{path}.steps")
-    values = _floats(obj["values"], f"{path}.values")
-    times = _floats(obj.get("times") or [], f"{path}.times")
+    if type(raw_steps) is bytes and type(raw_values) is bytes and len(raw_steps) == 8:
+        # The agent's one-step report: one int64 and one float64, read without the
+        # general path's loops (the step's range is still checked).
+        steps, values = array("q"), array("d")
+        steps.frombytes(raw_steps)
+        if len(raw_values) == 8:
+            values.frombytes(raw_values)
+        else:
+            values = _floats(raw_values, f"{path}.values")
+        if not _LITTLE:
+            steps.byteswap()
+            values.byteswap()
+        if not 0 <= steps[0] <= MAX_STEP:
+            raise ProtocolError(f"{path}.steps", "steps must be between 0 and 2**62")
+    else:
+        steps = _steps(raw_steps, f"{path}.steps")
+        values = _floats(raw_values, f"{path}.values")
+    times = _floats(raw_times or [], f"{path}.times")
     if len(values) != len(steps):
         raise ProtocolError(
             f"{path}.values", f"has {len(values)} values for {len(steps)} steps; lengths must match"
@@ -325,7 +356,7 @@ def _series(obj: Any, path: str) -> Series:
         raise ProtocolError(
             f"{path}.times", f"has {len(times)} times for {len(steps)} steps; empty or equal"
         )
-    return Series(metric, labels, steps, values, times)
+    return Series._of_arrays(key[0], dict(labels), steps, values, times), key
 
 
 def decode_batch(body: bytes, content_type: str | None = None) -> Batch:
@@ -358,18 +389,19 @@ def decode_batch(body: bytes, content_type: str | None = None) -> Batch:
         raise ProtocolError("series", "must be a list")
     if len(raw_series) > MAX_SERIES_PER_BATCH:
         raise ProtocolError("series", f"at most {MAX_SERIES_PER_BATCH} series per batch")
-    series = [_series(s, f"series[{i}]") for i, s in enumerate(raw_series)]
-    seen: set = set()
-    for i, s in enumerate(series):
-        if s.key in seen:
+    series, seen, n_points = [], set(), 0
+    for i, raw in enumerate(raw_series):
+        one, key = _series(raw, f"series[{i}]")
+        if key in seen:
             raise ProtocolError(
                 f"series[{i}]", "the same metric and labels appear twice in one batch"
             )
-        seen.add(s.key)
-    batch = Batch(client=client, seq=seq, segment=segment, series=series)
-    if batch.n_points > MAX_POINTS_PER_BATCH:
+        seen.add(key)
+        series.append(one)
+        n_points += len(one.steps)
+    if n_points > MAX_POINTS_PER_BATCH:
         raise ProtocolError("series", f"at most {MAX_POINTS_PER_BATCH} points per batch")
-    return batch
+    return Batch(client=client, seq=seq, segment=segment, series=series)
 
 
 def series_from_columns(

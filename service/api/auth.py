@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from logitwatch.service.api.deps import ReadsDep, SettingsDep
 from logitwatch.service.api.errors import ApiError
@@ -66,10 +67,14 @@ def require(scope: str) -> Callable[[Request], Principal | None]:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
 
-    def dependency(request: Request, settings: SettingsDep, reads: ReadsDep) -> Principal | None:
+    async def dependency(
+        request: Request, settings: SettingsDep, reads: ReadsDep
+    ) -> Principal | None:
+        # async: with auth off (the default) this costs no thread hand-off; the token
+        # lookup, a database read, runs on the thread pool.
         if not settings.auth:
             return None
-        who = _authenticate(request, reads)
+        who = await run_in_threadpool(_authenticate, request, reads)
         if not scope_allows(who.scope, scope):
             raise ApiError(403, "forbidden", f"this needs a token with scope '{scope}'")
         run = request.path_params.get("run") or request.query_params.get("run")

@@ -2,6 +2,8 @@
 
 This is the only module of the API that reads ``app.state``: endpoints and the auth layer
 declare what they need (``SettingsDep``, ``SessionDep``, ``WriterDep``, ``RulesDep``…) and get it.
+The lookups are ``async def``: FastAPI runs a plain ``def`` dependency on its thread pool,
+a thread hand-off per dependency per request for one attribute read.
 """
 
 from __future__ import annotations
@@ -42,15 +44,15 @@ __all__ = [
 ]
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def get_reads(request: Request) -> sessionmaker[Session]:
+async def get_reads(request: Request) -> sessionmaker[Session]:
     """The read-session factory, for a dependency that needs a session only sometimes (auth)."""
     return request.app.state.sessionmaker
 
@@ -61,25 +63,25 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_writer(request: Request) -> Writer:
+async def get_writer(request: Request) -> Writer:
     """Write transactions: ``with writer() as session: …; session.commit()``."""
     return request.app.state.writer
 
 
-def get_ingest(request: Request) -> Ingest:
+async def get_ingest(request: Request) -> Ingest:
     """POST points' group commit (api/ingest.py)."""
     return request.app.state.ingest
 
 
-def get_rules(request: Request) -> RuleEngine:
+async def get_rules(request: Request) -> RuleEngine:
     return request.app.state.rules
 
 
-def get_compactor(request: Request) -> Compactor:
+async def get_compactor(request: Request) -> Compactor:
     return request.app.state.compactor
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.prom
 
 

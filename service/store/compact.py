@@ -9,7 +9,8 @@ makes them faster and the file smaller.
 
 Concurrency: the merge reads outside the write transaction, then deletes exactly the
 chunks it read and inserts the merged ones; if any of them is gone (another process
-compacted first) it rolls back. The merged chunks take the largest ids of the chunks they
+compacted first) that series' swap rolls back (a savepoint). Up to GROUP series share one
+write transaction, so a commit is not paid per series and the writer lock is held briefly. The merged chunks take the largest ids of the chunks they
 replace, so "the later write wins" between equal steps keeps its meaning. Each merged chunk
 gets its block summary (summary.py) in the same transaction; the replaced chunks' summaries
 go with them (ON DELETE CASCADE).
@@ -45,6 +46,7 @@ __all__ = [
     "TARGET",
     "Compactor",
     "compact_all",
+    "compact_many",
     "compact_series",
     "release_space",
 ]
@@ -115,6 +117,59 @@ def compact_series(
     fresh_only merges only the newest run of chunks that ingest wrote, leaving earlier merged
     ones alone: its cost is the new points, not the whole tail again.
     """
+    return compact_many(
+        sessions, [(series_id, segment)], min_chunks=min_chunks, lock=lock, fresh_only=fresh_only
+    )
+
+
+#: Series-segments whose merges share one write transaction: a commit per series cost more
+#: than its merge, and a bounded group keeps the writer lock (ingest waits on it) short.
+GROUP = 32
+
+
+def compact_many(
+    sessions: sessionmaker[Session],
+    keys: Iterable[tuple[int, int]],
+    *,
+    min_chunks: int = MERGE_CHUNKS,
+    lock: contextlib.AbstractContextManager | None = None,
+    fresh_only: bool = False,
+) -> int:
+    """compact_series for each (series_id, segment) of `keys`, GROUP of them a transaction.
+
+    The reads, merges, summaries and compression happen before the lock is taken; the
+    transaction only deletes and inserts. Each series' swap runs in a savepoint, so one that
+    another process compacted meanwhile is skipped without undoing the others.
+    """
+    merged = 0
+    keys = list(keys)
+    for i in range(0, len(keys), GROUP):
+        plans = [
+            plan
+            for sid, seg in keys[i : i + GROUP]
+            if (plan := _plan(sessions, sid, seg, min_chunks, fresh_only)) is not None
+        ]
+        if not plans:
+            continue
+        with lock or contextlib.nullcontext(), sessions() as session:
+            for ids, new, summaries in plans:
+                swap = session.begin_nested()
+                gone = session.execute(delete(Chunk).where(_C.id.in_(ids))).rowcount
+                if gone != len(ids):
+                    swap.rollback()  # someone else compacted these meanwhile
+                    continue
+                insert_chunks(session, new, with_id=True)
+                session.execute(insert(ChunkSummary), summaries)
+                swap.commit()
+                merged += len(ids)
+            session.commit()
+    return merged
+
+
+def _plan(
+    sessions: sessionmaker[Session], series_id: int, segment: int, min_chunks: int, fresh_only: bool
+) -> tuple[list[int], list[tuple], list[dict]] | None:
+    """(ids to delete, merged chunk rows, their summaries) of one series-segment, or None."""
     with sessions() as session:
         rows = _suffix(session, series_id, segment)
         if fresh_only:
@@ -123,7 +178,7 @@ def compact_series(
                 first -= 1
             rows = rows[first:]
         if len(rows) < max(2, min_chunks):
-            return 0
+            return None
         pg = is_pg(session)
         steps, values, times = merge_parts([parts for _, parts, _ in rows])
     ids = [cid for cid, _, _ in rows]
@@ -147,15 +202,7 @@ def compact_series(
                 *_encode(pg, st, values[a:b], ti),
             )
         )
-    with lock or contextlib.nullcontext(), sessions() as session:
-        gone = session.execute(delete(Chunk).where(_C.id.in_(ids))).rowcount
-        if gone != len(ids):
-            session.rollback()  # someone else compacted these meanwhile
-            return 0
-        insert_chunks(session, new, with_id=True)
-        session.execute(insert(ChunkSummary), summaries)
-        session.commit()
-    return len(ids)
+    return ids, new, summaries
 
 
 def compact_all(
@@ -171,11 +218,8 @@ def compact_all(
     if run is not None:
         q = q.join(Series, Series.id == _C.series_id).join(Run).where(Run.name == run)
     with sessions() as session:
-        keys = session.execute(q).all()
-    return sum(
-        compact_series(sessions, series_id=s, segment=g, min_chunks=min_chunks, lock=lock)
-        for s, g in keys
-    )
+        keys = [(s, g) for s, g in session.execute(q)]
+    return compact_many(sessions, keys, min_chunks=min_chunks, lock=lock)
 
 
 def release_space(sessions: sessionmaker[Session], *, lock=None) -> None:
@@ -284,20 +328,19 @@ class Compactor:
             self._wake.wait(timeout=self._idle_s)
             work, deep = self._take() or ((), False)
             merged = 0
-            for sid, seg in work:
+            for i in range(0, len(work), GROUP):
                 if self._stop.is_set():
                     break
                 try:
-                    merged += compact_series(
+                    merged += compact_many(
                         self._sessions,
-                        series_id=sid,
-                        segment=seg,
+                        work[i : i + GROUP],
                         min_chunks=2 if deep else MERGE_CHUNKS,
                         lock=self._lock,
                         fresh_only=deep,
                     )
                 except Exception:  # a failed merge leaves the chunks as they were
-                    log.exception("compaction of series %s segment %s failed", sid, seg)
+                    log.exception("compaction of series-segments %s failed", work[i : i + GROUP])
             if merged:
                 try:
                     release_space(self._sessions, lock=self._lock)

@@ -38,7 +38,19 @@ def insert(session: Session, table: Table) -> Any:
 
 def labels_key(labels: Mapping[str, str]) -> str:
     """Canonical 'head=3,layer=0': keys sorted, the series' unique key within a metric."""
-    return ",".join(f"{k}={labels[k]}" for k in sorted(labels))
+    items = tuple(labels.items())
+    key = _LABELS_KEYS.get(items)
+    if key is None:
+        key = ",".join(f"{k}={labels[k]}" for k in sorted(labels))
+        # Only all-string labels are kept, so a hit needs no type check (True == 1, but
+        # no string equals either).
+        if len(_LABELS_KEYS) < 100_000 and all(type(v) is str for v in labels.values()):
+            _LABELS_KEYS[items] = key
+    return key
+
+
+#: labels_key of the label sets seen: a fleet sends the same few hundred in every request.
+_LABELS_KEYS: dict[tuple, str] = {}
 
 
 def cache(session: Session) -> dict:

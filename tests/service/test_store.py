@@ -12,10 +12,12 @@ from sqlalchemy import func, select, text
 
 from logitwatch.protocol import Batch, series_from_columns
 from logitwatch.service import store
+from logitwatch.service.store import compact as compact_module
 from logitwatch.service.store import stats as store_stats
 from logitwatch.service.store.compact import (
     Compactor,
     compact_all,
+    compact_many,
     compact_series,
     release_space,
 )
@@ -215,6 +217,36 @@ def test_sqlite_file_shrinks_after_compaction(tmp_path):
     assert after.points == before.points == 10_000
     assert after.bytes - empty < 0.7 * (before.bytes - empty)
     assert (after.bytes - empty) / after.points < 12
+
+
+def test_compact_many_skips_a_series_compacted_meanwhile_and_merges_the_rest(
+    sessions, run_name, monkeypatch
+):
+    ids = []
+    for i in range(3):
+        series = [series_from_columns(m, {}, [i], [float(i)]) for m in ("a", "b", "c")]
+        ids = ingest(sessions, run_name, one(series, seq=i)).series_ids
+    with sessions() as s:  # "b" compacted by another process between the plan and the swap
+        planned_b = s.scalars(select(Chunk.id).where(Chunk.series_id == ids[1])).all()
+    assert compact_series(sessions, series_id=ids[1], segment=0, min_chunks=2) == 3
+    real_plan = compact_module._plan
+
+    def stale_plan(sessions_, sid, seg, min_chunks, fresh_only):
+        plan = real_plan(sessions_, sid, seg, min_chunks, fresh_only)
+        if sid == ids[1]:
+            return planned_b, [], []
+        return plan
+
+    monkeypatch.setattr(compact_module, "_plan", stale_plan)
+    merged = compact_many(sessions, [(sid, 0) for sid in ids], min_chunks=2)
+    assert merged == 6  # a and c; b's swap rolled back alone
+    for metric in ("a", "b", "c"):
+        (got,) = read(sessions, run_name, metric).series
+        assert got.steps.tolist() == [0, 1, 2]
+        assert got.values.tolist() == [0.0, 1.0, 2.0]
+    with sessions() as s:
+        for sid in ids:
+            assert s.scalar(select(func.count()).where(Chunk.series_id == sid)) == 1
 
 
 def test_fresh_only_leaves_merged_chunks_alone(sessions, run_name):
