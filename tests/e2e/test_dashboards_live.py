@@ -233,7 +233,7 @@ def check_postgres_board(reader: str, now: datetime) -> None:
                     (f,) = frames
                     if panel["title"] == "Alerts":
                         alert_rows += len(f.rows)
-                        assert {"zoom_from", "zoom_to", "step"} <= set(f.names)
+                        assert {"zoom_from", "zoom_to", "fired_step", "first_step"} <= set(f.names)
                     else:
                         assert f.rows, (run, panel["title"])
             (anno,) = [a for a in b["annotations"]["list"] if "target" in a]
