@@ -170,11 +170,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def database(kind: str, tmp: Path):
-    if kind == "sqlite":
-        yield f"sqlite:///{tmp / 'load.db'}"
+def database(kind: str, tmp: Path, prefix: str = "lw_load"):
+    """A SQLite file in ``tmp``, or a fresh PostgreSQL database dropped afterwards: its URL."""
+    if kind.lower() == "sqlite":
+        yield f"sqlite:///{tmp / (prefix + '.db')}"
         return
-    name = f"lw_load_{uuid.uuid4().hex[:8]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:

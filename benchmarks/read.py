@@ -13,42 +13,24 @@ same read takes every point (what a read cost before summaries); both answers mu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import msgpack
 import numpy as np
-import psycopg
 from ingest_service import Server, load_series
+from load import database
 from rich.console import Console
 from sqlalchemy import create_engine, text
 
 from logitwatch.protocol import MSGPACK_CONTENT_TYPE
 from logitwatch.tables import Col, Records, num
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 RUN, METRIC = "bench-read", "bench.read_big"
-
-
-@contextlib.contextmanager
-def database(kind: str, tmp: Path):
-    if kind == "SQLite":
-        yield f"sqlite:///{tmp / 'read.db'}"
-        return
-    name = f"lw_read_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def settle(db_url: str, *, quiet_s: float = 3.0, timeout_s: float = 300.0) -> int:
@@ -93,7 +75,7 @@ def run(kind: str, points: int, buckets: int, repeats: int, console: Console):
     """(seconds from summaries, seconds from points, same answer, summarized chunks)."""
     with (
         tempfile.TemporaryDirectory(prefix="lwread-") as tmp_s,
-        database(kind, Path(tmp_s)) as db,
+        database(kind, Path(tmp_s), prefix="lw_read") as db,
         Server(db, Path(tmp_s)) as srv,
     ):
         console.print(f"{kind}: sending {points:,} points, waiting for compaction")

@@ -9,42 +9,20 @@ flight, so the group transaction open at that moment dies with them.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import subprocess
-import sys
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-from helpers.pg import fresh_database
+from helpers.pg import database_url
 from helpers.reads import stored_points
-from helpers.server import free_port, wait_ready
+from helpers.server import free_port, serve_process
 
 from logitwatch.protocol import MSGPACK_CONTENT_TYPE, Batch, encode_batch, series_from_columns
 
 CLIENTS, STEPS, LAYERS, HEADS = 8, 40, 3, 4
 MSGPACK = {"content-type": MSGPACK_CONTENT_TYPE}
-
-
-@contextlib.contextmanager
-def _database(kind: str, tmp_path) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite:///{tmp_path / 'lw.db'}"
-    else:
-        with fresh_database("lwgroup") as url:
-            yield url
-
-
-def _spawn(db_url: str, port: int, log) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "logitwatch", "serve", "--db", db_url]
-    cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    wait_ready(f"http://127.0.0.1:{port}", 60, proc, log=Path(log.name))
-    return proc
 
 
 def _value(client: int, step: int, k: int) -> float:
@@ -118,8 +96,11 @@ def test_sigkill_during_a_group_commit_stores_every_point_once(tmp_path, kind):
     url = f"http://127.0.0.1:{port}"
     busy = _Busy(CLIENTS * 5)
     clients = [_Client(i, url, busy) for i in range(CLIENTS)]
-    with _database(kind, tmp_path) as db_url, open(tmp_path / "serve.log", "ab") as log:
-        proc = _spawn(db_url, port, log)
+    with (
+        database_url(kind, tmp_path, "lwgroup") as db_url,
+        open(tmp_path / "serve.log", "ab") as log,
+    ):
+        proc = serve_process(db_url, port, log)
         try:
             stop = threading.Event()
             threads = [threading.Thread(target=c.stream, args=(stop,)) for c in clients]
@@ -136,7 +117,7 @@ def test_sigkill_during_a_group_commit_stores_every_point_once(tmp_path, kind):
             assert len(in_flight) >= 2, "the kill found no requests in flight"
             assert any(len(c.answered) < STEPS for c in clients)
 
-            proc = _spawn(db_url, port, log)
+            proc = serve_process(db_url, port, log)
             with httpx.Client(base_url=url, timeout=30) as http:
                 for c in clients:
                     # What was answered before the kill, sent again, is a duplicate...

@@ -8,7 +8,6 @@ own record is a MemorySink fed the same reports (a FanOutSink), compared value b
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -16,16 +15,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from helpers.answers import json_of
-from helpers.pg import fresh_database
+from helpers.pg import database_url
 from helpers.reads import stored_points
-from helpers.server import free_port, wait_ready
+from helpers.server import free_port, serve_process
 
 from logitwatch.agent import Monitor
 from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, loss_fn
@@ -33,23 +31,6 @@ from logitwatch.agent.transport.sender import HttpSink, SenderConfig
 from logitwatch.agent.transport.sink import FanOutSink, MemorySink
 
 RUN = "kill-e2e"
-
-
-@contextlib.contextmanager
-def _database(kind: str, tmp_path) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite:///{tmp_path / 'lw.db'}"
-    else:
-        with fresh_database("lwfault") as url:
-            yield url
-
-
-def _spawn(db_url: str, port: int, log) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "logitwatch", "serve", "--db", db_url]
-    cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    wait_ready(f"http://127.0.0.1:{port}", 60, proc, log=Path(log.name))
-    return proc
 
 
 def _stored(url: str) -> dict:
@@ -77,8 +58,11 @@ def _kill_and_compare(tmp_path, kind: str) -> None:
     url = f"http://127.0.0.1:{port}"
     record = MemorySink()
     sender = SenderConfig(batch_interval_s=0.02, backoff_initial_s=0.05, backoff_max_s=0.3)
-    with _database(kind, tmp_path) as db_url, open(tmp_path / "serve.log", "ab") as log:
-        proc = _spawn(db_url, port, log)
+    with (
+        database_url(kind, tmp_path, "lwfault") as db_url,
+        open(tmp_path / "serve.log", "ab") as log,
+    ):
+        proc = serve_process(db_url, port, log)
         http = HttpSink(url, RUN, spool_dir=tmp_path / "spool", config=sender)
         monitor = Monitor(model, opt, run=RUN, sink=FanOutSink([http, record]), every=2)
         killed = restarted = False
@@ -96,7 +80,7 @@ def _kill_and_compare(tmp_path, kind: str) -> None:
                     killed = True
                 if step == 40:
                     assert http.offline or http.spool.pending() > 0
-                    proc = _spawn(db_url, port, log)
+                    proc = serve_process(db_url, port, log)
                     restarted = True
             monitor.flush(30)
             deadline = time.monotonic() + 30
@@ -142,7 +126,7 @@ def test_service_down_past_the_end_names_the_spool_and_its_command_delivers_it(t
         open(tmp_path / "train.out", "wb") as out,
         open(tmp_path / "train.err", "wb") as err,
     ):
-        proc = _spawn(db_url, port, log)
+        proc = serve_process(db_url, port, log)
         trainer = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=tmp_path)
         try:
             deadline = time.monotonic() + 240
@@ -165,7 +149,7 @@ def test_service_down_past_the_end_names_the_spool_and_its_command_delivers_it(t
         (told,) = {int(n) for n in re.findall(r"(\d+) steps of run 'killed'", stdout + stderr)}
         assert "undelivered" in stdout and f"{told} steps spooled" in stdout
 
-        proc = _spawn(db_url, port, log)  # back, but nothing delivers on its own
+        proc = serve_process(db_url, port, log)  # back, but nothing delivers on its own
         try:
             before = _loss_steps(url)
             assert told > 0 and before + told >= 120  # a batch in flight at the kill: both

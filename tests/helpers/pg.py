@@ -26,3 +26,13 @@ def fresh_database(prefix: str = "lwtest") -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def database_url(kind: str, directory, prefix: str = "lwtest") -> Iterator[str]:
+    """``kind`` "sqlite": a file in ``directory``; otherwise a fresh PostgreSQL database."""
+    if kind == "sqlite":
+        yield f"sqlite:///{directory / 'lw.db'}"
+    else:
+        with fresh_database(prefix) as url:
+            yield url

@@ -178,3 +178,13 @@ def thread_server(app: Any) -> Iterator[LiveServer]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def serve_process(db_url: str, port: int, log) -> subprocess.Popen:
+    """``logitwatch serve`` on ``port`` as a process of its own (to kill), once it is ready;
+    its output goes to the open file ``log``."""
+    cmd = [sys.executable, "-m", "logitwatch", "serve", "--db", db_url]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    wait_ready(f"http://127.0.0.1:{port}", 60, proc, log=Path(log.name))
+    return proc

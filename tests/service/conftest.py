@@ -46,6 +46,18 @@ def db_url(request, tmp_path, _sqlite_template) -> str:
     return request.getfixturevalue("pg_url")
 
 
+#: The dashboard URL of the ``linked`` service: alerts link to it.
+GRAFANA = "http://grafana.example:3000"
+
+
+@pytest.fixture
+def linked(db_url) -> Iterator[httpx.Client]:
+    """A real server whose alerts carry dashboard links (``GRAFANA``), and a client of it."""
+    app = create_app(load_settings(db_url=db_url, dashboard_url=GRAFANA))
+    with thread_server(app) as server, server.client() as c:
+        yield c
+
+
 @pytest.fixture
 def run_name() -> str:
     """A run name no other test uses (the PostgreSQL database is shared by the session)."""

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
-import pytest
-from helpers.server import thread_server
 
 from logitwatch.protocol import Batch, encode_batch, series_from_columns
-from logitwatch.service.app import create_app
-from logitwatch.service.settings import load_settings
 
-GRAFANA = "http://grafana.example:3000"
-
-
-@pytest.fixture
-def linked(db_url) -> Iterator[httpx.Client]:
-    app = create_app(load_settings(db_url=db_url, dashboard_url=GRAFANA))
-    with thread_server(app) as server, server.client() as c:
-        yield c
+GRAFANA = "http://grafana.example:3000"  # the ``linked`` fixture's (conftest.py)
 
 
 def post(c: httpx.Client, run: str, seq: int, steps: list[int], values: list[float]) -> list:
