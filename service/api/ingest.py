@@ -17,7 +17,7 @@ from logitwatch.protocol import Batch
 from logitwatch.service.rules.alerts import with_links
 from logitwatch.service.rules.engine import RuleEngine
 from logitwatch.service.settings import Settings
-from logitwatch.service.store import IngestResult, Prepared, check_run_quota, ingest_batch
+from logitwatch.service.store import IngestResult, Prepared, check_run_quota
 from logitwatch.service.store.compact import Compactor
 from logitwatch.service.store.db import GroupCommit, Writer
 
@@ -58,16 +58,13 @@ class Ingest:
 
         def job(session: Session) -> _Done:
             check_run_quota(session, run=run, max_runs=settings.max_runs)
-            result = ingest_batch(
+            result = self._rules.ingest(
                 session,
                 run=run,
                 batch=batch,
-                max_series=settings.max_series_per_run,
                 prepared=prepared,
+                max_series=settings.max_series_per_run,
             )
-            if not result.duplicate:
-                # The arrays the store just wrote, sorted and de-duplicated once for both.
-                self._rules.on_batch(session, run=run, batch=batch, prepared=prepared)
             return _Done(run, result)
 
         done: _Done = await asyncio.wrap_future(self.group.submit(job, order=run))

@@ -27,7 +27,7 @@ from logitwatch.service.rules.notify import Notifier
 from logitwatch.service.rules.state import Points, StateRows
 from logitwatch.service.rules.user import effective_rules, get_user_rules, user_rules_version
 from logitwatch.service.rules.warmup import infer_warmup
-from logitwatch.service.store.ingest import Prepared, series_columns
+from logitwatch.service.store.ingest import IngestResult, Prepared, ingest_batch, series_columns
 from logitwatch.service.store.models import Run, utcnow
 from logitwatch.service.store.rule_tables import Alert
 from logitwatch.service.store.sql import is_pg, labels_key
@@ -115,6 +115,25 @@ class RuleEngine:
             )
             self._plans[key] = plan
         return plan
+
+    def ingest(
+        self,
+        session: Session,
+        *,
+        run: str,
+        batch: Batch,
+        prepared: Prepared,
+        max_series: int = 100_000,
+    ) -> IngestResult:
+        """Store ``batch`` and, unless it was stored before, evaluate it: what every batch
+        goes through, in the ingest route's group commit and in a backtest's replay."""
+        result = ingest_batch(
+            session, run=run, batch=batch, max_series=max_series, prepared=prepared
+        )
+        if not result.duplicate:
+            # The arrays the store just wrote, sorted and de-duplicated once for both.
+            self.on_batch(session, run=run, batch=batch, prepared=prepared)
+        return result
 
     def on_batch(
         self, session: Session, *, run: str, batch: Batch, prepared: Prepared | None = None

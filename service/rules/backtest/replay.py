@@ -1,6 +1,6 @@
 """The service's own rule engine over a throwaway SQLite database, fed as the ingest route feeds it.
 
-Each batch goes through prepare_batch, ingest_batch and RuleEngine.on_batch, and a group of
+Each batch goes through prepare_batch and RuleEngine.ingest (store, then evaluate), and a group of
 batches commits in one write transaction, as the ingest route's group commit does (see
 api/ingest.py); the alerts are then read back from the alert table. The database lives in a temporary folder, deleted on close.
 """
@@ -20,7 +20,7 @@ from logitwatch.service.rules.builtin import builtin_rules
 from logitwatch.service.rules.engine import RuleEngine
 from logitwatch.service.rules.model import Rule, RuleError, check_references
 from logitwatch.service.rules.user import put_user_rules
-from logitwatch.service.store import ingest_batch, prepare_batch, upsert_run
+from logitwatch.service.store import prepare_batch, upsert_run
 from logitwatch.service.store.db import Writer, make_engine, make_sessionmaker, upgrade
 
 __all__ = ["Replay", "backtest"]
@@ -79,9 +79,7 @@ class Replay:
             with self._writer() as session:
                 for batch in run.batches[start : start + _GROUP]:
                     prepared = prepare_batch(batch, postgres=False)
-                    result = ingest_batch(session, run=run.name, batch=batch, prepared=prepared)
-                    if not result.duplicate:
-                        self.engine.on_batch(session, run=run.name, batch=batch, prepared=prepared)
+                    self.engine.ingest(session, run=run.name, batch=batch, prepared=prepared)
                 session.commit()
             if progress is not None:
                 progress(min(start + _GROUP, len(run.batches)), len(run.batches))
