@@ -168,6 +168,7 @@ def breakdown(args, console: Console) -> None:
             torch._foreach_mul_(weights, 1.0)
 
         layers = args.layers
+        per = 1 / cfg.weights_every  # an every=1 step reads the weights this often (default)
         # name -> (setup, untimed; the timed call; how many times an every=1 step makes it)
         cases = {
             f"attn_stats, one layer (x{layers})": (None, lambda: attn_stats(
@@ -179,20 +180,16 @@ def breakdown(args, console: Console) -> None:
             ),
             f"act_rms, one layer (x{layers})": (None, lambda: act_rms(grabbed["resid"]), layers),
             "grad norms (global + per layer)": (None, params.grads, 1),
-            # every=1: weights(keep=True) leaves the next snapshot, which copies nothing.
-            "param norms + update ratio, every=1": (
-                lambda: (params.snapshot(), moved()), lambda: params.weights(keep=True), 1
+            # Read every param_every steps: a snapshot before the step, norms + ratio after.
+            f"weights every {cfg.weights_every}: snapshot before the step": (
+                lambda: (params.weights(), moved()), params.snapshot, per
             ),
-            "  every=1: the snapshot (nothing to copy)": (
-                lambda: (params.snapshot(), moved(), params.weights(keep=True)),
-                params.snapshot,
-                1,
+            f"weights every {cfg.weights_every}: norms + ratio after it": (
+                lambda: (moved(), params.snapshot(), moved()), params.weights, per
             ),
-            "  every>1: the snapshot before the step": (
-                lambda: (params.weights(), moved()), params.snapshot, 0
-            ),
-            "  every>1: norms + ratio after it": (
-                lambda: (moved(), params.snapshot(), moved()), params.weights, 0
+            # param_every=1: weights(keep=True) leaves the next snapshot, which copies nothing.
+            "weights every step (param_every=1)": (
+                lambda: (params.snapshot(), moved()), lambda: params.weights(keep=True), 0
             ),
             "device-to-host copy of the buffer": (
                 None, lambda: monitor.slots.buf[: monitor.slots.used].clone(), 1
@@ -214,8 +211,8 @@ def breakdown(args, console: Console) -> None:
                 total = [t + count * m for t, m in zip(total, ms, strict=True)]
         console.print(breakdown_table(costs, args.breakdown_reps))
         console.print(
-            f"breakdown summed for an every=1 reporting step: {total[0]:.1f} ms "
-            f"(CPU {total[1]:.1f} ms)"
+            f"breakdown summed for an every=1 reporting step (the weights read every "
+            f"{cfg.weights_every}th): {total[0]:.1f} ms (CPU {total[1]:.1f} ms)"
         )
 
 

@@ -9,6 +9,8 @@ __all__ = ["PROBES", "MonitorConfig"]
 #: Probe families that can be switched on and off.
 PROBES = ("act", "attn", "grad", "logits", "loss", "lr", "param", "throughput", "update")
 GRAD_SOURCES = ("optimizer", "backward", "manual")
+#: The default of MonitorConfig.param_every, rounded up to a multiple of every.
+PARAM_EVERY = 10
 
 
 @dataclass
@@ -19,15 +21,21 @@ class MonitorConfig:
     |q·k/√d| over every batch item, query row and key it may attend, computed in chunks so
     memory stays bounded (about one causal half of q·kᵀ of compute per layer and reporting
     step). The attention entropies (``attn.entropy_*``) are means over ``sample_rows`` evenly
-    spaced query rows of the first ``sample_batch`` batch items, read from the maximum's own
-    chunks of q·kᵀ (no second matmul); log Z statistics are over ``sample_tokens`` evenly
-    spaced token positions, while ``logits.*`` read every token.
+    spaced query rows of the first ``sample_batch`` batch items, from a matmul of those rows
+    alone; log Z statistics are over ``sample_tokens`` evenly spaced token positions, while
+    ``logits.*`` read every token. The weights (``param.norm``, ``update.ratio``) are read
+    every ``param_every`` steps, on reporting steps: by default every 10th step.
 
     >>> MonitorConfig(every=10, probes=("loss", "grad")).every
     10
     """
 
     every: int = 1  # report steps with step % every == 0 (and the first step seen)
+    # Steps between readings of the weights (param.norm, update.ratio), a multiple of every;
+    # None: the first multiple of every at or above 10. A reading is a pass over every weight
+    # plus a copy of them before the optimizer step (2-3 % of a small model's step on the
+    # CPU), for numbers that move slowly (wandb.watch reads them every 1,000 steps by default).
+    param_every: int | None = None
     # Query rows (evenly spaced, first and last included) per batch item in the entropy
     # means; all rows when T <= sample_rows. Bounds the entropy's exp pass, not the max.
     sample_rows: int = 64
@@ -60,6 +68,12 @@ class MonitorConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
+        p = self.param_every
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1
+                              or p % self.every):  # fmt: skip
+            raise ValueError(
+                f"param_every must be None or a multiple of every={self.every}; got {p!r}."
+            )
         for name in ("sample_batch", "attn_chunk"):
             value = getattr(self, name)
             if value is not None and (
@@ -82,3 +96,10 @@ class MonitorConfig:
             raise ValueError(f"probes: unknown probe {unknown[0]!r}; known: {', '.join(PROBES)}.")
         if self.grads not in GRAD_SOURCES:
             raise ValueError(f"grads must be one of {', '.join(GRAD_SOURCES)}; got {self.grads!r}.")
+
+    @property
+    def weights_every(self) -> int:
+        """Steps between readings of the weights: param_every, or its default."""
+        if self.param_every is not None:
+            return self.param_every
+        return self.every * -(-PARAM_EVERY // self.every)

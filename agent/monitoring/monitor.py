@@ -95,6 +95,7 @@ class Monitor:
         self._handles: list[Any] = []
         self._probes: ProbeSet | None = None
         self._grads_recorded = False
+        self._weights_due = True  # the first step seen reads the weights, then weights_every
         self._backward_norms: list[torch.Tensor | None] = []
         self._tokens = 0
         self._last_report: float | None = None
@@ -217,16 +218,16 @@ class Monitor:
         on = self.config.probes
         if "grad" in on and self.config.grads == "optimizer" and not self._grads_recorded:
             self._guard("grad", self._write_grads, None)
-        if "update" in on:
+        if "update" in on and self._weights_due:
             self._guard("update", self.params.snapshot)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
-        if self.armed and ({"param", "update"} & set(self.config.probes)):
+        if self.armed and self._weights_due and ({"param", "update"} & set(self.config.probes)):
             self._guard("param", self._write_weights)
 
     def _write_weights(self) -> None:
-        # Reporting every step: the next step's snapshot is the copy this call leaves.
-        norms, ratio = self.params.weights(keep=self.config.every == 1)
+        # Reading them every step: the next step's snapshot is the copy this call leaves.
+        norms, ratio = self.params.weights(keep=self.config.weights_every == 1)
         layers = self.params.layers
         if "param" in self.config.probes:
             keys = [series_key("param.norm", **self.label)]
@@ -267,9 +268,7 @@ class Monitor:
             self._tokens += int(tokens or 0)
             if self.armed:
                 self._report(step, loss, loss_z)
-            if self._probes is not None:
-                self._probes.armed = (step + 1) % self.config.every == 0
-            self._grads_recorded = False
+            self._arm(step + 1)
             self.alerts.run_pending(step)
         except Exception as e:
             self._reporter.warn_once(
@@ -295,7 +294,7 @@ class Monitor:
                 self._backward_norms = [None] * len(self._backward_norms)
             elif self.optimizer is None:  # no step pre-hook: the gradients are read now
                 self._guard("grad", self._write_grads, None)
-        if self.optimizer is None and "param" in on:
+        if self.optimizer is None and "param" in on and self._weights_due:
             self._guard("param", self._write_weights)
         now = time.perf_counter()
         if "throughput" in on and self._last_report is not None and self._tokens:
@@ -333,8 +332,14 @@ class Monitor:
                 self._reporter.warn_once("ship", "could not ship a report (%s)", e)
             if decided is not None:
                 self._decide(decided, step)  # callbacks' errors are caught and logged
+        self._arm(step + 1)
+
+    def _arm(self, step: int) -> None:
+        """Set up the probes for ``step``: armed on reporting steps, the weights read on those
+        that are multiples of weights_every (by step number: the same steps on every rank)."""
         if self._probes is not None:
-            self._probes.armed = (step + 1) % self.config.every == 0
+            self._probes.armed = step % self.config.every == 0
+        self._weights_due = step % self.config.weights_every == 0
         self._grads_recorded = False
 
     def _decide(self, decided: Decisions, step: int) -> None:

@@ -43,7 +43,8 @@ def _reporting(rank: int) -> dict:
     for per_rank in (False, True):
         model, opt = _ddp()
         sink = MemorySink()
-        monitor = Monitor(model, opt, run="ddp", sink=sink, config=MonitorConfig(per_rank=per_rank))
+        config = MonitorConfig(per_rank=per_rank, param_every=1)
+        monitor = Monitor(model, opt, run="ddp", sink=sink, config=config)
         for step in range(2):
             ce = _train_step(model, opt, rank, step)
             monitor.step(step, loss=ce, tokens=B * T)
@@ -83,7 +84,7 @@ def _failing(rank: int) -> dict:
     """Rank 1's attention probe fails before its first report, its param probe at step 2."""
     model, opt = _ddp()
     sink = MemorySink()
-    monitor = Monitor(model, opt, run="f", sink=sink, config=MonitorConfig(every=1))
+    monitor = Monitor(model, opt, run="f", sink=sink, config=MonitorConfig(every=1, param_every=1))
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
@@ -97,6 +98,24 @@ def _failing(rank: int) -> dict:
         monitor.step(step, loss=ce)
     monitor.close()
     return {"rows": _rows(sink), "collectives": monitor.ranks.collectives}
+
+
+def _cadence(rank: int) -> dict:
+    """Reporting every step, the weights every third: the same steps on both ranks, and the
+    update ratio of those steps' own optimizer step, summed over both ranks' shares."""
+    model, opt = _ddp()
+    sink = MemorySink()
+    monitor = Monitor(model, opt, run="c", sink=sink, config=MonitorConfig(every=1, param_every=3))
+    ratios = []
+    for step in range(7):
+        before = [p.detach().clone() for p in model.parameters()]
+        ce = _train_step(model, opt, rank, step)
+        pairs = [(p.detach() - b, b) for p, b in zip(model.parameters(), before, strict=True)]
+        d = math.sqrt(sum(float(x.pow(2).sum()) for x, _ in pairs))
+        ratios.append(d / math.sqrt(sum(float(b.pow(2).sum()) for _, b in pairs)))
+        monitor.step(step, loss=ce)
+    monitor.close()
+    return {"rows": _rows(sink), "ratios": ratios, "collectives": monitor.ranks.collectives}
 
 
 def _nonfinite(rank: int) -> dict:
@@ -139,6 +158,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         "broadcast": _broadcast(rank, defer=False),
         "deferred": _broadcast(rank, defer=True),
         "failing": _failing(rank),
+        "cadence": _cadence(rank),
         "nonfinite": _nonfinite(rank),
     }
     with open(f"{tmp}/rank{rank}.json", "w") as f:
@@ -214,6 +234,18 @@ def test_a_probe_failing_on_one_rank_goes_off_everywhere_and_hangs_nobody(ranks)
     assert {"param.norm", "update.ratio", "grad.norm", "act.rms"} <= rows[1]
     assert "grad.norm" in rows[2] and "param.norm" not in rows[2] | rows[3]
     assert r1["rows"] == []
+
+
+def test_weights_read_every_param_every_steps_on_every_rank(ranks):
+    r0, r1 = (r["cadence"] for r in ranks)
+    assert r0["collectives"] == r1["collectives"] == 7  # one a reporting step, as ever
+    rows = {s: {m for m, _, _ in vals} for s, vals in r0["rows"]}
+    assert sorted(rows) == list(range(7)) and r1["rows"] == []
+    assert [s for s in rows if "param.norm" in rows[s]] == [0, 3, 6]
+    assert [s for s in rows if "update.ratio" in rows[s]] == [0, 3, 6]
+    for step in (0, 3, 6):
+        ratio = _value(r0["rows"], step, "update.ratio")
+        assert ratio == pytest.approx(r0["ratios"][step], rel=1e-4)
 
 
 def test_rows_too_short_drop_one_report_and_grow_on_every_rank(ranks):

@@ -65,7 +65,8 @@ def _worker(rank: int, world: int, tmp: str) -> None:
                 fully_shard(block)
             fully_shard(model)
         sink, counts = MemorySink(), []
-        config = MonitorConfig(every=2 if setup == "fsdp" else 1, per_rank=setup.endswith("rank"))
+        every = 2 if setup == "fsdp" else 1
+        config = MonitorConfig(every=every, param_every=every, per_rank=setup.endswith("rank"))
         if setup == "plain":  # no wrapper, the same batch on every rank: replicas
             idx_of = lambda step: _batch(step)[:B]  # noqa: E731
         else:
@@ -78,7 +79,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 
 def _reference(idx_of) -> dict:
     sink = MemorySink()
-    _train(_model(), idx_of, MonitorConfig(every=1), sink)
+    _train(_model(), idx_of, MonitorConfig(every=1, param_every=1), sink)
     return {(s, m, tuple(sorted(lab.items()))): v for s, vals in _rows(sink) for m, lab, v in vals}
 
 

@@ -5,7 +5,7 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from logitwatch.agent import LogitwatchLightningCallback  # noqa: E402
+from logitwatch.agent import LogitwatchLightningCallback, MonitorConfig  # noqa: E402
 from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, loss_fn  # noqa: E402
 from logitwatch.agent.transport.sink import MemorySink  # noqa: E402
 
@@ -42,7 +42,8 @@ class LitDecoder(pl.LightningModule):
 def test_lightning_callback_reports_every_probe(tmp_path):
     data = torch.utils.data.TensorDataset(torch.randint(0, V, (12, T)))
     sink = MemorySink()
-    callback = LogitwatchLightningCallback("lit", every=2, sink=sink)
+    config = MonitorConfig(param_every=2)  # the weights on every report, too
+    callback = LogitwatchLightningCallback("lit", every=2, sink=sink, config=config)
     module = LitDecoder()
     trainer = pl.Trainer(
         max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

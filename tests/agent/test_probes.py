@@ -159,7 +159,8 @@ def test_grad_norm_is_read_before_clipping_and_update_ratio():
     opt.register_step_post_hook(
         lambda o, a, k: after.append([p.detach().clone() for p in model.parameters()])
     )
-    with Monitor(model, opt, run="t", sink=sink) as monitor:
+    config = MonitorConfig(param_every=1)  # weights read every step, as well as reported
+    with Monitor(model, opt, run="t", sink=sink, config=config) as monitor:
         train(model, opt, monitor, steps=2)
     values = sink.rows[0][2]
     names = [n for n, _ in model.named_parameters()]
@@ -199,7 +200,7 @@ def test_update_ratio_every_step_with_the_kept_snapshot_and_weights_moved_betwee
         lambda o, a, k: after.append([p.detach().clone() for p in model.parameters()])
     )
     first = next(model.parameters())
-    with Monitor(model, opt, run="t", sink=sink) as monitor:
+    with Monitor(model, opt, run="t", sink=sink, config=MonitorConfig(param_every=1)) as monitor:
         for step in range(5):
             if step == 2:
                 with torch.no_grad():
@@ -221,6 +222,38 @@ def test_update_ratio_every_step_with_the_kept_snapshot_and_weights_moved_betwee
         assert ratios[step] == pytest.approx(d / w, rel=1e-4), step
         norm = math.sqrt(sum(float(a.pow(2).sum()) for a in after[step]))
         assert sink.series("param.norm")[1][step] == pytest.approx(norm, rel=1e-5), step
+
+
+def test_weights_are_read_every_param_every_steps():
+    """By default the weights are read every 10th step (a multiple of every): the update
+    ratio there is still that one optimizer step's ||w after - w before|| / ||w before||."""
+    model, sink = tiny(), MemorySink()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before, after = [], []
+    opt.register_step_pre_hook(
+        lambda o, a, k: before.append([p.detach().clone() for p in model.parameters()])
+    )
+    opt.register_step_post_hook(
+        lambda o, a, k: after.append([p.detach().clone() for p in model.parameters()])
+    )
+    assert MonitorConfig(every=3).weights_every == 12
+    with Monitor(model, opt, run="t", sink=sink, every=1) as monitor:
+        losses = train(model, opt, monitor, steps=21)
+    assert sink.series("loss")[0] == list(range(21))
+    assert len(losses) == 21
+    steps, ratios = sink.series("update.ratio")
+    assert steps == [0, 10, 20] and sink.series("param.norm")[0] == [0, 10, 20]
+    for step, ratio in zip(steps, ratios, strict=True):
+        pairs = zip(after[step], before[step], strict=True)
+        d = math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in pairs))
+        w = math.sqrt(sum(float(b.pow(2).sum()) for b in before[step]))
+        assert ratio == pytest.approx(d / w, rel=1e-4), step
+
+
+@pytest.mark.parametrize("bad", [0, 5, 2.0, True])
+def test_param_every_must_be_a_multiple_of_every(bad):
+    with pytest.raises(ValueError, match=r"param_every must be None or a multiple of every=2"):
+        MonitorConfig(every=2, param_every=bad)
 
 
 def test_loss_lr_and_nonfinite_count():
