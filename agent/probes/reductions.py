@@ -188,8 +188,17 @@ def attn_logit_absmax(
 @dataclass
 class _Pass:
     absmax: torch.Tensor  # (H,) max |q·k| before scaling, fp32
-    q_sq: torch.Tensor  # () sum of squares of q
-    k_sq: torch.Tensor  # () sum of squares of k
+    q_norm: torch.Tensor  # () L2 norm of q
+    k_norm: torch.Tensor  # () L2 norm of k
+
+
+def _norm(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of the whole from its parts' norms."""
+    return parts[0] if len(parts) == 1 else torch.stack(parts).square().sum().sqrt()
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _attn_pass(
@@ -213,30 +222,32 @@ def _attn_pass(
     dtype = _matmul_dtype(q)
     mask = _may_attend(mask) if mask is not None else None
     per_item = mask is not None and mask.size(0) > 1  # else the keys per row are shared
-    found, q_sq, k_sq = [], [], []
+    # Per chunk (b, H) maxima and minima (negated and compared once, at the end), and norms:
+    # a probe is dozens of small ops a layer, each costing its dispatch.
+    tops, bottoms, q_norm, k_norm = [], [], [], []
     for b0 in range(0, B, bc):
         b1 = min(B, b0 + bc)
         b = b1 - b0
         # Contiguous: a strided k (the usual transpose of (B, T, H, hs)) cannot be batched by
         # bmm and would be copied again for every row chunk.
         kc = k[b0:b1].to(dtype).contiguous()  # (b, Hkv, Tk, hs)
-        k_sq.append(torch.linalg.vector_norm(kc, dtype=torch.float32).square())
+        k_norm.append(torch.linalg.vector_norm(kc, dtype=torch.float32))
         kt = kc.transpose(-2, -1)  # (b, Hkv, hs, Tk)
         # A norm reads contiguous memory ~8x faster than row chunks of it: one for the batch
         # chunk's q when it is contiguous, else one per (copied) row chunk.
         whole_q = q[b0:b1].is_contiguous()
         if whole_q:
-            q_sq.append(torch.linalg.vector_norm(q[b0:b1], dtype=torch.float32).square())
+            q_norm.append(torch.linalg.vector_norm(q[b0:b1], dtype=torch.float32))
         mb = (mask[b0:b1] if per_item else mask) if mask is not None else None
         # The triangles on the diagonal, all row chunks at once.
         diagonal = causal and mask is None and off == 0 and Tq % rc == 0
         if diagonal:
-            found.append(_diagonal_absmax(q[b0:b1].to(dtype), kc, rc))
+            _diagonal_extremes(q[b0:b1].to(dtype), kc, rc, tops, bottoms)
         for r0 in range(0, Tq, rc):
             r1 = min(Tq, r0 + rc)
             qc = _bmm_ready(q[b0:b1, :, r0:r1].to(dtype), H // Hkv)  # (b, H, c, hs)
             if not whole_q:
-                q_sq.append(torch.linalg.vector_norm(qc, dtype=torch.float32).square())
+                q_norm.append(torch.linalg.vector_norm(qc, dtype=torch.float32))
             n_keys = max(0, min(Tk, r1 + off)) if causal else Tk  # keys the chunk's last row sees
             if n_keys == 0:
                 continue
@@ -249,20 +260,26 @@ def _attn_pass(
             qg = qc.view(b, Hkv, -1, hs)
             hidden = ~mb[:, :, r0:r1] if mb is not None else None
             if lo > 0:
-                found.append(_absmax(qg @ kt[..., :lo], b, H, hidden, 0, lo))
+                _extremes(qg @ kt[..., :lo], b, H, hidden, 0, lo, tops, bottoms)
             if lo < n_keys and not diagonal:
                 tri = qg @ kt[..., lo:n_keys]  # (b, Hkv, G·c, n_keys - lo)
                 # Hidden logits become 0, which never beats a max of magnitudes.
                 tri.view(b, H, r1 - r0, n_keys - lo).tril_(r0 + off - lo)
-                found.append(_absmax(tri, b, H, hidden, lo, n_keys))
+                _extremes(tri, b, H, hidden, lo, n_keys, tops, bottoms)
     # The scale is positive, so it scales the max: applied once, by the caller, in fp32.
-    absmax = torch.cat(found).amax(0).float() if found else torch.zeros(H, device=q.device)
-    return _Pass(absmax, torch.stack(q_sq).sum(), torch.stack(k_sq).sum())
+    if tops:  # max |x| as max(max, -min)
+        absmax = torch.maximum(_cat(tops).amax(0), _cat(bottoms).amin(0).neg_()).float()
+    else:
+        absmax = torch.zeros(H, device=q.device)
+    return _Pass(absmax, _norm(q_norm), _norm(k_norm))
 
 
-def _diagonal_absmax(q: torch.Tensor, k: torch.Tensor, c: int) -> torch.Tensor:
-    """(b, H) max |q·k| over the causal triangles where query chunk i (rows [i·c, (i+1)·c))
-    meets the same keys, for q (b, H, T, hs) and contiguous k (b, Hkv, T, hs), T = n·c."""
+def _diagonal_extremes(
+    q: torch.Tensor, k: torch.Tensor, c: int, tops: list, bottoms: list
+) -> None:
+    """Append the (b, H) max and min of q·k over the causal triangles where query chunk i
+    (rows [i·c, (i+1)·c)) meets the same keys, for q (b, H, T, hs) and contiguous k
+    (b, Hkv, T, hs), T = n·c; hidden logits read 0."""
     b, H, T, hs = q.shape
     Hkv, n = k.size(1), T // c
     G = H // Hkv
@@ -271,8 +288,8 @@ def _diagonal_absmax(q: torch.Tensor, k: torch.Tensor, c: int) -> torch.Tensor:
     tri = torch.bmm(qd, k.view(b * Hkv * n, c, hs).transpose(1, 2))  # (b·Hkv·n, G·c, c)
     tri.view(-1, c, c).tril_()
     per = tri.view(b, Hkv, n, G, c * c)
-    top, bottom = per.amax(-1).amax(2), per.amin(-1).amin(2)  # (b, Hkv, G)
-    return torch.maximum(top, bottom.neg_()).view(b, H)
+    tops.append(per.amax(-1).amax(2).view(b, H))  # (b, Hkv, G): h = kv·G + g
+    bottoms.append(per.amin(-1).amin(2).view(b, H))
 
 
 def _sampled_entropy(
@@ -316,17 +333,26 @@ def _sampled_entropy(
     return torch.cat(ents, 2), torch.cat(keys, -1)
 
 
-def _absmax(
-    att: torch.Tensor, b: int, H: int, hidden: torch.Tensor | None, k0: int, k1: int
-) -> torch.Tensor:
-    """(b, H) max |x| of a chunk's products (b, Hkv, G·c, k1 - k0) of keys [k0, k1); ``hidden``:
-    (b|1, 1|H, c, all keys) True where a row may not attend, zeroed first."""
+def _extremes(
+    att: torch.Tensor,
+    b: int,
+    H: int,
+    hidden: torch.Tensor | None,
+    k0: int,
+    k1: int,
+    tops: list[torch.Tensor],
+    bottoms: list[torch.Tensor],
+) -> None:
+    """Append the (b, H) max and min of a chunk's products (b, Hkv, G·c, k1 - k0) of keys
+    [k0, k1); ``hidden``: (b|1, 1|H, c, all keys) True where a row may not attend, zeroed
+    first (0 never beats a max of magnitudes)."""
     if hidden is not None:
         att.view(b, H, -1, k1 - k0).masked_fill_(hidden[..., k0:k1], 0.0)
-    # max |x| as max(max, -min) over each head's contiguous run: two vectorised reads
-    # (abs-max reductions, the inf-norm, are ~40x slower on the CPU, and aminmax ~10x).
+    # Two vectorised reads over each head's contiguous run: abs-max reductions (the inf-norm)
+    # are ~40x slower on the CPU, and aminmax ~10x.
     flat = att.view(b, H, -1)
-    return torch.maximum(flat.amax(-1), flat.amin(-1).neg_())
+    tops.append(flat.amax(-1))
+    bottoms.append(flat.amin(-1))
 
 
 def _entropy(
@@ -391,16 +417,36 @@ def attn_stats(
     budget = chunk_budget(q.device, chunk_elems)
     rows = _cached(("spaced", Tq, sample_rows), lambda: spaced(Tq, sample_rows))
     found = _attn_pass(q, k, causal, mask, budget)
-    logit_max = found.absmax * scale  # (H,)
-    q_rms = (found.q_sq / max(q.numel(), 1)).sqrt()
-    k_rms = (found.k_sq / max(k.numel(), 1)).sqrt()
     # (Bs, H, R) nats, (Bs|1, H|1, R) keys
     ent, n_keys = _sampled_entropy(q, k, rows, Bs, scale, causal, mask, budget)
-    w = (n_keys >= 2).float().expand_as(ent)  # rows with one key have entropy 0 by construction
-    per_head = (ent * w).sum((0, 2)) / w.sum((0, 2)).clamp_min(1.0)  # (H,)
-    frac = (ent / n_keys.clamp_min(2).float().log() * w).sum() / w.sum().clamp_min(1.0)
-    tail = torch.stack([per_head.min(), per_head.mean(), frac, q_rms, k_rms])
-    return torch.cat([logit_max, tail])
+    if mask is None:  # the weights depend on the rows alone: made once
+        w, w_log = _cached(
+            ("entropy weights", rows, k.size(2) - Tq, k.size(2), causal, q.device),
+            lambda: _weights(n_keys.view(-1)),
+        )
+        per_head = ent.sum(0) @ w / Bs  # (H,)
+        frac = ent.sum((0, 1)) @ w_log / (Bs * q.size(1))
+    else:
+        w = (n_keys >= 2).float().expand_as(ent)  # rows with one key have entropy 0
+        per_head = (ent * w).sum((0, 2)) / w.sum((0, 2)).clamp_min(1.0)  # (H,)
+        frac = (ent / n_keys.clamp_min(2).float().log() * w).sum() / w.sum().clamp_min(1.0)
+    tail = [
+        per_head.min(),
+        per_head.mean(),
+        frac,
+        found.q_norm / math.sqrt(max(q.numel(), 1)),
+        found.k_norm / math.sqrt(max(k.numel(), 1)),
+    ]
+    return torch.cat([found.absmax * scale, torch.stack(tail)])
+
+
+def _weights(n_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sampled row's weight in the per-head mean entropy (rows with fewer than two keys
+    have entropy 0 by construction: left out), and that weight over the row's log(keys), for
+    entropy_frac; both normalised to sum to 1 (R,)."""
+    w = (n_keys >= 2).float()
+    total = w.sum().clamp_min(1.0)
+    return w / total, w / n_keys.clamp_min(2).float().log() / total
 
 
 @torch.no_grad()
