@@ -274,9 +274,7 @@ def _attn_pass(
     return _Pass(absmax, _norm(q_norm), _norm(k_norm))
 
 
-def _diagonal_extremes(
-    q: torch.Tensor, k: torch.Tensor, c: int, tops: list, bottoms: list
-) -> None:
+def _diagonal_extremes(q: torch.Tensor, k: torch.Tensor, c: int, tops: list, bottoms: list) -> None:
     """Append the (b, H) max and min of q·k over the causal triangles where query chunk i
     (rows [i·c, (i+1)·c)) meets the same keys, for q (b, H, T, hs) and contiguous k
     (b, Hkv, T, hs), T = n·c; hidden logits read 0."""

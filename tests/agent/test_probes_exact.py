@@ -27,8 +27,13 @@ def direct(q, k, scale, causal=True, mask=None):
 
 @pytest.mark.parametrize(
     ("B", "H", "Hkv", "Tq", "Tk"),
-    [(3, 4, 2, 16, 16), (2, 4, 1, 7, 20), (5, 6, 3, 97, 97), (1, 2, 2, 130, 130),
-     (2, 8, 2, 256, 256)],
+    [
+        (3, 4, 2, 16, 16),
+        (2, 4, 1, 7, 20),
+        (5, 6, 3, 97, 97),
+        (1, 2, 2, 130, 130),
+        (2, 8, 2, 256, 256),
+    ],
     ids=["gqa", "mqa-kv-cache", "odd-rows", "long", "gqa-row-chunks"],
 )
 @pytest.mark.parametrize("chunk", [None, 64, 1000], ids=["default", "tiny", "small"])
