@@ -347,7 +347,10 @@ def _series(obj: Any, path: str) -> tuple[Series, tuple]:
     else:
         steps = _steps(raw_steps, f"{path}.steps")
         values = _floats(raw_values, f"{path}.values")
-    times = _floats(raw_times or [], f"{path}.times")
+    if type(raw_times) is bytes and len(raw_times) == 8 and _LITTLE:
+        times = array("d", raw_times)  # a one-step time without _floats: ~10 % of its decoding
+    else:
+        times = _floats(raw_times or [], f"{path}.times")
     if len(values) != len(steps):
         raise ProtocolError(
             f"{path}.values", f"has {len(values)} values for {len(steps)} steps; lengths must match"

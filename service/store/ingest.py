@@ -6,6 +6,7 @@ changes nothing. Core bulk statements, not ORM objects: ingest runs at ~1M point
 
 from __future__ import annotations
 
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,13 +18,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from logitwatch.protocol import Batch, Series
-from logitwatch.service.store.codec import raw_floats, raw_steps
+from logitwatch.service.store.codec import pg_array_bytes, raw_floats, raw_steps
 from logitwatch.service.store.limits import LimitError
 from logitwatch.service.store.models import Series as SeriesRow
 from logitwatch.service.store.models import utcnow
 from logitwatch.service.store.runs import ensure_run_id
 from logitwatch.service.store.sql import (
+    PgArray,
+    PgInt8Array,
     cache,
+    copy_one_points,
     insert,
     insert_chunks,
     is_pg,
@@ -152,10 +156,16 @@ class Prepared:
     columns: list[Columns]
     #: Each series' labels_key, in batch.series order (the store and the rules both use it).
     keys: list[str] = field(default_factory=list)
+    #: A batch whose every series has one point (the fleet's report): its steps, values and
+    #: times as three arrays in batch.series order, stored in one pass (rows is then empty).
+    points: Columns | None = None
 
 
 def prepare_batch(batch: Batch, *, postgres: bool) -> Prepared:
     """Sort, dedupe and pack each series' arrays: CPU work that needs no database."""
+    one = _one_point(batch, postgres)
+    if one is not None:
+        return one
     seg, rows = batch.segment, []
     columns = _columns(batch.series)
     for i, (s, c) in enumerate(zip(batch.series, columns, strict=True)):
@@ -178,6 +188,34 @@ def prepare_batch(batch: Batch, *, postgres: bool) -> Prepared:
             )
         rows.append((i, (seg, lo, hi, n, *payload), (seg, hi, last, last_time, n, lo)))
     return Prepared(postgres, rows, columns, [labels_key(s.labels) for s in batch.series])
+
+
+def _one_point(batch: Batch, postgres: bool) -> Prepared | None:
+    """prepare_batch of a batch whose every series has one step, and all a time or none:
+    the fleet's report. Columns are row views of three arrays for the whole batch, which the
+    store writes in one pass (_store_points): under half of the general path's cost on
+    SQLite and a quarter on PostgreSQL, measured."""
+    series = batch.series
+    n = len(series)
+    if n < 8 or [len(s.steps) for s in series].count(1) != n:
+        return None
+    n_times = [len(s.times) for s in series].count(1)
+    if n_times not in (0, n):
+        return None
+    steps = np.frombuffer(b"".join([s.steps for s in series]), dtype=np.int64)
+    values = np.frombuffer(b"".join([s.values for s in series]), dtype=np.float64)
+    if n_times:
+        times = np.frombuffer(b"".join([s.times for s in series]), dtype=np.float64)
+        t_rows = times.reshape(n, 1)
+    else:
+        times = np.empty(0, dtype=np.float64)
+        t_rows = [times] * n
+    new = tuple.__new__
+    columns = [
+        new(Columns, c) for c in zip(steps.reshape(n, 1), values.reshape(n, 1), t_rows, strict=True)
+    ]
+    keys = [labels_key(s.labels) for s in series]
+    return Prepared(postgres, [], columns, keys, Columns(steps, values, times))
 
 
 def _columns(series: list[Series]) -> list[Columns]:
@@ -237,20 +275,93 @@ def ingest_batch(
     if prepared is None or prepared.postgres != pg:
         prepared = prepare_batch(batch, postgres=pg)
     ids = _series_ids(session, run_id, batch.series, prepared.keys, max_series)
-    chunks = [(ids[i], *chunk) for i, chunk, _ in prepared.rows]
-    # sorted: concurrent writers lock latest rows in one order and never deadlock
-    latest = sorted((ids[i], *last) for i, _, last in prepared.rows)
-    if chunks:
-        insert_chunks(session, chunks)
-        raw = session.connection().connection.driver_connection
-        if pg:
-            with raw.cursor() as cur:
-                # One statement over arrays: executemany would cost ~20 us of Python a row.
-                cur.execute(_PG_LATEST, [list(col) for col in zip(*latest, strict=True)])
-        else:
-            raw.executemany(_SQLITE_LATEST, latest)
+    if prepared.points is not None:
+        _store_points(session, ids, batch.segment, prepared.points, pg)
+    else:
+        insert_chunks(session, [(ids[i], *chunk) for i, chunk, _ in prepared.rows])
+        _upsert_latest(session, [(ids[i], *last) for i, _, last in prepared.rows], pg)
     _seen(session, run_id)
     return IngestResult(duplicate=False, n_points=n_points, series_ids=ids, run_id=run_id)
+
+
+def _upsert_latest(session: Session, latest: list[tuple], pg: bool, sqlite: str = "") -> None:
+    """Upsert latest rows, sorted first: concurrent writers then lock them in one order and
+    never deadlock. `sqlite` is the statement for rows other than _SQLITE_LATEST's."""
+    latest.sort()
+    if not latest:
+        return
+    raw = session.connection().connection.driver_connection
+    if pg:
+        with raw.cursor() as cur:
+            # One statement over arrays: executemany would cost ~20 us of Python a row.
+            cur.execute(_PG_LATEST, _pg_latest_arrays(latest))
+    else:
+        raw.executemany(sqlite or _SQLITE_LATEST, latest)
+
+
+def _store_points(
+    session: Session, ids: list[int], segment: int, points: Columns, pg: bool
+) -> None:
+    """A one-point chunk and the latest row of each series of a one-point batch
+    (Prepared.points), each column made for the whole batch at once."""
+    steps, values, times = points
+    step_list, value_list = steps.tolist(), values.tolist()
+    n = len(step_list)
+    seg = [segment] * n
+    if pg:
+        copy_one_points(session, ids, segment, steps, values, times)
+        last_times = times.tolist() if len(times) else [None] * n
+        latest = zip(ids, seg, step_list, value_list, last_times, [1] * n, step_list, strict=True)
+        _upsert_latest(session, list(latest), pg)
+        return
+    vs = values.astype("<f8").tobytes()
+    raw_values = [b"R" + vs[k : k + 8] for k in range(0, 8 * n, 8)]
+    if len(times):
+        ts = times.astype("<f8").tobytes()
+        raw_times, last_times = [b"R" + ts[k : k + 8] for k in range(0, 8 * n, 8)], times.tolist()
+    else:
+        raw_times, last_times = [b""] * n, [None] * n
+    raw = session.connection().connection.driver_connection
+    raw.executemany(_SQLITE_ONE_CHUNK, zip(ids, seg, step_list, raw_values, raw_times, strict=True))
+    latest = zip(ids, seg, step_list, value_list, last_times, strict=True)
+    _upsert_latest(session, list(latest), pg, _SQLITE_ONE_LATEST)
+
+
+#: A one-point chunk and its latest row on SQLite, the constant columns written in the
+#: statements: five parameters a row instead of eight make a chunk's insert a quarter
+#: cheaper, measured.
+_SQLITE_ONE_CHUNK = (
+    'INSERT INTO chunks (series_id, segment, step_min, step_max, n, steps, "values", times)'
+    " VALUES (?1, ?2, ?3, ?3, 1, X'', ?4, ?5)"
+)
+
+
+def _pg_latest_arrays(latest: list[tuple]) -> list[PgArray]:
+    """_PG_LATEST's seven arrays in binary form: psycopg adapting lists of Python numbers
+    cost 0.6 ms of the 1.7 ms a 200-series batch's PostgreSQL ingest took, measured."""
+    sid, seg, step, value, last_time, n, first = zip(*latest, strict=True)
+    ints = [
+        PgInt8Array(pg_array_bytes(np.array(c, dtype=np.int64), "i8")) for c in (sid, seg, step)
+    ]
+    return [
+        *ints,
+        PgArray(pg_array_bytes(np.array(value, dtype=np.float64), "f8")),
+        _pg_nullable_floats(last_time),
+        *(PgInt8Array(pg_array_bytes(np.array(c, dtype=np.int64), "i8")) for c in (n, first)),
+    ]
+
+
+def _pg_nullable_floats(xs: tuple) -> PgArray:
+    """A float8[] whose None elements are NULL (a time the client did not send)."""
+    if None not in xs:
+        return PgArray(pg_array_bytes(np.array(xs, dtype=np.float64), "f8"))
+    head = _PG_ARRAY_HEAD.pack(1, 1, 701, len(xs), 1)
+    return PgArray(head + b"".join(_PG_NULL if x is None else _PG_F8.pack(8, x) for x in xs))
+
+
+_PG_ARRAY_HEAD = struct.Struct(">iiiii")  # ndim, has-null, element oid, size, lower bound
+_PG_F8 = struct.Struct(">id")
+_PG_NULL = struct.pack(">i", -1)
 
 
 def _mark(session: Session, run_id: int, batch: Batch, n_points: int) -> bool:
@@ -333,8 +444,11 @@ def _latest_sql(param: str, least: str) -> str:
 
 
 _SQLITE_LATEST = _latest_sql("?", "min")
+_SQLITE_ONE_LATEST = _SQLITE_LATEST.replace(
+    f"VALUES ({', '.join(['?'] * 7)})", "VALUES (?1, ?2, ?3, ?4, ?5, 1, ?3)"
+)
 _PG_LATEST = _latest_sql("%s", "least").replace(
     f"VALUES ({', '.join(['%s'] * 7)})",
-    "SELECT * FROM unnest(%s::int8[], %s::int4[], %s::int8[], %s::float8[], %s::float8[],"
-    " %s::int8[], %s::int8[])",
+    "SELECT * FROM unnest(%s::int8[], %s::int8[]::int4[], %s::int8[], %s::float8[],"
+    " %s::float8[], %s::int8[], %s::int8[])",
 )

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sqlalchemy import text
 
 from logitwatch.protocol import Batch, ProtocolError, decode_batch, encode_batch
 from logitwatch.protocol import series_from_columns as S
 from logitwatch.service.store.codec import raw_floats, raw_steps
-from logitwatch.service.store.ingest import prepare_batch, series_columns
-from logitwatch.service.store.sql import labels_key, pg_arrays
+from logitwatch.service.store.ingest import ingest_batch, prepare_batch, series_columns
+from logitwatch.service.store.sql import is_pg, labels_key, pg_arrays
 
 
 def _mixed() -> Batch:
@@ -70,3 +71,72 @@ def test_remembered_names_never_let_through_what_the_checks_refuse():
     again = decode_batch(ok).series[0]
     again.labels["layer"] = "changed"  # each batch gets its own labels dict
     assert decode_batch(ok).series[0].labels == {"layer": "1"}
+
+
+def _one_step(times: bool) -> Batch:
+    """The fleet's report: every series one step (the same one), all with a time or none."""
+    series = [
+        S("attn.logit_max", {"layer": i // 4, "head": i % 4}, [41], [float(i)], [1.7e9] * times)
+        for i in range(12)
+    ]
+    series[3].values[0] = float("nan")
+    return Batch("c", 1, 3, series)
+
+
+@pytest.mark.parametrize("times", [False, True])
+def test_a_one_step_report_is_stored_as_the_general_path_stores_it(sessions, run_name, times):
+    batch = _one_step(times)
+    with sessions() as s:
+        fast = prepare_batch(batch, postgres=is_pg(s))
+        assert fast.points is not None and not fast.rows
+        ingest_batch(s, run=f"{run_name}-fast", batch=batch, prepared=fast)
+        # Eight series or more take the one-step path; each alone takes the general one.
+        for seq, one in enumerate(batch.series):
+            alone = Batch("c", seq, 3, [one])
+            assert prepare_batch(alone, postgres=is_pg(s)).points is None
+            ingest_batch(s, run=f"{run_name}-plain", batch=alone)
+        s.commit()
+        stored = {}
+        for kind in ("fast", "plain"):
+            q = text(
+                "SELECT s.metric, s.labels_key, c.segment, c.step_min, c.step_max, c.n, c.steps,"
+                ' c."values", c.times, l.segment, l.step, l.value, l.time, l.n_points,'
+                " l.first_step FROM series s JOIN runs r ON r.id = s.run_id"
+                " JOIN chunks c ON c.series_id = s.id JOIN latest l ON l.series_id = s.id"
+                " WHERE r.name = :run ORDER BY s.metric, s.labels_key"
+            )
+            rows = s.execute(q, {"run": f"{run_name}-{kind}"}).all()
+            stored[kind] = [
+                tuple(bytes(x) if isinstance(x, memoryview) else x for x in r) for r in rows
+            ]
+    assert len(stored["fast"]) == 12
+    # NaN != NaN: compare the rows' text, where NaN (or SQLite's NULL for it) reads the same
+    assert repr(stored["fast"]) == repr(stored["plain"])
+    for i, s in enumerate(batch.series):
+        for a, b in zip(
+            fast.columns[i],
+            prepare_batch(Batch("c", i, 3, [s]), postgres=False).columns[0],
+            strict=True,
+        ):
+            assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
+
+
+def test_a_one_step_report_decodes_as_the_general_path_decodes_it():
+    batch = _one_step(times=True)
+    body = encode_batch(batch)
+    first, again = decode_batch(body), decode_batch(body)  # the names are checked, then known
+    for got in (first, again):
+        assert [(s.metric, s.labels, s.steps, s.times) for s in got.series] == [
+            (s.metric, s.labels, s.steps, s.times) for s in batch.series
+        ]
+        assert np.array_equal(
+            [s.values[0] for s in got.series], [s.values[0] for s in batch.series], equal_nan=True
+        )
+    # Known names do not let a step out of range, or mismatched lengths, through.
+    batch.series[0].steps[0] = -1
+    with pytest.raises(ProtocolError, match=r"series\[0\].steps"):
+        decode_batch(encode_batch(batch))
+    batch.series[0].steps[0] = 41
+    batch.series[1].times.append(1.0)
+    with pytest.raises(ProtocolError, match=r"series\[1\].times"):
+        decode_batch(encode_batch(batch))

@@ -231,13 +231,21 @@ def test_compact_many_skips_a_series_compacted_meanwhile_and_merges_the_rest(
     assert compact_series(sessions, series_id=ids[1], segment=0, min_chunks=2) == 3
     real_plan = compact_module._plan
 
-    def stale_plan(sessions_, sid, seg, min_chunks, fresh_only):
-        plan = real_plan(sessions_, sid, seg, min_chunks, fresh_only)
+    def stale_plan(sid, seg, rows, pg):
         if sid == ids[1]:
             return planned_b, [], []
-        return plan
+        return real_plan(sid, seg, rows, pg)
 
     monkeypatch.setattr(compact_module, "_plan", stale_plan)
+    # b's chunks are read before the other process compacts them.
+    real_suffixes = compact_module._suffixes
+
+    def with_b(session, keys):
+        out = real_suffixes(session, keys)
+        out[ids[1], 0] = [(cid, 1, True, None) for cid in planned_b]
+        return out
+
+    monkeypatch.setattr(compact_module, "_suffixes", with_b)
     merged = compact_many(sessions, [(sid, 0) for sid in ids], min_chunks=2)
     assert merged == 6  # a and c; b's swap rolled back alone
     for metric in ("a", "b", "c"):
@@ -268,3 +276,61 @@ def test_fresh_only_leaves_merged_chunks_alone(sessions, run_name):
     (got,) = read(sessions, run_name, "lr").series
     assert got.steps.tolist() == list(range(60))
     assert got.values.tolist() == [float(i // 10) for i in range(60)]
+
+
+def test_tiered_merges_leave_an_earlier_merged_chunk_until_the_newer_ones_match_it(
+    sessions, run_name
+):
+    """The background compactor's merges: a one-step-a-second series is not rewritten
+    whole every MERGE_CHUNKS batches; its merged chunks double like a binary counter."""
+    sid = None
+    for step in range(7 * 16):
+        s = series_from_columns("loss", {}, [step], [step * 0.5], [1e9 + step])
+        sid = ingest(sessions, run_name, one([s], seq=step)).series_ids[0]
+        if step % 16 == 15:
+            compact_many(sessions, [(sid, 0)], tiered=True)
+    with sessions() as s:
+        sizes = s.scalars(select(Chunk.n).where(Chunk.series_id == sid).order_by(Chunk.id)).all()
+    assert sizes == [64, 32, 16]  # 7 x 16 points
+    (got,) = read(sessions, run_name, "loss").series
+    assert got.steps.tolist() == list(range(112))
+    assert got.values.tolist() == [x * 0.5 for x in range(112)]
+    assert got.times.tolist() == [1e9 + x for x in range(112)]
+    assert compact_all(sessions, run=run_name) == 3  # an explicit compaction merges them all
+
+
+def test_latest_keeps_each_series_newest_point_and_a_missing_time(sessions, run_name):
+    def batch(seq, step, with_time):
+        return one(
+            [
+                series_from_columns("loss", {}, [step], [math.nan], [1e9 + step]),
+                series_from_columns("lr", {}, [step], [0.5 * step], [1e9 + step] * with_time),
+            ],
+            seq=seq,
+        )
+
+    ingest(sessions, run_name, batch(0, 3, True))
+    ingest(sessions, run_name, batch(1, 7, False))
+    ingest(sessions, run_name, batch(2, 5, True))  # late: the newest point stays step 7
+    with sessions() as s:
+        got = {i.metric: i for i in store.list_series(s, run=run_name)}
+    assert (got["lr"].last_step, got["lr"].last_value, got["lr"].last_time) == (7, 3.5, None)
+    assert (got["lr"].n_points, got["lr"].first_step) == (3, 3)
+    assert got["loss"].last_step == 7 and got["loss"].last_time == 1e9 + 7
+    assert math.isnan(got["loss"].last_value)
+
+
+@pytest.mark.parametrize("with_time", [False, True])
+def test_one_point_chunks_merge_with_the_later_write_and_nan_kept(sessions, run_name, with_time):
+    steps = [*range(10), 5, 10, 11]  # step 5 again: the later write wins
+    for seq, step in enumerate(steps):
+        value = math.nan if step == 7 else float(seq)
+        s = series_from_columns("loss", {}, [step], [value], [1e9 + seq] * with_time)
+        sid = ingest(sessions, run_name, one([s], seq=seq)).series_ids[0]
+    before = read(sessions, run_name, "loss").series[0]
+    assert compact_many(sessions, [(sid, 0)], min_chunks=2, tiered=True) == len(steps)
+    after = read(sessions, run_name, "loss").series[0]
+    assert after.steps.tolist() == before.steps.tolist() == list(range(12))
+    assert after.values.tobytes() == before.values.tobytes()
+    assert after.times.tobytes() == before.times.tobytes()
+    assert after.values[5] == 10.0 and math.isnan(after.values[7])
