@@ -6,7 +6,6 @@ values, so every service process continues where another left off.
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -27,12 +26,15 @@ from logitwatch.service.rules.model import (
 
 __all__ = [
     "Bounds",
+    "BoundsColumns",
     "RunContext",
     "Verdict",
     "batch_bounds",
+    "bounds_columns",
     "evaluate",
     "fast_path",
     "quiet",
+    "quiet_many",
     "reset_windows",
 ]
 
@@ -206,6 +208,16 @@ def _growth_window(c: Growth, state: dict, steps: np.ndarray, values: np.ndarray
     state["ws"], state["w"] = S[keep].tolist(), V[keep].tolist()
 
 
+def _median(a: np.ndarray) -> float:
+    """statistics.median of ``a``, from a partition rather than a sort (same float result:
+    the middle value, or the two middle ones added and halved)."""
+    h = len(a) // 2
+    if len(a) % 2:
+        return float(np.partition(a, h)[h])
+    p = np.partition(a, (h - 1, h))
+    return (float(p[h - 1]) + float(p[h])) / 2
+
+
 def _spike(c: Spike, state: dict, value: float) -> Verdict | None:
     w: list[float] = state.get("w", [])
     verdict = None
@@ -215,10 +227,11 @@ def _spike(c: Spike, state: dict, value: float) -> Verdict | None:
             # Centre: the recent median, so a falling loss is not judged against its older,
             # higher values. Spread: the MAD of first differences (/sqrt 2), which measures the
             # noise around the trend and not the trend itself.
-            centre = statistics.median(w[-_CENTRE_POINTS:])
-            d = [b - a for a, b in itertools.pairwise(w)]
-            md = statistics.median(d)
-            spread = MAD_SIGMA * statistics.median(abs(x - md) for x in d) / math.sqrt(2)
+            a = np.array(w)
+            centre = _median(a[-_CENTRE_POINTS:])
+            d = np.diff(a)
+            md = _median(d)
+            spread = MAD_SIGMA * _median(np.abs(d - md)) / math.sqrt(2)
         else:
             centre = statistics.fmean(w)
             spread = statistics.pstdev(w, centre)
@@ -245,6 +258,8 @@ def _slope(c: Slope, state: dict, step: int, value: float) -> Verdict | None:
     state["w"] = w[-MAX_WINDOW:]
     if len(w) < c.min_points:
         return None
+    if abs(v) < c.min_value and "on" not in state and "open" not in state:
+        return None  # inactive whatever the slope, and nothing holds to resolve: no verdict
     xs = [p[0] for p in w]
     ys = [p[1] for p in w]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -359,22 +374,52 @@ class Bounds:
     finite_abs_hi: float  # max |value| over finite values (0 when none)
 
 
-def batch_bounds(values: list[np.ndarray]) -> list[Bounds]:
+@dataclass(slots=True)
+class BoundsColumns:
+    """The Bounds of many arrays, field by field (one numpy array each); ``first`` holds each
+    array's first value."""
+
+    hi: np.ndarray
+    lo: np.ndarray
+    abs_hi: np.ndarray
+    abs_lo: np.ndarray
+    finite: np.ndarray
+    finite_abs_hi: np.ndarray
+    first: np.ndarray
+
+    def at(self, i: int) -> Bounds:
+        return Bounds(
+            float(self.hi[i]), float(self.lo[i]), float(self.abs_hi[i]), float(self.abs_lo[i]),
+            bool(self.finite[i]), float(self.finite_abs_hi[i]),
+        )  # fmt: skip
+
+
+def bounds_columns(values: list[np.ndarray]) -> BoundsColumns:
     """Bounds of each non-empty array, with a handful of numpy calls for the whole batch."""
-    starts = np.cumsum([0, *(len(v) for v in values[:-1])])
     v = np.concatenate(values)
     nan = np.isnan(v)
     fin = np.isfinite(v)
     a = np.abs(v)
-    cols = (
-        np.maximum.reduceat(np.where(nan, -np.inf, v), starts).tolist(),
-        np.minimum.reduceat(np.where(nan, np.inf, v), starts).tolist(),
-        np.maximum.reduceat(np.where(nan, -np.inf, a), starts).tolist(),
-        np.minimum.reduceat(np.where(nan, np.inf, a), starts).tolist(),
-        np.logical_and.reduceat(fin, starts).tolist(),
-        np.maximum.reduceat(np.where(fin, a, 0.0), starts).tolist(),
+    if len(v) == len(values):  # one point each (a fleet's report): no reductions
+        top, bottom = np.where(nan, -np.inf, v), np.where(nan, np.inf, v)
+        atop, abottom = np.where(nan, -np.inf, a), np.where(nan, np.inf, a)
+        return BoundsColumns(top, bottom, atop, abottom, fin, np.where(fin, a, 0.0), v)
+    starts = np.cumsum([0, *(len(v) for v in values[:-1])])
+    return BoundsColumns(
+        np.maximum.reduceat(np.where(nan, -np.inf, v), starts),
+        np.minimum.reduceat(np.where(nan, np.inf, v), starts),
+        np.maximum.reduceat(np.where(nan, -np.inf, a), starts),
+        np.minimum.reduceat(np.where(nan, np.inf, a), starts),
+        np.logical_and.reduceat(fin, starts),
+        np.maximum.reduceat(np.where(fin, a, 0.0), starts),
+        v[starts],
     )
-    return [Bounds(*b) for b in zip(*cols, strict=True)]
+
+
+def batch_bounds(values: list[np.ndarray]) -> list[Bounds]:
+    """Bounds of each non-empty array (see bounds_columns)."""
+    cols = bounds_columns(values)
+    return [cols.at(i) for i in range(len(values))]
 
 
 def quiet(cond: Any, b: Bounds, ctx: RunContext) -> bool:
@@ -389,6 +434,17 @@ def quiet(cond: Any, b: Bounds, ctx: RunContext) -> bool:
         hi, lo = (b.abs_hi, b.abs_lo) if cond.abs else (b.hi, b.lo)
         return not _OPS[cond.op](hi if cond.op[0] == ">" else lo, limit)
     return False
+
+
+def quiet_many(cond: Any, b: BoundsColumns, idx: np.ndarray, ctx: RunContext) -> np.ndarray:
+    """``quiet`` for the arrays at ``idx`` of ``b`` at once (thresholds and nonfinite only)."""
+    if isinstance(cond, NonFinite):
+        return b.finite[idx]
+    limit = _limit(cond, ctx)
+    if limit is None:
+        return np.ones(len(idx), bool)
+    hi, lo = (b.abs_hi, b.abs_lo) if cond.abs else (b.hi, b.lo)
+    return ~_OPS[cond.op]((hi if cond.op[0] == ">" else lo)[idx], limit)
 
 
 #: Below this many points, plain Python beats numpy's per-call overhead.

@@ -1,11 +1,15 @@
 """The rule engine: runs every rule over each ingested batch, per series and in step order.
 
-Each (run, series) keeps every rule's memory in a rule_state row, read and written inside the
-ingest transaction while the run's row is locked (SELECT ... FOR NO KEY UPDATE on PostgreSQL;
-the single writer on SQLite), so several service processes and a restart neither lose state
-nor fire twice. Points at or before a series' last step are ignored (late or replayed batches).
-Between batches each process keeps the rows in memory, used while the run's rule-state epoch
-is unchanged (state.py); the user rules' version is read once per transaction.
+Verdicts that change nothing but a window are settled for all the batch's series at once
+(vector.py); the rest go point by point (job.py).
+
+Each (run, series) keeps every rule's memory in a rule_state row (growth windows: one row per
+(run, rule), windows.py), read and written inside the ingest transaction while the run's row
+is locked (SELECT ... FOR NO KEY UPDATE on PostgreSQL; the single writer on SQLite), so
+several service processes and a restart neither lose state nor fire twice. Points at or
+before a series' last step are ignored (late or replayed batches). Between batches each
+process keeps the rows in memory, used while the run's rule-state epoch is unchanged
+(state.py); the user rules' version is read once per transaction.
 """
 
 from __future__ import annotations
@@ -14,17 +18,19 @@ import json
 import threading
 from typing import Any, NamedTuple
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from logitwatch.protocol import Batch
 from logitwatch.service.rules import alerts as al
+from logitwatch.service.rules import vector
 from logitwatch.service.rules.builtin import builtin_rules
-from logitwatch.service.rules.conditions import RunContext, batch_bounds, quiet
+from logitwatch.service.rules.conditions import RunContext
 from logitwatch.service.rules.job import BatchJob, Restarts
 from logitwatch.service.rules.model import Rule
 from logitwatch.service.rules.notify import Notifier
-from logitwatch.service.rules.state import Points, StateRows
+from logitwatch.service.rules.state import StateRows
 from logitwatch.service.rules.user import effective_rules, get_user_rules, user_rules_version
 from logitwatch.service.rules.warmup import infer_warmup
 from logitwatch.service.store.ingest import IngestResult, Prepared, ingest_batch, series_columns
@@ -61,7 +67,7 @@ class RuleEngine:
         self.absent_horizon_s = absent_horizon_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._plans: dict[tuple, tuple[list[Rule], list[Rule], list[Rule]]] = {}
+        self._layouts: dict[tuple, vector.Layout | None] = {}
         self._contexts: dict[str, RunContext] = {}
 
     # --- rules ------------------------------------------------------------------------
@@ -100,21 +106,17 @@ class RuleEngine:
 
     # --- per batch --------------------------------------------------------------------
 
-    def _plan(self, rules: list[Rule], metric: str, labels: dict[str, str], lkey: str):
-        """(ungated, gated, absent) rules that select one series; cached per rule set."""
-        key = (id(rules), metric, lkey)
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) > 200_000:
-                self._plans.clear()
-            hit = [r for r in rules if r.matches(metric, labels)]
-            plan = (
-                [r for r in hit if r.condition.kind != "absent" and r.preceded_by is None],
-                [r for r in hit if r.condition.kind != "absent" and r.preceded_by is not None],
-                [r for r in hit if r.condition.kind == "absent"],
+    def _layout(self, rules: list[Rule], series: list) -> vector.Layout | None:
+        """The batch's layout (vector.py), cached per rule set and series in order."""
+        key = (id(rules), *[(s.metric, k) for s, _, k in series])
+        lay = self._layouts.get(key, False)
+        if lay is False or (lay is not None and lay.rules is not rules):
+            if len(self._layouts) > 10_000:
+                self._layouts.clear()
+            lay = self._layouts[key] = vector.layout(
+                rules, [(s.metric, s.labels, k) for s, _, k in series]
             )
-            self._plans[key] = plan
-        return plan
+        return lay
 
     def ingest(
         self,
@@ -153,46 +155,25 @@ class RuleEngine:
         lkeys = prepared.keys if prepared is not None and prepared.keys else None
         if lkeys is None:
             lkeys = [labels_key(s.labels) for s in batch.series]
-        series = [
-            (s, c, k) for s, c, k in zip(batch.series, columns, lkeys, strict=True) if len(c.steps)
-        ]
+        steps = [c.steps for c in columns]
+        series = list(zip(batch.series, columns, lkeys, strict=True))
+        if 0 in map(len, steps):
+            series = [x for x in series if len(x[1].steps)]
         if not series or not rules:
             return
         ctx = self._context(run_row.config)
-        upto = max(int(c.steps[-1]) for _, c, _ in series)  # steps are sorted
-        plans = []
-        for s, c, lkey in series:
-            plan = self._plan(rules, s.metric, s.labels, lkey)
-            plans.append((s, c, f"{s.metric}{{{lkey}}}", plan))
-        plans = [p for p in plans if any(p[3])]
-        if not plans:
+        upto = int(np.concatenate(steps).max())
+        lay = self._layout(rules, series)
+        if lay is None:
             return
         rows = StateRows(session, run_row.id, batch.segment)
-        rows.load([key for _, _, key, plan in plans if plan[0] or plan[1]])
+        rows.load(lay.keys, lay.growth)
         ctx = infer_warmup(
             ctx, rows, [(s, c) for s, c, _ in series], upto
         )  # from the lr series when none is declared
         job = BatchJob(self, session, run_row, batch, ctx, Restarts(ctx, upto), rows)
-        todo = []
-        for s, c, key, (ungated, gated, _) in plans:
-            if ungated or gated:
-                todo.append((s, job.points(key, c.steps, c.values), ungated, gated))
-        # One pass over the whole batch tells which series no threshold can touch.
-        fresh = [pts for _, pts, _, _ in todo if len(pts.values)]
-        if fresh:
-            for pts, b in zip(fresh, batch_bounds([p.values for p in fresh]), strict=True):
-                pts.bounds = b
-        # Rules gated on another rule's triggers run last, so this batch's triggers count.
-        for s, pts, ungated, _ in todo:
-            for rule in ungated:
-                if not _idle(rule, pts, ctx):
-                    job.run_rule(rule, s, pts)
-        for s, pts, _, gated in todo:
-            for rule in gated:
-                if not _idle(rule, pts, ctx):
-                    job.run_rule(rule, s, pts)
-        absent = {r.name: r for _, _, _, plan in plans for r in plan[2]}
-        for rule in absent.values():
+        vector.evaluate(job, lay, [series[i][:2] for i in lay.pos])
+        for rule in lay.absent:
             job.saw_data(rule, upto)
         rows.save()
 
@@ -279,13 +260,3 @@ def _lock_run(session: Session, run: str) -> _RunRow:
     if found is None:
         raise LookupError(f"run {run!r} does not exist")
     return _RunRow(found[0], run, found[1])
-
-
-def _idle(rule: Rule, pts: Points, ctx: RunContext) -> bool:
-    """Nothing to do: the rule holds no memory of the series and no new point reaches its
-    level (most thresholds on most batches), so its verdicts are all "no" and change nothing."""
-    return (
-        pts.bounds is not None
-        and rule.name not in pts.row.state
-        and quiet(rule.condition, pts.bounds, ctx)
-    )

@@ -83,7 +83,9 @@ class RuleState(Base):
     ``{"rule name": {...}}``. Every rule sees a series' points once, so ``last_step`` is shared.
 
     ``series_key`` is ``metric{labels_key}``; the run's own row (key ``""``) holds trigger
-    steps for ``preceded_by`` and when each absent rule last saw data.
+    steps for ``preceded_by`` and when each absent rule last saw data; a row keyed ``#rule``
+    holds that growth rule's windows of every series of the run as packed arrays
+    (rules/windows.py), so a step that only moves windows writes one row per rule.
     """
 
     __tablename__ = "rule_state"
