@@ -50,6 +50,24 @@ def direct_attn(q, k, scale, rows):
     return abs_max, per_head, frac
 
 
+def record_weights(model, opt) -> tuple[list, list]:
+    """Each optimizer step's weights before it and after it, as ``opt``'s hooks see them."""
+    before, after = [], []
+    opt.register_step_pre_hook(
+        lambda o, a, k: before.append([p.detach().clone() for p in model.parameters()])
+    )
+    opt.register_step_post_hook(
+        lambda o, a, k: after.append([p.detach().clone() for p in model.parameters()])
+    )
+    return before, after
+
+
+def step_ratio(before: list, after: list) -> float:
+    """||w after - w before|| / ||w before|| over every weight."""
+    d = math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in zip(after, before, strict=True)))
+    return d / math.sqrt(sum(float(b.pow(2).sum()) for b in before))
+
+
 def train(model, opt, monitor=None, steps=3, seed=1):
     torch.manual_seed(seed)
     losses = []
@@ -149,16 +167,11 @@ def test_sampled_log_z_uses_evenly_spaced_tokens():
 def test_grad_norm_is_read_before_clipping_and_update_ratio():
     model, sink = tiny(), MemorySink()
     opt = ClippedAdamW(model.parameters(), lr=1e-2, clip_grad_norm=1e-3)  # clips hard
-    grads, before, after = [], [], []
+    grads = []
     opt.register_step_pre_hook(
         lambda o, a, k: grads.append([p.grad.clone() for p in model.parameters()])
     )
-    opt.register_step_pre_hook(
-        lambda o, a, k: before.append([p.detach().clone() for p in model.parameters()])
-    )
-    opt.register_step_post_hook(
-        lambda o, a, k: after.append([p.detach().clone() for p in model.parameters()])
-    )
+    before, after = record_weights(model, opt)
     config = MonitorConfig(param_every=1)  # weights read every step, as well as reported
     with Monitor(model, opt, run="t", sink=sink, config=config) as monitor:
         train(model, opt, monitor, steps=2)
@@ -180,10 +193,8 @@ def test_grad_norm_is_read_before_clipping_and_update_ratio():
         pn = math.sqrt(sum(float(after[0][i].pow(2).sum()) for i in mine))
         assert values[series_key("param.norm", layer=layer)] == pytest.approx(pn, rel=1e-5)
     for step in (0, 1):  # step 1 reuses step 0's weight norms as ||w_prev||
-        pairs = zip(after[step], before[step], strict=True)
-        d = math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in pairs))
-        w = math.sqrt(sum(float(b.pow(2).sum()) for b in before[step]))
-        assert sink.rows[step][2][series_key("update.ratio")] == pytest.approx(d / w, rel=1e-4)
+        want = step_ratio(before[step], after[step])
+        assert sink.rows[step][2][series_key("update.ratio")] == pytest.approx(want, rel=1e-4)
 
 
 def test_update_ratio_every_step_with_the_kept_snapshot_and_weights_moved_between_steps():
@@ -192,13 +203,7 @@ def test_update_ratio_every_step_with_the_kept_snapshot_and_weights_moved_betwee
     ratio stays ||w after - w before|| / ||w before|| of each optimizer step."""
     model, sink = tiny(), MemorySink()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    before, after = [], []
-    opt.register_step_pre_hook(
-        lambda o, a, k: before.append([p.detach().clone() for p in model.parameters()])
-    )
-    opt.register_step_post_hook(
-        lambda o, a, k: after.append([p.detach().clone() for p in model.parameters()])
-    )
+    before, after = record_weights(model, opt)
     first = next(model.parameters())
     with Monitor(model, opt, run="t", sink=sink, config=MonitorConfig(param_every=1)) as monitor:
         for step in range(5):
@@ -216,10 +221,7 @@ def test_update_ratio_every_step_with_the_kept_snapshot_and_weights_moved_betwee
     ratios = sink.series("update.ratio")[1]
     assert len(ratios) == 5
     for step in range(5):
-        pairs = zip(after[step], before[step], strict=True)
-        d = math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in pairs))
-        w = math.sqrt(sum(float(b.pow(2).sum()) for b in before[step]))
-        assert ratios[step] == pytest.approx(d / w, rel=1e-4), step
+        assert ratios[step] == pytest.approx(step_ratio(before[step], after[step]), rel=1e-4)
         norm = math.sqrt(sum(float(a.pow(2).sum()) for a in after[step]))
         assert sink.series("param.norm")[1][step] == pytest.approx(norm, rel=1e-5), step
 
@@ -229,13 +231,7 @@ def test_weights_are_read_every_param_every_steps():
     ratio there is still that one optimizer step's ||w after - w before|| / ||w before||."""
     model, sink = tiny(), MemorySink()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    before, after = [], []
-    opt.register_step_pre_hook(
-        lambda o, a, k: before.append([p.detach().clone() for p in model.parameters()])
-    )
-    opt.register_step_post_hook(
-        lambda o, a, k: after.append([p.detach().clone() for p in model.parameters()])
-    )
+    before, after = record_weights(model, opt)
     assert MonitorConfig(every=3).weights_every == 12
     with Monitor(model, opt, run="t", sink=sink, every=1) as monitor:
         losses = train(model, opt, monitor, steps=21)
@@ -244,10 +240,7 @@ def test_weights_are_read_every_param_every_steps():
     steps, ratios = sink.series("update.ratio")
     assert steps == [0, 10, 20] and sink.series("param.norm")[0] == [0, 10, 20]
     for step, ratio in zip(steps, ratios, strict=True):
-        pairs = zip(after[step], before[step], strict=True)
-        d = math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in pairs))
-        w = math.sqrt(sum(float(b.pow(2).sum()) for b in before[step]))
-        assert ratio == pytest.approx(d / w, rel=1e-4), step
+        assert ratio == pytest.approx(step_ratio(before[step], after[step]), rel=1e-4), step
 
 
 @pytest.mark.parametrize("bad", [0, 5, 2.0, True])
