@@ -93,7 +93,7 @@ def _suffixes(session: Session, keys: list[tuple[int, int]]) -> dict[tuple[int, 
         .order_by(_C.series_id, _C.segment, _C.id)
     )
     out: dict[tuple[int, int], list] = {key: [] for key in keys}
-    for sid, seg, cid, n, is_fresh, *raw in session.execute(q):
+    for sid, seg, cid, n, is_fresh, *raw in session.execute(q).all():  # one fetchall
         if (sid, seg) in wanted and cid > last_final[sid, seg]:
             out[sid, seg].append((cid, n, bool(is_fresh), (seg, *raw)))
     return out
