@@ -62,6 +62,12 @@ _VALUES: dict[str, tuple[str, str, str]] = {
     "--run": ("run", "str", "run name on the service"),
     "--spool": ("spool", "str", "spool directory for metrics while the service is away"),
     "--every": ("every", "int", "monitor reporting interval in steps (default 10)"),
+    "--param-every": (
+        "param_every",
+        "int",
+        "read the weights every N steps, a multiple of "
+        "--every (default: the first multiple at or above 10)",
+    ),
     "--on-alert": ("on_alert", "list", "on a firing alert: checkpoint,lower-lr,stop (comma list)"),
 }
 _SWITCHES = {"--full": "full", "--qk-norm": "qk_norm", "--bf16": "bf16", "--fp16": "fp16",

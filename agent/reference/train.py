@@ -76,7 +76,11 @@ def _monitor(
         except ImportError as exc:
             print(f"logitwatch: warning: monitoring is off ({exc}); training on", file=sys.stderr)
             return _NullMonitor()
-    extra = {"spool_dir": cfg.spool} if cfg.spool else {}
+    extra: dict[str, Any] = {"spool_dir": cfg.spool} if cfg.spool else {}
+    if cfg.param_every is not None:
+        from logitwatch.agent.monitoring.config import MonitorConfig
+
+        extra["config"] = MonitorConfig(param_every=cfg.param_every)
     return factory(
         model,
         optimizer,

@@ -71,6 +71,9 @@ class TrainConfig:
     run: str | None = None
     spool: str | None = None
     every: int = 10
+    # The Monitor's readings of the weights (param.norm, update.ratio): every N steps, a
+    # multiple of every; None: the Monitor's default (the first multiple at or above 10).
+    param_every: int | None = None
     # What the loop does about a firing alert: checkpoint, lower-lr (x0.5), stop (see actions.py).
     on_alert: tuple[str, ...] = ()
 
@@ -93,6 +96,13 @@ class TrainConfig:
             ("corpus_bytes", 10_000),
         ):
             _check_int(name, getattr(self, name), low)
+        if self.param_every is not None:
+            _check_int("param_every", self.param_every, 1)
+            if self.param_every % self.every:
+                raise ValueError(
+                    f"param_every must be a multiple of every ({self.every}); "
+                    f"got {self.param_every}."
+                )
         for name in ("warmup", "t0"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 0 if name == "warmup" else 1)

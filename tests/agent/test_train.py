@@ -118,6 +118,11 @@ def test_monitor_gets_every_step_and_is_closed(tmp_path):
                   monitor_factory=Recorder)  # fmt: skip
     assert again.run == first.run and calls[0][1]["start_step"] == 2
 
+    # --param-every reaches the Monitor's config; without it the Monitor's default stands.
+    calls.clear()
+    train(_cfg(steps=2, run="r2", every=2, param_every=4, eval_batches=0), monitor_factory=Recorder)
+    assert calls[0][1]["config"].param_every == 4 and calls[0][1]["config"].weights_every == 4
+
 
 def test_no_monitor_without_server_run_or_spool():
     def refuse(*a, **k):
@@ -194,6 +199,8 @@ def test_bad_config_file_named(tmp_path, content, message):
         (["--preset", "gpt5"], "unknown preset 'gpt5'"),
         (["--warmup", "300", "--steps", "100"], r"schedule\.warmup_steps"),
         (["--device", "tpu"], "device must be"),
+        (["--every", "4", "--param-every", "6"], r"param_every must be a multiple of every \(4\)"),
+        (["--param-every", "0"], "param_every must be an integer >= 1"),
     ],
 )
 def test_bad_flags_named(argv, field):
