@@ -32,7 +32,7 @@ from logitwatch.agent.monitoring.report import Reporter
 from logitwatch.agent.probes.hooks import ProbeSet, Sites
 from logitwatch.agent.probes.optim import ParamStats, layer_of_param
 from logitwatch.agent.probes.reductions import Slots
-from logitwatch.agent.transport.sink import FanOutSink, NullSink, Sink, series_key
+from logitwatch.agent.transport.sink import FanOutSink, NullSink, SeriesKey, Sink, series_key
 
 __all__ = ["Monitor", "MonitorConfig"]
 
@@ -84,6 +84,7 @@ class Monitor:
         self.optimizer = _unwrap(optimizer)
         self.rank = _rank(cfg)
         self.label = {"rank": str(self.rank)} if cfg.per_rank else {}
+        self._keys: dict[str, tuple[SeriesKey, ...]] = {}  # see _layer_keys
         self.reports = cfg.per_rank or self.rank == 0  # rank 0 reports unless per_rank is on
         dist_rank, world = dist_rank_world()
         # Under torch.distributed every rank probes and joins each reporting step's collective.
@@ -196,9 +197,7 @@ class Monitor:
         values = self.params.grads(norms)
         if values is None:
             return
-        keys = [series_key("grad.norm", **self.label)]
-        keys += [series_key("grad.norm", layer=i, **self.label) for i in self.params.layers]
-        keys.append(series_key("_nonfinite.grads"))
+        keys = self._layer_keys("grad.norm", series_key("_nonfinite.grads"))
         self.slots.write("grad", keys, values)
         self._grads_recorded = True
 
@@ -228,19 +227,26 @@ class Monitor:
     def _write_weights(self) -> None:
         # Reading them every step: the next step's snapshot is the copy this call leaves.
         norms, ratio = self.params.weights(keep=self.config.weights_every == 1)
-        layers = self.params.layers
         if "param" in self.config.probes:
-            keys = [series_key("param.norm", **self.label)]
-            keys += [series_key("param.norm", layer=i, **self.label) for i in layers]
-            self.slots.write("param", keys, norms)
+            self.slots.write("param", self._layer_keys("param.norm"), norms)
         if ratio is not None and "update" in self.config.probes:
-            keys = [series_key("update.ratio", **self.label)]
-            keys += [series_key("update.ratio", layer=i, **self.label) for i in layers]
+            keys = self._layer_keys("update.ratio")
             if self.params.squared:  # divided once every rank's share is summed
                 den = [(DEN + metric, labels) for metric, labels in keys]
                 self.slots.write("update.den", den, ratio[len(keys) :])
                 ratio = ratio[: len(keys)]
             self.slots.write("update", keys, ratio)
+
+    def _layer_keys(self, metric: str, *more: SeriesKey) -> tuple[SeriesKey, ...]:
+        """``metric``'s series keys, global then per layer, then ``more``: made once, used
+        every report."""
+        keys = self._keys.get(metric)
+        if keys is None:
+            layers = self.params.layers
+            keys = (series_key(metric, **self.label),)
+            keys += tuple(series_key(metric, layer=i, **self.label) for i in layers) + more
+            self._keys[metric] = keys
+        return keys
 
     def _guard(self, kind: str, fn: Callable[..., None], *args: Any) -> None:
         if self._probes is None or kind in self._probes.disabled:

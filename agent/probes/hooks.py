@@ -23,7 +23,7 @@ from logitwatch.agent.probes.reductions import (
     attn_stats,
     logits_stats,
 )
-from logitwatch.agent.transport.sink import series_key
+from logitwatch.agent.transport.sink import SeriesKey, series_key
 
 __all__ = ["QK", "ProbeSet", "QKSite", "Sites"]
 
@@ -118,6 +118,7 @@ class ProbeSet:
         # (measured: a replaced dict loses readings).
         self.pending: dict[tuple[str, int | None], torch.Tensor] = {}
         self._removers: list[Callable[[], None]] = []
+        self._keys: dict[tuple[str, int | None, int], tuple[SeriesKey, ...]] = {}
         on = set(cfg.probes)
         if "attn" in on:
             for site in sites.qk:
@@ -197,23 +198,31 @@ class ProbeSet:
         self.pending.clear()
 
     def _write(self, kind: str, layer: int | None, values: torch.Tensor) -> None:
+        n_heads = values.numel() - len(ATTN_FIELDS)
+        if kind == "attn" and not self.cfg.per_head:
+            values = torch.cat([values[:n_heads].amax().reshape(1), values[n_heads:]])
+        # The same keys every step: made once (dozens of series_key calls a step otherwise).
+        keys = self._keys.get((kind, layer, n_heads))
+        if keys is None:
+            keys = self._keys[(kind, layer, n_heads)] = self._make_keys(kind, layer, n_heads)
+        self.slots.write(kind if layer is None else (kind, layer), keys, values)
+
+    def _make_keys(self, kind: str, layer: int | None, n_heads: int) -> tuple[SeriesKey, ...]:
         label = self.label
         if kind == "attn":
-            n_heads = values.numel() - len(ATTN_FIELDS)
             if self.cfg.per_head:
                 keys = [
                     series_key("attn.logit_max", layer=layer, head=h, **label)
                     for h in range(n_heads)
                 ]
             else:
-                values = torch.cat([values[:n_heads].amax().reshape(1), values[n_heads:]])
                 keys = [series_key("attn.logit_max", layer=layer, **label)]
             keys += [series_key(name, layer=layer, **label) for name in ATTN_FIELDS]
-            self.slots.write(("attn", layer), keys, values)
         elif kind == "logits":
-            self.slots.write("logits", [series_key(n, **label) for n in LOGITS_FIELDS], values)
+            keys = [series_key(n, **label) for n in LOGITS_FIELDS]
         else:
-            self.slots.write(("act", layer), [series_key("act.rms", layer=layer, **label)], values)
+            keys = [series_key("act.rms", layer=layer, **label)]
+        return tuple(keys)
 
     # -- probe bodies: reductions into ``pending``, nothing else ------------------------------
 
