@@ -171,6 +171,29 @@ def test_monitor_reports_the_exact_max_of_every_head_and_per_layer():
         assert got == pytest.approx(float(want.max()), rel=1e-5)
 
 
+def test_the_max_is_exact_under_the_models_bf16_autocast():
+    """The probes run inside the model's forward: autocast must not cast their matmuls down
+    (it rounded every logit to bf16, the max 0.2 % off)."""
+    torch.manual_seed(0)
+    T, B = 64, 4
+    cfg = DecoderConfig(vocab_size=64, n_layers=1, d_model=32, n_heads=4, max_seq_len=T)
+    model, qk, sink = Decoder(cfg), {}, MemorySink()
+    model.blocks[0].attn.qk_hook.register_forward_hook(
+        lambda m, a, o: qk.__setitem__(0, (a[0].detach(), a[1].detach()))
+    )
+    with Monitor(model, run="x", sink=sink, config=MonitorConfig(per_head=False)) as monitor:
+        idx = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(model(idx), idx, 0.0)[0]
+        loss.backward()
+        monitor.step(0, loss=1.0)
+    q, k = qk[0]
+    assert q.dtype == torch.bfloat16  # the autocast reached q and k
+    want = direct(q.float(), k.float(), model.blocks[0].attn.scale).max()
+    got = sink.rows[0][2][series_key("attn.logit_max", layer=0)]
+    assert got == pytest.approx(float(want), rel=1e-6)
+
+
 def test_attn_chunk_is_checked_by_name():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="attn_chunk"):
