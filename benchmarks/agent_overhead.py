@@ -271,8 +271,21 @@ def sync_check(args, console: Console) -> None:
     monitor = Monitor(model, opt, run="sync-check", sink=sink, every=10)
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, 256, (args.batch, args.seq), generator=g).cuda()
+    quiet = quiet_steps(model, opt, monitor, batch, 40)
+    monitor.close()
+    reported = sorted(_jsonl_steps(sink.path))
+    console.print(
+        f"sync check: {quiet} non-reporting CUDA steps ran under set_sync_debug_mode('error') "
+        f"without a synchronisation; steps reported: {reported}"
+    )
+
+
+def quiet_steps(model, opt, monitor, batch: torch.Tensor, steps: int) -> int:
+    """Train ``steps`` steps on CUDA, the non-reporting ones (after 3 of warm-up) under
+    ``set_sync_debug_mode("error")``, so that any host synchronisation raises; returns how
+    many ran so."""
     quiet = 0
-    for step in range(40):
+    for step in range(steps):
         # z_loss=0: loss_fn's z-loss selects tokens with a boolean mask, which syncs by itself.
         mode = "error" if step >= 3 and not monitor.armed else "default"
         torch.cuda.set_sync_debug_mode(mode)
@@ -281,12 +294,7 @@ def sync_check(args, console: Console) -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         quiet += mode == "error"
-    monitor.close()
-    reported = sorted(_jsonl_steps(sink.path))
-    console.print(
-        f"sync check: {quiet} non-reporting CUDA steps ran under set_sync_debug_mode('error') "
-        f"without a synchronisation; steps reported: {reported}"
-    )
+    return quiet
 
 
 def _jsonl_steps(path: Path) -> set[int]:

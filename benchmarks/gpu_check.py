@@ -32,7 +32,7 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agent_overhead import paired_ratio, step_fn
+from agent_overhead import paired_ratio, quiet_steps
 
 from logitwatch.agent import Monitor, MonitorConfig
 from logitwatch.agent.reference.decoder import Decoder, DecoderConfig, loss_fn
@@ -70,16 +70,7 @@ def sync_check(device: str, size: tuple) -> dict:
     model = _model(device, size)
     opt = build_optimizer(model, lr=3e-4)
     monitor = Monitor(model, opt, run="sync", sink=MemorySink(), every=10)
-    batch = _batches(device, size, 1)[0]
-    quiet = 0
-    for step in range(30):
-        mode = "error" if step >= 3 and not monitor.armed else "default"
-        torch.cuda.set_sync_debug_mode(mode)
-        try:
-            step_fn(model, opt, monitor, batch, step, z_loss=0.0)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        quiet += mode == "error"
+    quiet = quiet_steps(model, opt, monitor, _batches(device, size, 1)[0], 30)
     monitor.close()
     return {"check": "no sync between reports", "result": f"{quiet} quiet steps, no sync"}
 
