@@ -31,6 +31,7 @@ __all__ = [
     "Verdict",
     "batch_bounds",
     "bounds_columns",
+    "bounds_flat",
     "evaluate",
     "fast_path",
     "quiet",
@@ -251,6 +252,68 @@ def _spike(c: Spike, state: dict, value: float) -> Verdict | None:
     return verdict
 
 
+def _spikes_quiet(c: Spike, state: dict, values: list[float]) -> bool:
+    """``_spike`` over ``values`` when none is a spike: True, and the window moved. A value
+    within ``min_rel`` of the centre is no spike whatever the spread (the margin is at least
+    that) and enters the window as it is, so only the centre is needed; a value beyond goes
+    through ``_spike``. False, and the state untouched, as soon as one is a spike."""
+    w = state.get("w", [])
+    if type(w) is not list or (w and set(map(type, w)) != _FLOATS):
+        return False  # a window left by another kind of rule: see run_rule
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return True  # _spike never sees a value that is not finite
+    w = list(w)
+    mad = c.kind == "mad"
+    for value in finite:
+        if len(w) >= c.min_points:
+            if mad:
+                tail = sorted(w[-_CENTRE_POINTS:])
+                h = len(tail) // 2
+                centre = tail[h] if len(tail) % 2 else (tail[h - 1] + tail[h]) / 2
+            else:
+                centre = statistics.fmean(w)
+            near = c.min_rel * abs(centre)
+            if not centre - near <= value <= centre + near:
+                probe = {"w": w}
+                verdict = _spike(c, probe, value)
+                if verdict.active:
+                    return False
+                w = probe["w"]
+                continue
+        w.append(value)
+        if len(w) > c.window:
+            del w[: len(w) - c.window]
+    state["w"] = w
+    return True
+
+
+_FLOATS = {float}
+
+
+def _on_schedule(c: ScheduleDeviation, steps: list, values: list, ctx: RunContext) -> bool:
+    """No point off the schedule (``_schedule``, which keeps no state): each step's LR
+    computed once rather than three times, as its own and its neighbours' slack."""
+    if ctx.schedule is None:
+        return True
+    lr: dict[int, float] = {}
+    for step, value in zip(steps, values, strict=True):
+        if not math.isfinite(value):
+            continue
+        expected = []
+        for s in (step - 1, step, step + 1):
+            if s >= 0:
+                e = lr.get(s)
+                if e is None:
+                    e = lr[s] = lr_at(ctx.schedule, s)
+                if not e:
+                    return False  # as _schedule does, point by point
+                expected.append(e)
+        if min(abs(value - e) / e for e in expected) > c.tolerance:
+            return False
+    return True
+
+
 def _slope(c: Slope, state: dict, step: int, value: float) -> Verdict | None:
     w = [p for p in state.get("w", []) if p[0] > step - c.window_steps]
     v = abs(value) if c.abs else value
@@ -332,6 +395,10 @@ def fast_path(
     ``bounds``, when given, hold for a superset of ``values``."""
     if bounds is not None and quiet(cond, bounds, ctx):
         return True
+    if isinstance(cond, Spike):
+        return _spikes_quiet(cond, state, values.tolist())
+    if isinstance(cond, ScheduleDeviation):
+        return _on_schedule(cond, steps.tolist(), values.tolist(), ctx)
     small = len(values) <= _SMALL
     if isinstance(cond, Growth) and bounds is not None and bounds.finite and not small:
         if not _growth_quiet(cond, state, bounds.finite_abs_hi, ctx):
@@ -396,15 +463,19 @@ class BoundsColumns:
 
 def bounds_columns(values: list[np.ndarray]) -> BoundsColumns:
     """Bounds of each non-empty array, with a handful of numpy calls for the whole batch."""
-    v = np.concatenate(values)
+    return bounds_flat(np.concatenate(values), np.array([len(v) for v in values], np.intp))
+
+
+def bounds_flat(v: np.ndarray, lens: np.ndarray) -> BoundsColumns:
+    """``bounds_columns`` of arrays given end to end (``lens`` > 0 values each)."""
     nan = np.isnan(v)
     fin = np.isfinite(v)
     a = np.abs(v)
-    if len(v) == len(values):  # one point each (a fleet's report): no reductions
+    if len(v) == len(lens):  # one point each (a fleet's report): no reductions
         top, bottom = np.where(nan, -np.inf, v), np.where(nan, np.inf, v)
         atop, abottom = np.where(nan, -np.inf, a), np.where(nan, np.inf, a)
         return BoundsColumns(top, bottom, atop, abottom, fin, np.where(fin, a, 0.0), v)
-    starts = np.cumsum([0, *(len(v) for v in values[:-1])])
+    starts = np.cumsum(lens) - lens
     return BoundsColumns(
         np.maximum.reduceat(np.where(nan, -np.inf, v), starts),
         np.minimum.reduceat(np.where(nan, np.inf, v), starts),

@@ -25,7 +25,7 @@ from logitwatch.service.rules.state import Points, StateRows
 from logitwatch.service.store.models import utcnow
 from logitwatch.service.store.rule_tables import Alert
 
-__all__ = ["BatchJob", "Restarts"]
+__all__ = ["BatchJob", "NewPoints", "Restarts"]
 
 #: Trigger steps kept per rule, for ``preceded_by`` look-ups.
 _MAX_TRIGGERS = 8
@@ -47,6 +47,40 @@ class Restarts:
     def last(self, step: int) -> int | None:
         i = bisect.bisect_right(self.steps, step)
         return self.steps[i - 1] if i else None
+
+
+class NewPoints:
+    """The new points of a batch's series (``BatchJob.points_many``): all of them end to end
+    (``steps``, ``values``), ``k[i]`` of series i from ``off[i]``; each series' row and the
+    last step seen before them. ``self[i]`` is series i's ``Points``, made when asked for:
+    most series are judged for all at once and never need one."""
+
+    __slots__ = ("_mag", "_pts", "k", "keys", "off", "prev", "rows", "steps", "values")
+
+    def __init__(self, keys, rows, prev, k, steps, values) -> None:
+        self.keys, self.rows, self.prev = keys, rows, prev
+        self.k, self.steps, self.values = k, steps, values
+        self.off = np.cumsum(k) - k
+        self._pts: dict[int, Points] = {}
+        self._mag: tuple[np.ndarray, np.ndarray] | None = None
+
+    def magnitudes(self) -> tuple[np.ndarray, np.ndarray]:
+        """|values| and which values are finite (the growth rules' look at every point)."""
+        if self._mag is None:
+            self._mag = (np.abs(self.values), np.isfinite(self.values))
+        return self._mag
+
+    def __len__(self) -> int:
+        return len(self.k)
+
+    def __getitem__(self, i: int) -> Points:
+        p = self._pts.get(i)
+        if p is None:
+            a, b = int(self.off[i]), int(self.off[i] + self.k[i])
+            p = self._pts[i] = Points(
+                self.prev[i], self.steps[a:b], self.values[a:b], self.rows[i], self.keys[i]
+            )
+        return p
 
 
 class BatchJob:
@@ -87,24 +121,47 @@ class BatchJob:
             row.last_step = int(steps[-1])
         return Points(prev, steps, values, row, key)
 
-    def points_many(self, keys: list[str], columns: list) -> list[Points]:
-        """``points`` of non-empty series; the common case, steps that all follow the
-        series' last one in its segment, with no numpy call per series."""
-        if not columns:
-            return []
+    def points_many(self, keys: list[str], columns: list, unique: bool = False) -> NewPoints:
+        """``points`` of non-empty series, end to end. The common case, steps that all follow
+        the series' last one in its segment, takes no numpy call per series, and for
+        ``unique`` keys (none twice) no Python statement per series either."""
         lens = [len(c.steps) for c in columns]
-        ends = np.cumsum(lens)
+        if not columns:
+            return NewPoints(keys, [], [], np.zeros(0, np.intp), _NO_STEPS, _NO_VALUES)
+        k = np.array(lens, np.intp)
+        ends = np.cumsum(k)
         steps = np.concatenate([c.steps for c in columns])
-        firsts, lasts = steps[ends - lens].tolist(), steps[ends - 1].tolist()
-        rows, seg, out = self.rows.rows, self.batch.segment, []
-        for key, c, first, last in zip(keys, columns, firsts, lasts, strict=True):
+        firsts, lasts = steps[ends - k], steps[ends - 1]
+        rows, seg = self.rows.rows, self.batch.segment
+        got = [rows.get(key) for key in keys]
+        if unique and None not in got and [r.segment for r in got].count(seg) == len(got):
+            prev = [r.last_step for r in got]
+            if (firsts > np.array(prev, np.int64)).all():
+                for row, last in zip(got, lasts.tolist(), strict=True):
+                    row.last_step = last
+                values = np.concatenate([c.values for c in columns])
+                return NewPoints(keys, got, prev, k, steps, values)
+        got, prev, odd = [], [], []
+        for key, first, last in zip(keys, firsts.tolist(), lasts.tolist(), strict=True):
             row = rows.get(key)
             if row is not None and row.segment == seg and first > row.last_step:
-                out.append(Points(row.last_step, c.steps, c.values, row, key))
+                got.append(row)
+                prev.append(row.last_step)
                 row.last_step = last
             else:
-                out.append(self.points(key, c.steps, c.values))
-        return out
+                odd.append(len(got))
+                got.append(None)
+                prev.append(None)
+        parts = [(c.steps, c.values) for c in columns]
+        for i in odd:
+            p = self.points(keys[i], columns[i].steps, columns[i].values)
+            got[i], prev[i], parts[i] = p.row, p.prev, (p.steps, p.values)
+            lens[i] = len(p.steps)
+        if odd:
+            k = np.array(lens, np.intp)
+            steps = np.concatenate([s for s, _ in parts])
+        values = np.concatenate([v for _, v in parts])
+        return NewPoints(keys, got, prev, k, steps, values)
 
     def run_rule(self, rule: Rule, s: Series, pts: Points) -> None:
         if not len(pts.steps):

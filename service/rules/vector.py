@@ -1,11 +1,15 @@
 """A batch through the rules rule by rule, across all its series at once.
 
 Most verdicts of most batches are "no" and change nothing but a growth window: a threshold or
-nonfinite rule that no new point reaches, a growth rule whose new point cannot hold. Those are
-settled here with a few numpy calls per rule over every series it selects (the layout, cached
-per rule set and batch shape); the rest go through ``BatchJob.run_rule`` one by one, in the
-order the engine has always used: series by series, rules gated on another rule's triggers
-last. A verdict settled here has no side effect but the window, so the order is unchanged.
+nonfinite rule that no new point reaches, a growth rule none of whose new points holds (one
+point or many a series, settling or settled). Those are settled here with a few numpy calls
+per rule over every series it selects (the layout, cached per rule set and batch shape); the
+rest go through ``BatchJob.run_rule`` one by one, in the order the engine has always used:
+series by series, rules gated on another rule's triggers last. A verdict settled here has no
+side effect but the window (what ``_one_by_one`` would leave in it, to the entry's segment
+and last step), so the order is unchanged. ``run_rule`` itself settles a run of quiet points
+of one series in one go where it can (``conditions.fast_path``: thresholds, growth, spikes,
+the schedule).
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from logitwatch.protocol import Series
-from logitwatch.service.rules.conditions import bounds_columns, quiet_many
-from logitwatch.service.rules.job import BatchJob
+from logitwatch.service.rules.conditions import bounds_flat, quiet_many
+from logitwatch.service.rules.job import BatchJob, NewPoints
 from logitwatch.service.rules.model import Growth, NonFinite, Rule, ScheduleDeviation, Threshold
 from logitwatch.service.rules.state import Points
 from logitwatch.service.store.ingest import Columns
@@ -69,24 +73,18 @@ def layout(rules: list[Rule], names: list[tuple[str, dict[str, str], str]]) -> L
 
 def evaluate(job: BatchJob, lay: Layout, series: list[tuple[Series, Columns]]) -> None:
     """Every per-batch rule over ``series`` (the layout's, in its order)."""
-    pts = job.points_many(lay.keys, [c for _, c in series])
-    n = len(pts)
-    counts = [len(p.values) for p in pts]
-    fresh = [i for i, k in enumerate(counts) if k]
-    if not fresh:
+    new = job.points_many(lay.keys, [c for _, c in series], lay.unique)
+    n = len(new)
+    fresh = np.flatnonzero(new.k)
+    if not len(fresh):
         return
-    cols = bounds_columns([pts[i].values for i in fresh])
+    cols = bounds_flat(new.values, new.k[fresh])
     at = np.full(n, -1, dtype=np.intp)  # position in `cols`; -1: no new point
     at[fresh] = np.arange(len(fresh))
-    single = [i for i, k in enumerate(counts) if k == 1]
-    one = np.zeros(n, bool)
-    one[single] = True
-    first = np.zeros(n, np.int64)  # the step of each series with one new point
-    if single:
-        first[single] = np.concatenate([pts[i].steps for i in single])
     remembered: dict[str, list[int]] = {}  # rule -> series whose dict holds its memory
-    for i in fresh:
-        for name in pts[i].row.state:
+    rows = new.rows
+    for i in fresh.tolist():
+        for name in rows[i].state:
             remembered.setdefault(name, []).append(i)
     everyone = len(fresh) == n
     slow: list[tuple[bool, int, int]] = []  # (gated, series, rule index)
@@ -103,16 +101,14 @@ def evaluate(job: BatchJob, lay: Layout, series: list[tuple[Series, Columns]]) -
         elif isinstance(cond, ScheduleDeviation) and job.ctx.schedule is None and not mine:
             todo = []  # no schedule declared: nothing to judge, nothing to remember
         elif isinstance(cond, Growth):
-            single = one[m]
-            if mine:
-                single &= ~np.isin(m, mine)
-            todo = _growth(job, lay, rule, m, pts, first[m], cols.first[at[m]], single).tolist()
+            free = ~np.isin(m, mine) if mine else np.ones(len(m), bool)
+            todo = _growth(job, lay, rule, m, free, new, cols.first[at[m]]).tolist()
         else:
             todo = m.tolist()
         slow += [(gated, i, order) for i in todo]
     slow.sort()
     for _, i, order in slow:
-        rule, p = lay.rules[order], pts[i]
+        rule, p = lay.rules[order], new[i]
         if p.bounds is None:
             p.bounds = cols.at(int(at[i]))
         if isinstance(rule.condition, Growth):
@@ -126,14 +122,14 @@ def _growth(
     lay: Layout,
     rule: Rule,
     m: np.ndarray,
-    pts: list[Points],
-    steps: np.ndarray,
-    values: np.ndarray,
-    single: np.ndarray,
+    free: np.ndarray,
+    new: NewPoints,
+    firsts: np.ndarray,
 ) -> np.ndarray:
-    """Move the windows of the series ``m`` whose one new point (``steps``, ``values``, where
-    ``single``) cannot hold; return the series that must go one by one (more points, an
-    open alert, settling, a restart near)."""
+    """Move the windows of the series ``m`` whose verdicts are none active, all their points
+    at once (``free``: the rule's memory of the series is in its block; ``firsts``: each
+    one's first new value); return the series that must go one by one (an active verdict,
+    memory in the state dict, a restart near)."""
     c: Growth = rule.condition
     b = job.rows.blocks[rule.name]
     seg = job.batch.segment
@@ -141,23 +137,54 @@ def _growth(
     b.renew(pos, seg)
     if not lay.unique:
         return m
+    k = new.k[m]
+    ends = new.steps[new.off[m] + k - 1]  # each series' last step
     if rule.mute_after_restart and job.restarts.steps:
-        mute = rule.mute_after_restart
-        single = single & np.array(
-            [not job.restarts.crossed(pts[i].prev - mute, int(pts[i].steps[-1])) for i in m]
-        )
-    mv, pos, steps, v = m[single], pos[single], steps[single], values[single]
+        mute, prev = rule.mute_after_restart, new.prev
+        near = [
+            job.restarts.crossed(prev[i] - mute, e)
+            for i, e in zip(m.tolist(), ends.tolist(), strict=True)
+        ]
+        free = free & ~np.array(near, bool)
     start = rule.min_step
     if rule.skip_warmup:
         start = max(start, job.ctx.warmup_steps)
-    # Before the start, or not finite: the point changes nothing (see conditions._fast_small).
-    live = np.isfinite(v) & (steps >= start)
-    v = np.abs(v)
-    ok = live & b.quiet(c, pos, v)
-    if c.settle and job.ctx.warmup_steps == 0:
-        ok &= b.settled[pos]  # not settled yet: the point that settles it must be found
-    b.push(c, pos[ok], steps[ok], v[ok], seg)
-    return np.concatenate([m[~single], mv[live & ~ok]])
+    # A run without warmup judges a settling rule's series only once settled (model.Growth).
+    settle = c.settle and job.ctx.warmup_steps == 0
+    slow = [m[~free]]
+    one = k == 1
+    single = free & one
+    if single.any():
+        ms, ps = m[single], pos[single]
+        steps, v = ends[single], firsts[single]
+        # Before the start, or not finite: the point changes nothing (conditions._fast_small).
+        live = np.isfinite(v) & (steps >= start)
+        if not live.all():
+            b.touch(ps[~live], seg, steps[~live])
+            ms, ps, steps, v = ms[live], ps[live], steps[live], v[live]
+        if len(ms):
+            slow.append(ms[~b.one(c, ps, steps, np.abs(v), settle, seg)])
+    multi = free & ~one
+    if multi.any():
+        mm, pm, k, last = m[multi], pos[multi], k[multi], ends[multi]
+        v, live = new.magnitudes()
+        steps = new.steps
+        if len(mm) < len(new.k):  # not every series of the batch: theirs only
+            at = np.repeat(new.off[mm] - (np.cumsum(k) - k), k) + np.arange(int(k.sum()))
+            steps, v, live = steps[at], v[at], live[at]
+        if start > 0:
+            live = live & (steps >= start)
+        kept = k
+        if not live.all():
+            kept = np.bincount(np.repeat(np.arange(len(mm)), k)[live], minlength=len(mm))
+            steps, v = steps[live], v[live]
+        some = kept > 0
+        if not some.all():
+            b.touch(pm[~some], seg, last[~some])
+        if some.any():
+            ok = b.many(c, pm[some], kept[some], steps, v, settle, seg, last[some])
+            slow.append(mm[some][~ok])
+    return np.concatenate(slow)
 
 
 def _one_by_one(job: BatchJob, rule: Rule, s: Series, p: Points) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,11 @@ __all__ = ["FLOAT", "INT", "PREFIX", "GrowthWindows", "block_key", "from_b64", "
 #: rule_state keys of the blocks: a series key starts with a metric name ([a-z]), never "#".
 PREFIX = "#"
 _PLAIN = frozenset(("ws", "w", "from", "settled"))
+_INT, _FLOAT = frozenset((int,)), frozenset((float,))
+#: The most cells (entries x points) ``many`` lays out at a time.
+_CELLS = 1 << 17
+#: Steps before and after every real one: what pads a row of ``_many``'s layout.
+_BEFORE, _AFTER = np.iinfo(np.int64).min, np.iinfo(np.int64).max
 INT = np.dtype("<i8")
 FLOAT = np.dtype("<f8")
 
@@ -89,7 +95,7 @@ class GrowthWindows:
         entries are only ever added."""
         if self.memo is not None:
             was, wm, pos = self.memo
-            if was is owner and np.array_equal(wm, m):
+            if was is owner and (wm is m or np.array_equal(wm, m)):
                 return pos
         pos = self._slots([keys[i] for i in m], segment)
         self.memo = (owner, m, pos)
@@ -151,8 +157,8 @@ class GrowthWindows:
         frm = st.get("from", -1)
         if (
             len(ws) != len(w)
-            or not all(type(s) is int for s in ws)
-            or not all(type(v) is float for v in w)
+            or (ws and not set(map(type, ws)) <= _INT)
+            or (w and not set(map(type, w)) <= _FLOAT)
             or type(frm) is not int
             or st.get("settled", True) is not True
         ):
@@ -184,12 +190,171 @@ class GrowthWindows:
         front = np.where(self.cnt[pos] > 0, self.w[pos, 0], 0.0)
         return np.maximum(v, front) < c.min_value
 
-    def push(self, c: Growth, pos: np.ndarray, steps: np.ndarray, v: np.ndarray, seg: int) -> None:
-        """One point per entry, none of which can hold: ``_growth``'s window moves, in one go.
+    def one(
+        self, c: Growth, pos: np.ndarray, steps: np.ndarray, v: np.ndarray, settle: bool, seg: int
+    ) -> np.ndarray:
+        """One point per entry (finite |values| ``v`` at ``steps``, from the rule's start on):
+        ``conditions._growth``'s verdict on each, the series still settling (``settle``: the
+        rule settles and the run has no warmup) included. The entries whose verdict is not
+        active move as ``_growth`` moves them (window, ``from``, ``settled``); the others are
+        left as they were, to go one by one. Returns which moved."""
+        n = len(pos)
+        whole = n == len(self.cnt) and bool((pos == np.arange(n)).all())
+        W, C = (self.w, self.cnt) if whole else (self.w[pos], self.cnt[pos])
+        S = self.ws if whole else self.ws[pos]
+        valid = np.arange(W.shape[1]) < C[:, None]
+        a = (((steps - c.over_steps)[:, None] > S) & valid).sum(axis=1)  # cut at the front
+        has = a < C
+        base = W[np.arange(n), np.minimum(a, W.shape[1] - 1)]  # the window's front
+        rise = c.ratio > 1
+        if rise:
+            limit = c.ratio * np.maximum(base, c.min_value)
+            active = has & (limit > 0) & (v >= limit)
+        else:
+            active = has & (base >= c.min_value) & (v <= c.ratio * base)
+        if settle:
+            settling = ~self.settled[pos]
+            was = self.frm[pos]
+            frm = np.where(settling & (was < 0), steps, was)
+            half = math.sqrt(c.ratio) * base
+            moving = (v >= half) if rise else (v <= half)
+            settles = settling & has & ~moving & (steps - frm >= c.over_steps)
+            active &= ~settling | settles
+            ok = ~active
+            self.frm[pos[ok]] = np.where(settles, -1, frm)[ok]
+            self.settled[pos[ok]] |= settles[ok]
+        ok = ~active
+        if ok.all():
+            self._move(c, pos, whole, S, W, C, valid, a, steps, v, seg)
+        else:
+            self.push(c, pos[ok], steps[ok], v[ok], seg)
+        return ok
 
-        The deque is monotonic (rising: each point smaller than every later one), so the
-        points that leave it, too old at the front and no smaller than ``v`` at the back,
-        leave the slice [a, b) of each entry."""
+    def many(
+        self,
+        c: Growth,
+        pos: np.ndarray,
+        k: np.ndarray,
+        steps: np.ndarray,
+        v: np.ndarray,
+        settle: bool,
+        seg: int,
+        last: np.ndarray,
+    ) -> np.ndarray:
+        """``one`` for ``k[i]`` >= 1 points per entry ``pos[i]``, given entry after entry in
+        ``steps``/``v`` (ascending steps); ``last``: each series' last step (the entry's
+        ``last`` after, as ``put`` sets it). Returns which moved."""
+        width = self.cnt[pos] + k
+        if len(pos) * int(width.max()) <= _CELLS:
+            return self._many(c, pos, k, steps, v, settle, seg, last)
+        ok = np.zeros(len(pos), bool)
+        starts = np.cumsum(k) - k
+        i = 0
+        while i < len(pos):  # as many entries at a time as _CELLS allow, at least one
+            widest = np.maximum.accumulate(width[i:])
+            j = i + max(1, int((np.arange(1, len(widest) + 1) * widest <= _CELLS).sum()))
+            at = slice(starts[i], starts[j - 1] + k[j - 1])
+            ok[i:j] = self._many(c, pos[i:j], k[i:j], steps[at], v[at], settle, seg, last[i:j])
+            i = j
+        return ok
+
+    def _many(
+        self,
+        c: Growth,
+        pos: np.ndarray,
+        k: np.ndarray,
+        steps: np.ndarray,
+        v: np.ndarray,
+        settle: bool,
+        seg: int,
+        last: np.ndarray,
+    ) -> np.ndarray:
+        """``many`` over a few entries, laid out one row each: the old window ending at
+        column ``old``, then the new points. Every point's verdict is found at once: the
+        window's front when a point comes is the minimum (a drop: maximum) of the points
+        within ``over_steps`` before it, old window included (a sparse table answers each);
+        an entry moves only if none of its verdicts is active."""
+        n, rise = len(pos), c.ratio > 1
+        pad = np.inf if rise else -np.inf
+        C = self.cnt[pos]
+        old, kmax = int(C.max()), int(k.max())
+        width = old + kmax
+        col = np.arange(width)
+        S2 = np.empty((n, width), np.int64)
+        V2 = np.empty((n, width))
+        if old:
+            shift = col[:old] - (old - C)[:, None]  # column in the entry; < 0: before it
+            inside = shift >= 0
+            src = np.maximum(shift, 0)
+            S2[:, :old] = np.where(inside, self.ws[pos[:, None], src], _BEFORE)
+            V2[:, :old] = np.where(inside, self.w[pos[:, None], src], pad)
+        starts = np.cumsum(k) - k
+        rows = np.arange(n)
+        ragged = int(k.min()) != kmax
+        if ragged:
+            S2[:, old:], V2[:, old:] = _AFTER, pad
+            at = np.arange(len(steps)) + np.repeat(rows * width + old - starts, k)
+            S2.ravel()[at], V2.ravel()[at] = steps, v
+        else:
+            S2[:, old:], V2[:, old:] = steps.reshape(n, kmax), v.reshape(n, kmax)
+        # The window after every point (conditions._growth_window): the points within
+        # over_steps of the last, each smaller (a drop: larger) than every later one. Steps
+        # ascend one at least apart: only the last over_steps + 1 columns of a row can be in.
+        c0 = max(0, old + int(k.min()) - 1 - c.over_steps)
+        S, V = S2[:, c0:], V2[:, c0:]
+        after = (np.minimum if rise else np.maximum).accumulate(V[:, ::-1], axis=1)[:, ::-1]
+        keep = np.ones(V.shape, bool)
+        (np.less if rise else np.greater)(V[:, :-1], after[:, 1:], out=keep[:, :-1])
+        keep &= (S2[rows, old + k - 1] - c.over_steps)[:, None] <= S
+        if ragged:
+            keep &= col[c0:] < (old + k)[:, None]
+        # Entries no verdict can hold without a look at each point (conditions._growth_quiet).
+        top = np.maximum.reduceat(v, starts)
+        settling = ~self.settled[pos] if settle else np.zeros(n, bool)
+        if rise:
+            quiet = (top < c.ratio * c.min_value) if c.min_value > 0 else np.zeros(n, bool)
+        else:
+            quiet = (np.maximum(top, V2[:, :old].max(axis=1)) if old else top) < c.min_value
+        quiet &= ~settling
+        ok = np.ones(n, bool)
+        settles = np.zeros(n, bool)
+        look = np.flatnonzero(~quiet)
+        frm = self.frm[pos]
+        if len(look):
+            sel = np.zeros(n, bool)
+            sel[look] = True
+            sel = np.repeat(sel, k)
+            r = np.repeat(rows, k)[sel]
+            j = (old + np.arange(len(steps)) - np.repeat(starts, k))[sel]
+            held, settles[look] = _verdicts(c, S2, V2, r, j, settling, frm, old)
+            ok[look] = ~held
+            if not ok.any():
+                return ok
+        if settle:
+            frm = np.where(settling & (frm < 0), S2[:, old], frm)  # the first point sets it
+            self.frm[pos[ok]] = np.where(settles, -1, frm)[ok]
+            self.settled[pos[ok]] |= settles[ok]
+        kept = keep if ok.all() else keep & ok[:, None]
+        cnt = kept.sum(axis=1)
+        self._grow(len(self.cnt), int(cnt.max()))
+        rr, cc = np.nonzero(kept)
+        dest = np.arange(len(rr)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        self.ws[pos[rr], dest], self.w[pos[rr], dest] = S[rr, cc], V[rr, cc]
+        self.cnt[pos[ok]] = cnt[ok]
+        self.seg[pos[ok]], self.last[pos[ok]] = seg, last[ok]
+        self.dirty = True
+        return ok
+
+    def touch(self, pos: np.ndarray, seg: int, last: np.ndarray) -> None:
+        """Series whose new points change nothing (none finite, or before the rule's start):
+        their non-empty entries take the series' segment and last step, as ``put`` does."""
+        used = (self.cnt[pos] > 0) | (self.frm[pos] >= 0) | self.settled[pos]
+        if used.any():
+            self.seg[pos[used]], self.last[pos[used]] = seg, last[used]
+            self.dirty = True
+
+    def push(self, c: Growth, pos: np.ndarray, steps: np.ndarray, v: np.ndarray, seg: int) -> None:
+        """One point per entry, none of which can hold: ``_growth``'s window moves, in one go."""
         if not len(pos):
             return
         n = len(pos)
@@ -198,14 +363,23 @@ class GrowthWindows:
         S, W, C = (
             (self.ws, self.w, self.cnt) if whole else (self.ws[pos], self.w[pos], self.cnt[pos])
         )
-        width = S.shape[1]
-        col = np.arange(width)
-        valid = col < C[:, None]
+        valid = np.arange(S.shape[1]) < C[:, None]
         a = (((steps - c.over_steps)[:, None] > S) & valid).sum(axis=1)
+        self._move(c, pos, whole, S, W, C, valid, a, steps, v, seg)
+
+    def _move(self, c, pos, whole, S, W, C, valid, a, steps, v, seg) -> None:
+        """``push`` given the entries' windows ``S``/``W``/``C`` (all of them, in order, when
+        ``whole``), which points are ``valid`` and how many leave at the front (``a``).
+
+        The deque is monotonic (rising: each point smaller than every later one), so the
+        points that leave it, too old at the front and no smaller than ``v`` at the back,
+        leave the slice [a, b) of each entry."""
+        n, width = len(pos), S.shape[1]
         back = (v[:, None] <= W) if c.ratio > 1 else (v[:, None] >= W)
         b = C - (back & valid).sum(axis=1)
         keep = np.maximum(b - a, 0)
         need = int(keep.max()) + 1
+        col = np.arange(width)
         if need > width:
             self._grow(len(self.cnt), need)
             S, W = (self.ws, self.w) if whole else (self.ws[pos], self.w[pos])
@@ -257,3 +431,62 @@ class GrowthWindows:
         out.ws[valid], out.w[valid] = from_b64(d["ws"], INT), from_b64(d["w"], FLOAT)
         out.new = False
         return out
+
+
+def _verdicts(
+    c: Growth,
+    S2: np.ndarray,
+    V2: np.ndarray,
+    r: np.ndarray,
+    j: np.ndarray,
+    settling: np.ndarray,
+    frm: np.ndarray,
+    old: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``GrowthWindows._many``'s look at each point (rows ``r``, columns ``j``, row after
+    row) of some of its entries: for each of those entries, whether a verdict is active at
+    any of its points, and whether it settles."""
+    rise = c.ratio > 1
+    step = S2[r, j]
+    # lo: the first column within over_steps of the point (steps ascend along a row)
+    t = step - c.over_steps
+    lo, hi = np.zeros(len(r), np.intp), j.copy()
+    while (open_ := lo < hi).any():
+        mid = (lo + hi) // 2
+        less = (S2[r, mid] < t) & open_
+        lo = np.where(less, mid + 1, lo)
+        hi = np.where(less | ~open_, hi, mid)
+    span = j - lo
+    has = span > 0
+    # A sparse table: level e holds the minimum (a drop: maximum) of 2**e points from each.
+    acc = np.minimum if rise else np.maximum
+    levels = [V2]
+    while 2 ** len(levels) <= V2.shape[1]:
+        prev, h = levels[-1], 2 ** (len(levels) - 1)
+        nxt = np.full_like(V2, np.inf if rise else -np.inf)
+        nxt[:, :-h] = acc(prev[:, :-h], prev[:, h:])
+        levels.append(nxt)
+    table = np.stack(levels)
+    e = np.frexp(np.maximum(span, 1))[1] - 1  # floor(log2(span))
+    base = acc(table[e, r, lo], table[e, r, np.maximum(j - (1 << e), 0)])  # the front
+    v = V2[r, j]
+    if rise:
+        limit = c.ratio * np.maximum(base, c.min_value)
+        active = has & (limit > 0) & (v >= limit)
+    else:
+        active = has & (base >= c.min_value) & (v <= c.ratio * base)
+    firsts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])  # each entry's first point
+    rows = r[firsts]
+    settles = np.zeros(len(rows), bool)
+    if settling[rows].any():
+        half = math.sqrt(c.ratio) * base
+        moving = (v >= half) if rise else (v <= half)
+        began = np.where(frm[r] >= 0, frm[r], S2[r, old])
+        can = settling[r] & has & ~moving & (step - began >= c.over_steps)
+        never = np.iinfo(np.intp).max
+        first = np.minimum.reduceat(np.where(can, j, never), firsts)
+        settles = settling[rows] & (first < never)
+        # While settling no verdict is active; from the point that settles it on, each is.
+        group = np.repeat(np.arange(len(rows)), np.diff(np.r_[firsts, len(r)]))
+        active &= ~settling[r] | (j >= first[group])
+    return np.logical_or.reduceat(active, firsts), settles
