@@ -47,7 +47,7 @@ import httpx
 import numpy as np
 import psycopg
 from rich.console import Console
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 
 from logitwatch.agent.transport.sender import HttpSink, SenderConfig
 from logitwatch.protocol import Batch, Series, encode_batch
@@ -240,13 +240,19 @@ def peak_rss_mb(pids: list[int]) -> float:
 
 
 def stored_points(db_url: str, prefix: str) -> int:
-    """Points in the chunks of runs named prefix*: what a read gives back."""
+    """Points in the chunks and reports of runs named prefix*: what a read gives back (a
+    report holds one point of each of its series until the compactor makes chunks of it)."""
     engine = create_engine(db_url)
     q = text("SELECT COALESCE(SUM(c.n), 0) FROM chunks c JOIN series s ON s.id = c.series_id "
              "JOIN runs r ON r.id = s.run_id WHERE r.name LIKE :p")  # fmt: skip
+    q_reports = text("SELECT COALESCE(SUM(p.n), 0) FROM reports p JOIN runs r ON r.id = p.run_id "
+                     "WHERE r.name LIKE :p")  # fmt: skip
     try:
         with engine.connect() as conn:
-            return int(conn.execute(q, {"p": prefix + "%"}).scalar())
+            points = int(conn.execute(q, {"p": prefix + "%"}).scalar())
+            if inspect(conn).has_table("reports"):
+                points += int(conn.execute(q_reports, {"p": prefix + "%"}).scalar())
+            return points
     finally:
         engine.dispose()
 

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from logitwatch.protocol import Batch
+from logitwatch.service.api.layouts import Layouts
 from logitwatch.service.rules.alerts import with_links
 from logitwatch.service.rules.engine import RuleEngine
 from logitwatch.service.settings import Settings
@@ -44,6 +45,8 @@ class Ingest:
         self.group = GroupCommit(writer, finish=self._finish)
         #: prepare_batch packs for the database's dialect.
         self.postgres = writer.sessionmaker.kw["bind"].dialect.name == "postgresql"
+        #: Each run's one-step report layout (decoded on the event loop only).
+        self.layouts = Layouts()
 
     def start(self) -> None:
         self.group.start()
@@ -70,7 +73,12 @@ class Ingest:
         done: _Done = await asyncio.wrap_future(self.group.submit(job, order=run))
         result = done.result
         if not result.duplicate:
-            self._compactor.touch(result.series_ids, batch.segment)
+            if result.flushed:
+                self._compactor.touch_chunks(result.flushed)
+            if result.report:
+                self._compactor.touch_report(result.run_id)
+            else:
+                self._compactor.touch(result.series_ids, batch.segment)
         alerts = with_links(done.alerts or [], settings.dashboard_url)
         return {"accepted": result.n_points, "duplicate": result.duplicate, "alerts": alerts}
 

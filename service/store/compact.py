@@ -1,6 +1,8 @@
 """Compaction: the small raw chunks that ingest writes become large compressed ones.
 
-Ingest writes one uncompressed chunk per series per batch (cheap, ~1M points/s). When a
+Ingest writes one uncompressed chunk per series per batch (cheap, ~1M points/s), or for a
+batch of one point per series one row of reports, which the Compactor turns into one chunk
+per series (reports.flush) once a run has FLUSH_REPORTS of them or ingest goes quiet. When a
 (series, segment) has piled up MERGE_CHUNKS small chunks, the Compactor merges them in
 the background once ingest pauses (or every max_wait_s under constant load) into chunks
 of TARGET..2*TARGET points that codec.py compresses (SQLite) or PostgreSQL TOASTs. Below
@@ -32,6 +34,7 @@ import numpy as np
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from logitwatch.service.store import reports
 from logitwatch.service.store.codec import (
     decode_floats,
     decode_steps,
@@ -42,6 +45,7 @@ from logitwatch.service.store.codec import (
 )
 from logitwatch.service.store.models import Chunk, ChunkSummary, Run, Series
 from logitwatch.service.store.read import merge_parts
+from logitwatch.service.store.reports import FLUSH_REPORTS
 from logitwatch.service.store.sql import PgInt8Array, insert_chunks, is_pg, pg_arrays
 from logitwatch.service.store.summary import summarize
 
@@ -52,6 +56,7 @@ __all__ = [
     "compact_all",
     "compact_many",
     "compact_series",
+    "flush_reports",
     "release_space",
 ]
 
@@ -330,10 +335,33 @@ def _plan(
     return ids, new, summaries
 
 
+def flush_reports(
+    sessions: sessionmaker[Session],
+    run_ids: Iterable[int],
+    *,
+    lock: contextlib.AbstractContextManager | None = None,
+) -> list[tuple[int, int]]:
+    """Turn the reports of `run_ids` into chunks (reports.flush), GROUP runs a transaction;
+    the (series id, segment) of each chunk written."""
+    run_ids, keys = sorted(set(run_ids)), []
+    for i in range(0, len(run_ids), GROUP):
+        with lock or contextlib.nullcontext(), sessions() as session:
+            keys += reports.flush(session, run_ids[i : i + GROUP])
+            session.commit()
+    return keys
+
+
 def compact_all(
     sessions: sessionmaker[Session], *, run: str | None = None, min_chunks: int = 2, lock=None
 ) -> int:
-    """Compact every series-segment (of `run`, or of all runs) with min_chunks small chunks."""
+    """Compact every series-segment (of `run`, or of all runs) with min_chunks small chunks,
+    after turning the reports (of `run`, or of all runs) into chunks."""
+    with sessions() as session:
+        if run is None:
+            runs = reports.pending_runs(session)
+        else:
+            runs = list(session.scalars(select(Run.id).where(Run.name == run)))
+    flush_reports(sessions, runs, lock=lock)
     q = (
         select(_C.series_id, _C.segment)
         .where(_C.n < TARGET)
@@ -370,9 +398,14 @@ class Compactor:
 
     It works when ingest has been quiet for `idle_s` (compression is CPU the ingest path
     would otherwise compete for) or when `max_wait_s` has passed since the first due work.
-    After `deep_idle_s` of quiet it also merges the fresh chunks (2+) of every series it saw
-    (fresh_only: already merged ones are not rewritten), so that a run that stops or pauses
-    ends up compacted.
+    After `deep_idle_s` of quiet it also turns every run's reports into chunks and merges
+    the fresh chunks (2+) of every series it saw (fresh_only: already merged ones are not
+    rewritten), so that a run that stops or pauses ends up compacted.
+
+    Reports (reports.py) are turned into chunks as soon as a run has FLUSH_REPORTS of them,
+    without waiting for quiet: a flush compresses nothing, and it bounds what a read of the
+    run goes through. The reports left by an earlier process are flushed at the first deep
+    idle.
     """
 
     def __init__(
@@ -392,6 +425,11 @@ class Compactor:
         self._touched: set[tuple[int, int]] = set()
         self._counts: dict[tuple[int, int], int] = {}
         self._due: set[tuple[int, int]] = set()
+        #: Reports per run since its last flush; the runs due for one.
+        self._reports: dict[int, int] = {}
+        self._flush_due: set[int] = set()
+        #: Whether the runs with reports were looked up (at the first deep idle after start).
+        self._scanned = False
         self._mutex = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -401,11 +439,16 @@ class Compactor:
 
     def touch(self, series_ids: Iterable[int], segment: int) -> None:
         """Ingest wrote one chunk for each of series_ids in segment."""
+        self.touch_chunks([(sid, segment) for sid in series_ids])
+
+    def touch_chunks(self, keys: Iterable[tuple[int, int]], *, ingest: bool = True) -> None:
+        """One chunk was written for each (series id, segment) of `keys` (by ingest, or by a
+        flush of reports: ingest=False, which is no sign of load)."""
         now = time.monotonic()
         with self._mutex:
-            self._last_ingest = now
-            for sid in series_ids:
-                key = (sid, segment)
+            if ingest:
+                self._last_ingest = now
+            for key in keys:
                 self._touched.add(key)
                 n = self._counts.get(key, 0) + 1
                 if n >= MERGE_CHUNKS:
@@ -416,8 +459,20 @@ class Compactor:
                         self._wake.set()
                 self._counts[key] = n
 
+    def touch_report(self, run_id: int) -> None:
+        """Ingest wrote one row of reports for run_id."""
+        with self._mutex:
+            self._last_ingest = time.monotonic()
+            n = self._reports.get(run_id, 0) + 1
+            if n >= FLUSH_REPORTS:
+                self._flush_due.add(run_id)
+                self._wake.set()
+            self._reports[run_id] = n
+
     def start(self) -> None:
         if self._thread is None:
+            # Quiet is counted from now: the first look at the database waits for deep_idle_s.
+            self._last_ingest = time.monotonic()
             self._thread = threading.Thread(
                 target=self._loop, name="logitwatch-compactor", daemon=True
             )
@@ -430,11 +485,15 @@ class Compactor:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def _take(self) -> tuple[list[tuple[int, int]], bool] | None:
-        """(keys, deep) to compact if it is time, else None."""
+    def _take(self) -> tuple[list[int], list[tuple[int, int]], bool]:
+        """(runs whose reports to flush, keys to compact, deep): what it is time for."""
         with self._mutex:
             self._wake.clear()  # wake again on new work; else look every idle_s
             quiet_for = time.monotonic() - self._last_ingest
+            flush = self._flush_due
+            self._flush_due = set()
+            for run_id in flush:
+                self._reports.pop(run_id, None)
             if self._due:
                 overdue = (
                     self._due_since is not None
@@ -442,16 +501,49 @@ class Compactor:
                 )
                 if quiet_for >= self._idle_s or overdue:
                     work, self._due, self._due_since = sorted(self._due), set(), None
-                    return work, False
-            elif self._touched and quiet_for >= self._deep_idle_s:
+                    return sorted(flush), work, False
+            elif (
+                self._touched or self._reports or not self._scanned
+            ) and quiet_for >= self._deep_idle_s:
+                flush |= set(self._reports)
+                self._reports = {}
                 work, self._touched = sorted(self._touched), set()
-                return work, True
-            return None
+                return sorted(flush), work, True
+            return sorted(flush), [], False
+
+    def _flush(self, run_ids: list[int]) -> list[tuple[int, int]]:
+        """flush_reports of run_ids, the chunks it wrote counted (touch_chunks)."""
+        if not run_ids:
+            return []
+        try:
+            keys = flush_reports(self._sessions, run_ids, lock=self._lock)
+        except Exception:  # the reports stay, and reads still see them
+            log.exception("turning the reports of runs %s into chunks failed", run_ids)
+            return []
+        self.touch_chunks(keys, ingest=False)
+        return keys
+
+    def _left_over(self) -> list[int]:
+        """The runs with reports, once per Compactor (those of an earlier process too)."""
+        if self._scanned:
+            return []
+        self._scanned = True
+        try:
+            with self._sessions() as session:
+                return reports.pending_runs(session)
+        except Exception:
+            log.exception("listing the runs with reports failed")
+            return []
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(timeout=self._idle_s)
-            work, deep = self._take() or ((), False)
+            flush, work, deep = self._take()
+            if deep:
+                flush = sorted({*flush, *self._left_over()})
+            flushed = self._flush(flush)
+            if deep and flushed:
+                work = sorted({*work, *flushed})
             merged = 0
             for i in range(0, len(work), GROUP):
                 if self._stop.is_set():

@@ -1,7 +1,9 @@
-"""Storing a batch: idempotency record, series ids, one chunk per series, latest values.
+"""Storing a batch: idempotency record, series ids, its points, latest values.
 
 One call is one transaction's worth of work (the caller commits), so a rejected batch
 changes nothing. Core bulk statements, not ORM objects: ingest runs at ~1M points/s.
+A batch of one point per series (the fleet's report) is one row of reports (reports.py);
+any other batch is one chunk per series, written after the run's reports became chunks.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from logitwatch.protocol import Batch, Series
+from logitwatch.service.store import reports
 from logitwatch.service.store.codec import pg_array_bytes, raw_floats, raw_steps
 from logitwatch.service.store.limits import LimitError
 from logitwatch.service.store.models import Series as SeriesRow
@@ -27,7 +30,6 @@ from logitwatch.service.store.sql import (
     PgArray,
     PgInt8Array,
     cache,
-    copy_one_points,
     insert,
     insert_chunks,
     is_pg,
@@ -53,8 +55,13 @@ _SERIES = SeriesRow.__table__
 class IngestResult:
     duplicate: bool
     n_points: int
+    #: The batch's series, one chunk each, unless it was stored as a report.
     series_ids: list[int] = field(default_factory=list)
     run_id: int = 0
+    #: Stored as one row of reports (reports.py) rather than as chunks.
+    report: bool = False
+    #: (series id, segment) of the chunks made of the run's reports before this batch's.
+    flushed: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _label_int(labels: dict[str, str], key: str) -> int | None:
@@ -65,12 +72,12 @@ def _label_int(labels: dict[str, str], key: str) -> int | None:
 def _series_ids(
     session: Session, run_id: int, series: list[Series], lkeys: list[str], max_series: int
 ) -> list[int]:
-    ids_cache = cache(session)
-    keys = [(run_id, s.metric, k) for s, k in zip(series, lkeys, strict=True)]
-    ids = [ids_cache.get(k) for k in keys]
-    missing = {k for k, i in zip(keys, ids, strict=True) if i is None}
-    if not missing:
+    get = cache(session).get
+    ids = [get((run_id, s.metric, k)) for s, k in zip(series, lkeys, strict=True)]
+    if None not in ids:
         return ids  # type: ignore[return-value]
+    keys = [(run_id, s.metric, k) for s, k in zip(series, lkeys, strict=True)]
+    missing = {k for k, i in zip(keys, ids, strict=True) if i is None}
     found = _lookup(session, run_id, missing)
     new = sorted(missing - found.keys())
     if new:
@@ -157,7 +164,8 @@ class Prepared:
     #: Each series' labels_key, in batch.series order (the store and the rules both use it).
     keys: list[str] = field(default_factory=list)
     #: A batch whose every series has one point (the fleet's report): its steps, values and
-    #: times as three arrays in batch.series order, stored in one pass (rows is then empty).
+    #: times as three arrays in batch.series order, stored as one row of reports (rows is
+    #: then empty).
     points: Columns | None = None
 
 
@@ -193,8 +201,7 @@ def prepare_batch(batch: Batch, *, postgres: bool) -> Prepared:
 def _one_point(batch: Batch, postgres: bool) -> Prepared | None:
     """prepare_batch of a batch whose every series has one step, and all a time or none:
     the fleet's report. Columns are row views of three arrays for the whole batch, which the
-    store writes in one pass (_store_points): under half of the general path's cost on
-    SQLite and a quarter on PostgreSQL, measured."""
+    store writes as one row of reports (_store_points, reports.py)."""
     series = batch.series
     n = len(series)
     if n < 8 or [len(s.steps) for s in series].count(1) != n:
@@ -268,20 +275,32 @@ def ingest_batch(
     `prepared` (from prepare_batch) lets the caller pack the arrays before taking a lock.
     """
     run_id = ensure_run_id(session, run)
-    n_points = batch.n_points
+    one = prepared is not None and prepared.points is not None
+    n_points = len(prepared.points.steps) if one else batch.n_points
     if not _mark(session, run_id, batch, n_points):
         return IngestResult(duplicate=True, n_points=n_points, run_id=run_id)
     pg = is_pg(session)
     if prepared is None or prepared.postgres != pg:
         prepared = prepare_batch(batch, postgres=pg)
     ids = _series_ids(session, run_id, batch.series, prepared.keys, max_series)
+    flushed: list[tuple[int, int]] = []
     if prepared.points is not None:
-        _store_points(session, ids, batch.segment, prepared.points, pg)
+        _store_points(session, run_id, ids, batch.segment, prepared.points, pg)
     else:
+        # A chunk must be newer than every report of its run (reports.py): the run's
+        # reports become chunks first.
+        flushed = reports.flush(session, [run_id])
         insert_chunks(session, [(ids[i], *chunk) for i, chunk, _ in prepared.rows])
         _upsert_latest(session, [(ids[i], *last) for i, _, last in prepared.rows], pg)
     _seen(session, run_id)
-    return IngestResult(duplicate=False, n_points=n_points, series_ids=ids, run_id=run_id)
+    return IngestResult(
+        duplicate=False,
+        n_points=n_points,
+        series_ids=ids,
+        run_id=run_id,
+        report=prepared.points is not None,
+        flushed=flushed,
+    )
 
 
 def _upsert_latest(session: Session, latest: list[tuple], pg: bool, sqlite: str = "") -> None:
@@ -300,40 +319,22 @@ def _upsert_latest(session: Session, latest: list[tuple], pg: bool, sqlite: str 
 
 
 def _store_points(
-    session: Session, ids: list[int], segment: int, points: Columns, pg: bool
+    session: Session, run_id: int, ids: list[int], segment: int, points: Columns, pg: bool
 ) -> None:
-    """A one-point chunk and the latest row of each series of a one-point batch
-    (Prepared.points), each column made for the whole batch at once."""
+    """A one-point batch (Prepared.points): one row of reports, and the latest row of each
+    series, each column made for the whole batch at once."""
     steps, values, times = points
+    reports.write(session, run_id, segment, ids, steps, values, times)
     step_list, value_list = steps.tolist(), values.tolist()
     n = len(step_list)
     seg = [segment] * n
+    last_times = times.tolist() if len(times) else [None] * n
     if pg:
-        copy_one_points(session, ids, segment, steps, values, times)
-        last_times = times.tolist() if len(times) else [None] * n
         latest = zip(ids, seg, step_list, value_list, last_times, [1] * n, step_list, strict=True)
         _upsert_latest(session, list(latest), pg)
         return
-    vs = values.astype("<f8").tobytes()
-    raw_values = [b"R" + vs[k : k + 8] for k in range(0, 8 * n, 8)]
-    if len(times):
-        ts = times.astype("<f8").tobytes()
-        raw_times, last_times = [b"R" + ts[k : k + 8] for k in range(0, 8 * n, 8)], times.tolist()
-    else:
-        raw_times, last_times = [b""] * n, [None] * n
-    raw = session.connection().connection.driver_connection
-    raw.executemany(_SQLITE_ONE_CHUNK, zip(ids, seg, step_list, raw_values, raw_times, strict=True))
     latest = zip(ids, seg, step_list, value_list, last_times, strict=True)
     _upsert_latest(session, list(latest), pg, _SQLITE_ONE_LATEST)
-
-
-#: A one-point chunk and its latest row on SQLite, the constant columns written in the
-#: statements: five parameters a row instead of eight make a chunk's insert a quarter
-#: cheaper, measured.
-_SQLITE_ONE_CHUNK = (
-    'INSERT INTO chunks (series_id, segment, step_min, step_max, n, steps, "values", times)'
-    " VALUES (?1, ?2, ?3, ?3, 1, X'', ?4, ?5)"
-)
 
 
 def _pg_latest_arrays(latest: list[tuple]) -> list[PgArray]:

@@ -1,8 +1,10 @@
-"""SQLAlchemy 2.0 models: runs, series, chunks of points and their summaries, latest values,
-batches, tokens.
+"""SQLAlchemy 2.0 models: runs, series, chunks of points and their summaries, reports,
+latest values, batches, tokens.
 
 Points live in chunks, one row per (series, segment, step range) holding packed arrays:
 PostgreSQL int8[]/float8[] (Grafana's SQL can unnest them), SQLite bytes (see codec.py).
+A batch of one point per series (a training step's report) is first stored as one row of
+reports, which the compactor turns into chunks (reports.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "Chunk",
     "ChunkSummary",
     "Latest",
+    "Report",
     "Run",
     "Series",
     "Token",
@@ -136,6 +139,30 @@ class ChunkSummary(Base):
     #: Blocks span 2**level steps, aligned to multiples of it.
     level: Mapped[int] = mapped_column(Integer)
     blocks: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Report(Base):
+    """One batch of one point per series, as one row: its series ids (ascending) and their
+    points, position by position. Newer than every chunk of its run: reads put its points
+    after the run's chunks, and ingest turns a run's reports into chunks (reports.flush)
+    before it writes a chunk of that run. See reports.py for the SQLite encoding.
+    """
+
+    __tablename__ = "reports"
+    __table_args__ = (Index("ix_reports_run", "run_id", "segment"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    segment: Mapped[int] = mapped_column(Integer)
+    step_min: Mapped[int] = mapped_column(BigInteger)
+    step_max: Mapped[int] = mapped_column(BigInteger)
+    #: Series (and points) in the row.
+    n: Mapped[int] = mapped_column(Integer)
+    series_ids: Mapped[Any] = mapped_column(Steps)
+    steps: Mapped[Any] = mapped_column(Steps)
+    values: Mapped[Any] = mapped_column(Floats)
+    #: One per series, or empty when the client sent none.
+    times: Mapped[Any] = mapped_column(Floats)
 
 
 class Latest(Base):

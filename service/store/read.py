@@ -17,6 +17,7 @@ import numpy as np
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from logitwatch.service.store import reports
 from logitwatch.service.store.codec import decode_floats, decode_steps, pg_array
 from logitwatch.service.store.models import Chunk, ChunkSummary, Run, Series
 from logitwatch.service.store.sql import is_pg
@@ -66,10 +67,20 @@ class ReadResult:
 
 
 def _chunks(
-    session: Session, sids: list[int], start: int | None, end: int | None, want_times: bool
+    session: Session,
+    run_id: int,
+    sids: list[int],
+    start: int | None,
+    end: int | None,
+    want_times: bool,
 ):
     """Yield (series id, [(segment, steps, values, times)]) for each of `sids` in order, the
-    parts in write order (segment, then chunk id); one query for all series, read lazily."""
+    parts in write order (segment, then chunk id, then the run's reports); one query for all
+    series, read lazily.
+
+    The reports are read first: a flush (reports.flush) between the two statements then
+    shows its points twice, equal, rather than not at all."""
+    pending = reports.parts(session, run_id, sids, start, end, want_times)
     c = Chunk.__table__.c
     pg = is_pg(session)
     payload = [c.steps, c["values"], c.times] if want_times else [c.steps, c["values"]]
@@ -94,6 +105,8 @@ def _chunks(
                 times = decode_floats(row[6], n) if want_times else _EMPTY_F
             parts.append((seg, steps, values, times))
             row = next(rows, None)
+        if sid in pending:
+            parts = sorted(parts + pending[sid], key=lambda p: p[0])  # stable: reports last
         yield sid, parts
 
 
@@ -164,9 +177,13 @@ def _decode(pg: bool, step_min: int, n: int, steps, values) -> tuple[np.ndarray,
     return decode_steps(steps, step_min, n), decode_floats(values, n)
 
 
-def _bucket_chunks(session: Session, sids: list[int], start, end, *, all_points: bool):
+def _bucket_chunks(
+    session: Session, sids: list[int], start, end, *, all_points: bool, run_id: int | None = None
+):
     """{series id: [_Chunk]} in write order; points only of chunks without a summary (or of
-    all when all_points). One statement, so one consistent view of the chunks."""
+    all when all_points). One statement, so one consistent view of the chunks; the reports of
+    run_id (read first, see _chunks) come last in each segment, as chunks with ids below 0."""
+    pending = {} if run_id is None else reports.parts(session, run_id, sids, start, end, False)
     c, s = Chunk.__table__.c, ChunkSummary.__table__.c
     pg = is_pg(session)
     payload = [c.steps, c["values"]]
@@ -190,6 +207,13 @@ def _bucket_chunks(session: Session, sids: list[int], start, end, *, all_points:
     ):
         points = _decode(pg, lo, n, steps, values) if all_points or level is None else None
         out[sid].append(_Chunk(cid, seg, lo, hi, n, level, blocks, points))
+    fake_id = 0
+    for sid, parts in pending.items():
+        for seg, steps, values, _ in parts:
+            fake_id -= 1
+            lo, hi = int(steps[0]), int(steps[-1])
+            out[sid].append(_Chunk(fake_id, seg, lo, hi, len(steps), None, None, (steps, values)))
+        out[sid].sort(key=lambda ch: ch.segment)  # stable: reports last in their segment
     return out
 
 
@@ -250,11 +274,13 @@ def _plan(chunks: list[_Chunk], start, end, max_points: int) -> _Plan | None:
     return _Plan(lo, hi, origin, width, summarized, raw)
 
 
-def _read_buckets(session: Session, sids: list[int], start, end, max_points: int, by_segment):
+def _read_buckets(
+    session: Session, run_id: int, sids: list[int], start, end, max_points: int, by_segment
+):
     """Yield (series id, segment or None, bucket columns): every series when not by_segment
     (empty columns for one with no points in range), else each segment that has points."""
     for all_points in (False, True):
-        chunks = _bucket_chunks(session, sids, start, end, all_points=all_points)
+        chunks = _bucket_chunks(session, sids, start, end, all_points=all_points, run_id=run_id)
         groups = []
         for sid in sids:
             if by_segment:
@@ -315,12 +341,13 @@ def read_points(
     labels_of = dict(matched)
     sids = sorted(labels_of)
     if max_points is not None:
-        for sid, seg, b in _read_buckets(session, sids, start, end, max_points, segments_all):
+        buckets = _read_buckets(session, run_id, sids, start, end, max_points, segments_all)
+        for sid, seg, b in buckets:
             if after and (sid, -1 if seg is None else seg) < after[:2]:
                 continue
             result.series.append(Buckets(sid, metric, labels_of[sid], seg, **b))
         return result
-    for sid, parts in _chunks(session, sids, start, end, times):
+    for sid, parts in _chunks(session, run_id, sids, start, end, times):
         lab = labels_of[sid]
         groups: list[tuple[int | None, list]] = (
             [(seg, [p for p in parts if p[0] == seg]) for seg in sorted({p[0] for p in parts})]

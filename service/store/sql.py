@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -18,7 +17,6 @@ __all__ = [
     "PgArray",
     "PgInt8Array",
     "cache",
-    "copy_one_points",
     "insert",
     "insert_chunks",
     "is_pg",
@@ -124,50 +122,6 @@ def insert_chunks(session: Session, rows: list[tuple], *, with_id: bool = False)
 def _copy(raw: Any, cols: str, data: bytes) -> None:
     with raw.cursor() as cur, cur.copy(f"COPY chunks ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
         copy.write(data)
-
-
-def copy_one_points(
-    session: Session,
-    ids: list[int],
-    segment: int,
-    steps: np.ndarray,
-    values: np.ndarray,
-    times: np.ndarray,
-) -> None:
-    """PostgreSQL: insert_chunks of one-point chunks, series ids[i] holding (steps[i],
-    values[i], times[i] or no time when times is empty). Every row has the same layout, so
-    numpy packs the whole COPY at once, where pg_one and struct per row were most of a
-    one-point batch's packing, measured."""
-    n = len(ids)
-    timed = len(times) > 0
-    rows = np.zeros(n, dtype=_one_point_row(timed))
-    rows["fields"] = 8
-    for name, size in (("sid", 8), ("seg", 4), ("lo", 8), ("hi", 8), ("n", 4)):
-        rows[f"{name}_len"] = size
-    rows["sid"], rows["seg"], rows["lo"], rows["hi"], rows["n"] = ids, segment, steps, steps, 1
-    for name, oid, data in (("steps", 20, steps), ("values", 701, values), ("times", 701, times)):
-        if name == "times" and not timed:
-            rows["times_len"], rows["times_head"] = 12, (0, 0, oid)
-            continue
-        # array_send of one element: ndim 1, no nulls, oid, size 1, lower bound 1, length 8
-        rows[f"{name}_len"], rows[f"{name}_head"] = 32, (1, 0, oid, 1, 1, 8)
-        rows[name] = data
-    raw = session.connection().connection.driver_connection
-    _copy(raw, _COLS, _COPY_HEADER + rows.tobytes() + _COPY_TRAILER)
-
-
-@functools.cache
-def _one_point_row(timed: bool) -> np.dtype:
-    """A COPY row of a one-point chunk (insert_chunks' layout, big-endian)."""
-    fields = [("fields", ">i2")]
-    for name, kind in (("sid", ">i8"), ("seg", ">i4"), ("lo", ">i8"), ("hi", ">i8"), ("n", ">i4")):
-        fields += [(f"{name}_len", ">i4"), (name, kind)]
-    for name, kind in (("steps", ">i8"), ("values", ">f8"), ("times", ">f8")):
-        if name == "times" and not timed:
-            fields += [("times_len", ">i4"), ("times_head", ">i4", (3,))]
-        else:
-            fields += [(f"{name}_len", ">i4"), (f"{name}_head", ">i4", (6,)), (name, kind)]
-    return np.dtype(fields)
 
 
 class PgArray:

@@ -8,11 +8,12 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from logitwatch.service.store.models import Chunk
+from logitwatch.service.store.reports import pending_points
 from logitwatch.service.store.sql import is_pg
 
 __all__ = ["StorageStats", "storage_stats"]
 
-_TABLES = ("runs", "series", "chunks", "latest", "batches")
+_TABLES = ("runs", "series", "chunks", "reports", "latest", "batches")
 
 
 @dataclass(slots=True)
@@ -40,4 +41,5 @@ def storage_stats(session: Session) -> StorageStats:
         pages = session.scalar(text("PRAGMA page_count"))
         free = session.scalar(text("PRAGMA freelist_count"))
         used = (pages - free) * session.scalar(text("PRAGMA page_size"))
-    return StorageStats(points=int(points), chunks=int(chunks), bytes=int(used))
+    points = int(points) + pending_points(session)  # reports not yet turned into chunks
+    return StorageStats(points=points, chunks=int(chunks), bytes=int(used))

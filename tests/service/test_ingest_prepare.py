@@ -13,6 +13,7 @@ from sqlalchemy import text
 
 from logitwatch.protocol import Batch, ProtocolError, decode_batch, encode_batch
 from logitwatch.protocol import series_from_columns as S
+from logitwatch.service.store import reports
 from logitwatch.service.store.codec import raw_floats, raw_steps
 from logitwatch.service.store.ingest import ingest_batch, prepare_batch, series_columns
 from logitwatch.service.store.sql import is_pg, labels_key, pg_arrays
@@ -89,7 +90,13 @@ def test_a_one_step_report_is_stored_as_the_general_path_stores_it(sessions, run
     with sessions() as s:
         fast = prepare_batch(batch, postgres=is_pg(s))
         assert fast.points is not None and not fast.rows
-        ingest_batch(s, run=f"{run_name}-fast", batch=batch, prepared=fast)
+        result = ingest_batch(s, run=f"{run_name}-fast", batch=batch, prepared=fast)
+        # One row of reports, no chunk yet; turned into chunks, the same as the general path's.
+        assert result.report
+        count = "SELECT count(*) FROM {} WHERE run_id = :r"
+        assert s.scalar(text(count.format("reports")), {"r": result.run_id}) == 1
+        assert reports.flush(s, [result.run_id]) == [(sid, 3) for sid in sorted(result.series_ids)]
+        assert s.scalar(text(count.format("reports")), {"r": result.run_id}) == 0
         # Eight series or more take the one-step path; each alone takes the general one.
         for seq, one in enumerate(batch.series):
             alone = Batch("c", seq, 3, [one])

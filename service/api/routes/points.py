@@ -94,7 +94,7 @@ async def post_points(run: str, request: Request) -> dict:
     content_type = request.headers.get("content-type")
     # Decoding and packing need no lock: small bodies here, big ones off the event loop.
     if len(body) <= _INLINE_BYTES:
-        batch, prepared = _decode(body, content_type, ingest.postgres)
+        batch, prepared = ingest.layouts.decode(run, body, content_type, ingest.postgres, _decode)
     else:
         batch, prepared = await run_in_threadpool(_decode, body, content_type, ingest.postgres)
     answer = await ingest.store(settings, run, batch, prepared)

@@ -1,0 +1,337 @@
+"""Decoding a run's one-step report by its byte layout, learned from the run's last one.
+
+A training run posts the same report every step: the same series, in the same order, with one
+step, one value and one time each. Its msgpack bytes differ from the previous report's only in
+the batch's seq and in each series' 8-byte step, value and time. decode_batch checks every
+series' names and builds its arrays again (most of a request's decoding); here a report whose
+other bytes equal those of the run's last accepted one-step report (its layout) is read
+straight from those slots into the columns prepare_batch would make.
+
+Same answers: a body matching a layout has the structure, names and fields of one that
+decode_batch accepted, byte for byte, so only the slots can differ; the seq slot must hold an
+unsigned integer of the same width and each step must be in range, or the body takes the full
+path (and gets its error there). The Batch and Prepared are those that decode_batch and
+prepare_batch return for it (tests/service/test_layouts.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from dataclasses import dataclass
+from itertools import repeat
+
+import numpy as np
+
+from logitwatch.protocol import MAX_STEP, MSGPACK_CONTENT_TYPE, Batch, Series
+from logitwatch.service.store import Prepared
+from logitwatch.service.store.ingest import Columns
+
+__all__ = ["Layouts"]
+
+_MSGPACK = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+_LITTLE = sys.byteorder == "little"
+_EIGHT = np.arange(8, dtype=np.intp)
+_EMPTY_F = np.empty(0, dtype=np.float64)
+#: Unsigned integer encodings (type byte -> total length) a seq slot may hold.
+_UINTS = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
+
+
+class _Unsupported(Exception):
+    """A body whose layout is not learned (an ext type, or a shape not worth it)."""
+
+
+@dataclass(slots=True, frozen=True)
+class _Layout:
+    body: np.ndarray  # the learned body with its slots zeroed
+    mask: np.ndarray  # 0 over the slots, 0xFF elsewhere
+    seq_at: int
+    seq_len: int
+    steps_at: np.ndarray  # where each series' step starts (int32)
+    values_at: np.ndarray
+    times_at: np.ndarray | None  # None: the report has no times
+    client: str
+    segment: int
+    metrics: list[str]  # each series' metric
+    labels: list[dict[str, str]]  # each series' labels (copied for each batch)
+    keys: list[str]  # each series' labels_key (Prepared.keys)
+    cuts: list[slice]  # each series' 8 bytes of a column
+
+
+class Layouts:
+    """The layout of each run's last one-step report (at most `max_runs` runs).
+
+    >>> layouts = Layouts()  # doctest: +SKIP
+    >>> batch, prepared = layouts.decode(run, body, content_type, postgres, full_decode)  # doctest: +SKIP
+    """
+
+    def __init__(self, max_runs: int = 4096) -> None:
+        self._by_run: dict[str, _Layout] = {}
+        #: Reports of each run that missed its layout in a row.
+        self._misses: dict[str, int] = {}
+        self._max_runs = max_runs
+
+    def decode(self, run: str, body: bytes, content_type: str | None, postgres: bool, full):
+        """(Batch, Prepared) of `body`: from the run's layout when it matches, else from
+        ``full(body, content_type, postgres)``, whose one-step reports teach the layout."""
+        ct = (content_type or MSGPACK_CONTENT_TYPE).split(";")[0].strip().lower()
+        if ct not in _MSGPACK or not _LITTLE:
+            return full(body, content_type, postgres)
+        layout = self._by_run.get(run)
+        if layout is not None:
+            hit = _read(layout, body, postgres)
+            if hit is not None:
+                self._misses.pop(run, None)
+                return hit
+        batch, prepared = full(body, content_type, postgres)
+        if prepared.points is not None and self._learns(run, layout is None):
+            try:
+                learned = _learn(body, batch, prepared)
+            except (_Unsupported, IndexError, ValueError):
+                learned = None
+            if learned is not None:
+                if len(self._by_run) >= self._max_runs and run not in self._by_run:
+                    self._by_run.clear()
+                    self._misses.clear()
+                self._by_run[run] = learned
+        return batch, prepared
+
+    def _learns(self, run: str, first: bool) -> bool:
+        """Whether to learn a run's layout from its report that missed (learning costs a few
+        decodes): its first one, else the 2nd, 4th, 8th, ... miss in a row. A report of
+        another shape now and then keeps the layout; one that changed for good (a wider
+        seq, another set of series) is learned from its second report."""
+        if first:
+            return True
+        n = self._misses[run] = self._misses.get(run, 0) + 1
+        return n >= 2 and n & (n - 1) == 0
+
+
+def _read(layout: _Layout, body: bytes, postgres: bool) -> tuple[Batch, Prepared] | None:
+    """The batch and its Prepared if `body` matches `layout`, else None."""
+    if len(body) != len(layout.body):
+        return None
+    buf = np.frombuffer(body, dtype=np.uint8)
+    if not np.array_equal(buf & layout.mask, layout.body):
+        return None
+    seq = _uint(body, layout.seq_at, layout.seq_len)
+    if seq is None or seq > MAX_STEP:
+        return None
+    steps = buf[layout.steps_at[:, None] + _EIGHT].view(np.int64).reshape(-1)
+    if len(steps) and (steps.min() < 0 or steps.max() > MAX_STEP):
+        return None
+    values = buf[layout.values_at[:, None] + _EIGHT].view(np.float64).reshape(-1)
+    n = len(steps)
+    if layout.times_at is not None:
+        times = buf[layout.times_at[:, None] + _EIGHT].view(np.float64).reshape(-1)
+        t_rows = times.reshape(n, 1)
+        t_bytes = times.tobytes()
+    else:
+        times, t_rows, t_bytes = _EMPTY_F, [_EMPTY_F] * n, b""
+    # Each series' own one-element arrays, made by C loops (map) rather than a Python one.
+    cut = layout.cuts
+    st = map(array, repeat("q", n), map(steps.tobytes().__getitem__, cut))
+    va = map(array, repeat("d", n), map(values.tobytes().__getitem__, cut))
+    ti = map(array, repeat("d", n), map(t_bytes.__getitem__, cut) if t_bytes else repeat(b"", n))
+    labels = map(dict, layout.labels)
+    series = list(map(Series._of_arrays, layout.metrics, labels, st, va, ti))
+    batch = Batch(client=layout.client, seq=seq, segment=layout.segment, series=series)
+    new = tuple.__new__
+    columns = [
+        new(Columns, c) for c in zip(steps.reshape(n, 1), values.reshape(n, 1), t_rows, strict=True)
+    ]
+    prepared = Prepared(postgres, [], columns, list(layout.keys), Columns(steps, values, times))
+    return batch, prepared
+
+
+def _uint(body: bytes, at: int, length: int) -> int | None:
+    """The unsigned integer msgpack encodes in body[at : at + length], if that is one."""
+    tag = body[at]
+    if length == 1:
+        return tag if tag < 0x80 else None
+    if _UINTS.get(tag) != length:
+        return None
+    return int.from_bytes(body[at + 1 : at + length], "big")
+
+
+# -- learning a layout: where a body's seq and its series' steps, values and times lie ------
+
+
+def _learn(body: bytes, batch: Batch, prepared: Prepared) -> _Layout | None:
+    """The layout of `body`, a one-step report that decode_batch accepted as `batch`."""
+    seq_slot, slots = _slots(body)
+    n = len(batch.series)
+    if seq_slot is None or len(slots) != n:
+        return None
+    steps_at, values_at, times_at = [], [], []
+    for found in slots:
+        if found.get("steps", (0, 0))[1] != 8 or found.get("values", (0, 0))[1] != 8:
+            return None
+        steps_at.append(found["steps"][0])
+        values_at.append(found["values"][0])
+        times_at.append(found.get("times", (0, 0)))
+    timed = {length for _, length in times_at}
+    if timed not in ({0}, {8}):
+        return None
+    mask = np.full(len(body), 0xFF, dtype=np.uint8)
+    at = {
+        "steps": np.asarray(steps_at, dtype=np.int32),
+        "values": np.asarray(values_at, dtype=np.int32),
+        "times": np.asarray([a for a, _ in times_at], dtype=np.int32) if timed == {8} else None,
+    }
+    for starts in at.values():
+        if starts is not None:
+            mask[starts[:, None] + _EIGHT] = 0
+    mask[seq_slot[0] : seq_slot[0] + seq_slot[1]] = 0
+    buf = np.frombuffer(body, dtype=np.uint8)
+    layout = _Layout(
+        body=buf & mask,
+        mask=mask,
+        seq_at=seq_slot[0],
+        seq_len=seq_slot[1],
+        steps_at=at["steps"],
+        values_at=at["values"],
+        times_at=at["times"],
+        client=batch.client,
+        segment=batch.segment,
+        metrics=[s.metric for s in batch.series],
+        labels=[_interned(s.labels) for s in batch.series],
+        keys=list(prepared.keys),
+        cuts=[slice(8 * i, 8 * i + 8) for i in range(n)],
+    )
+    # The layout must read the body it was learned from as decode_batch did.
+    got = _read(layout, body, prepared.postgres)
+    if got is None or not _same(got, batch, prepared):
+        return None
+    return layout
+
+
+#: One dict per label set for all layouts (never changed: each batch gets copies).
+_LABELS: dict[tuple, dict[str, str]] = {}
+
+
+def _interned(labels: dict[str, str]) -> dict[str, str]:
+    key = tuple(labels.items())
+    got = _LABELS.get(key)
+    if got is None:
+        got = dict(labels)
+        if len(_LABELS) < 100_000:
+            _LABELS[key] = got
+    return got
+
+
+def _same(got: tuple[Batch, Prepared], batch: Batch, prepared: Prepared) -> bool:
+    b, p = got
+    if (b.client, b.seq, b.segment, len(b.series)) != (
+        batch.client,
+        batch.seq,
+        batch.segment,
+        len(batch.series),
+    ):
+        return False
+    for x, y in zip(b.series, batch.series, strict=True):
+        if (x.metric, x.labels) != (y.metric, y.labels):
+            return False
+        for u, v in ((x.steps, y.steps), (x.values, y.values), (x.times, y.times)):
+            if u.tobytes() != v.tobytes():
+                return False
+    return p.keys == prepared.keys and all(
+        a.tobytes() == c.tobytes() for a, c in zip(p.points, prepared.points, strict=True)
+    )
+
+
+def _slots(body: bytes) -> tuple[tuple[int, int] | None, list[dict[str, tuple[int, int]]]]:
+    """(offset and length of the seq value, each series' {"steps"|"values"|"times": (offset
+    and length of its bin payload)}): a walk over the msgpack structure of a batch."""
+    n, i = _container(body, 0, "map")
+    seq, series = None, []
+    for _ in range(n):
+        key, i = _key(body, i)
+        start = i
+        if key == "seq":
+            i = _skip(body, i)
+            seq = (start, i - start)
+        elif key == "series":
+            series = []
+            count, i = _container(body, i, "array")
+            for _ in range(count):
+                found: dict[str, tuple[int, int]] = {}
+                fields, i = _container(body, i, "map")
+                for _ in range(fields):
+                    name, i = _key(body, i)
+                    if name in ("steps", "values", "times"):
+                        at, length = _bin(body, i)
+                        found[name] = (at, length)
+                        i = at + length
+                    else:
+                        i = _skip(body, i)
+                series.append(found)
+        else:
+            i = _skip(body, i)
+    if i != len(body):
+        raise _Unsupported("trailing bytes")
+    return seq, series
+
+
+def _container(body: bytes, i: int, kind: str) -> tuple[int, int]:
+    """(element count, offset after the header) of the map or array at i."""
+    b = body[i]
+    fix, wide = (0x80, (0xDE, 0xDF)) if kind == "map" else (0x90, (0xDC, 0xDD))
+    if fix <= b <= fix + 0x0F:
+        return b & 0x0F, i + 1
+    if b == wide[0]:
+        return int.from_bytes(body[i + 1 : i + 3], "big"), i + 3
+    if b == wide[1]:
+        return int.from_bytes(body[i + 1 : i + 5], "big"), i + 5
+    raise _Unsupported(f"not a {kind}")
+
+
+def _key(body: bytes, i: int) -> tuple[str | None, int]:
+    """A map key: its text if it is a string (else None), and the offset after it."""
+    b = body[i]
+    if 0xA0 <= b <= 0xBF:
+        at, length = i + 1, b & 0x1F
+    elif b in (0xD9, 0xDA, 0xDB):
+        width = {0xD9: 1, 0xDA: 2, 0xDB: 4}[b]
+        at, length = i + 1 + width, int.from_bytes(body[i + 1 : i + 1 + width], "big")
+    else:
+        return None, _skip(body, i)
+    return body[at : at + length].decode("utf-8"), at + length
+
+
+def _bin(body: bytes, i: int) -> tuple[int, int]:
+    """(payload offset, length) of the bin at i."""
+    width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(body[i])
+    if width is None:
+        raise _Unsupported("not a bin")
+    return i + 1 + width, int.from_bytes(body[i + 1 : i + 1 + width], "big")
+
+
+_FIXED = {0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
+_FIXED |= {0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}
+_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}  # bin and str: length width
+
+
+def _skip(body: bytes, i: int) -> int:
+    """The offset after the object at i."""
+    b = body[i]
+    if b <= 0x7F or b >= 0xE0:
+        return i + 1
+    if 0xA0 <= b <= 0xBF:
+        return i + 1 + (b & 0x1F)
+    if b in _FIXED:
+        return i + _FIXED[b]
+    if b in _SIZED:
+        width = _SIZED[b]
+        return i + 1 + width + int.from_bytes(body[i + 1 : i + 1 + width], "big")
+    if 0x80 <= b <= 0x8F or b in (0xDE, 0xDF):
+        n, i = _container(body, i, "map")
+        for _ in range(2 * n):
+            i = _skip(body, i)
+        return i
+    if 0x90 <= b <= 0x9F or b in (0xDC, 0xDD):
+        n, i = _container(body, i, "array")
+        for _ in range(n):
+            i = _skip(body, i)
+        return i
+    raise _Unsupported(f"msgpack type 0x{b:02x}")

@@ -1,0 +1,244 @@
+"""Reports: a batch of one point per series (a training step's report) as one row.
+
+A fleet run posts one point for each of a few hundred series per step. Stored as chunks, each
+point was a row of its own: a row and an index entry to write (~5 us on SQLite, most of a
+report's storing), then to read, delete and merge again when the compactor made a bigger
+chunk of it. A report is one row of ``reports`` instead: the ids of its series (ascending)
+and their steps, values and times, position by position. ``flush`` turns a run's reports
+into chunks, one per series and segment holding all their points; the Compactor does it
+once a run has FLUSH_REPORTS of them (and when ingest goes quiet), so a run keeps a few
+dozen at most.
+
+Order: a run's reports are newer than all of its chunks. Ingest flushes a run's reports
+before it writes a chunk of that run (ingest.ingest_batch), a flush writes the chunks with
+new, larger ids, and the compactor's merges keep the ids of the chunks they replace. Reads
+(read.py) therefore put the points of reports after the chunks of their segment, and among
+reports the later row wins a step sent twice.
+
+Encoding on SQLite: series_ids and steps raw little-endian int64, values and times raw
+little-endian float64 (times b"" when the client sent none). PostgreSQL: int8[] and float8[]
+(the Grafana function logitwatch_points unnests them, migration 0007).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from logitwatch.service.store.codec import pg_array, pg_array_bytes, raw_floats, raw_steps
+from logitwatch.service.store.models import Report
+from logitwatch.service.store.sql import PgArray, PgInt8Array, insert_chunks, is_pg, pg_arrays
+
+__all__ = ["FLUSH_REPORTS", "flush", "parts", "pending_points", "pending_runs", "write"]
+
+#: Reports of a run that make the Compactor flush them into chunks: the chunks then hold
+#: this many points each, and a read goes through at most about this many report rows.
+FLUSH_REPORTS = 32
+
+_R = Report.__table__.c
+_I8 = np.dtype("<i8")
+_F8 = np.dtype("<f8")
+_EMPTY_F = np.empty(0, dtype=np.float64)
+
+_COLS = 'run_id, segment, step_min, step_max, n, series_ids, steps, "values", times'
+_SQLITE_INSERT = f"INSERT INTO reports ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_PG_INSERT = f"INSERT INTO reports ({_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+
+
+def write(
+    session: Session,
+    run_id: int,
+    segment: int,
+    ids: list[int],
+    steps: np.ndarray,
+    values: np.ndarray,
+    times: np.ndarray,
+) -> None:
+    """Store one report: series ids[i] has the point (steps[i], values[i], times[i]); times
+    is empty when the client sent none. ids are distinct."""
+    sids = np.asarray(ids, dtype=np.int64)
+    if len(sids) > 1 and not (sids[1:] > sids[:-1]).all():
+        order = np.argsort(sids, kind="stable")
+        sids, steps, values = sids[order], steps[order], values[order]
+        times = times[order] if len(times) else times
+    lo, hi = int(steps.min()), int(steps.max())
+    raw = session.connection().connection.driver_connection
+    if is_pg(session):
+        args = (
+            PgInt8Array(pg_array_bytes(sids, "i8")),
+            PgInt8Array(pg_array_bytes(steps, "i8")),
+            PgArray(pg_array_bytes(values, "f8")),
+            PgArray(pg_array_bytes(times, "f8")),
+        )
+        with raw.cursor() as cur:
+            cur.execute(_PG_INSERT, (run_id, segment, lo, hi, len(sids), *args))
+        return
+    args = (
+        sids.astype(_I8, copy=False).tobytes(),
+        steps.astype(_I8, copy=False).tobytes(),
+        values.astype(_F8, copy=False).tobytes(),
+        times.astype(_F8, copy=False).tobytes(),
+    )
+    raw.execute(_SQLITE_INSERT, (run_id, segment, lo, hi, len(sids), *args))
+
+
+def _arrays(pg: bool, sids, steps, values, times) -> tuple[np.ndarray, ...]:
+    """A row's four columns as numpy arrays (PostgreSQL's read through array_send)."""
+    if pg:
+        return (
+            pg_array(sids, "i8"),
+            pg_array(steps, "i8"),
+            pg_array(values, "f8"),
+            pg_array(times, "f8"),
+        )
+    return (
+        np.frombuffer(sids, dtype=_I8),
+        np.frombuffer(steps, dtype=_I8),
+        np.frombuffer(values, dtype=_F8),
+        np.frombuffer(times, dtype=_F8) if times else _EMPTY_F,
+    )
+
+
+def _payload(pg: bool) -> list:
+    cols = [_R.series_ids, _R.steps, _R["values"], _R.times]
+    return [func.array_send(c) for c in cols] if pg else cols
+
+
+_TAKE = "DELETE FROM reports WHERE run_id = {} RETURNING id, segment, {}"
+_PG_TAKE = _TAKE.format(
+    "%s", 'array_send(series_ids), array_send(steps), array_send("values"), array_send(times)'
+)
+_SQLITE_TAKE = _TAKE.format("?", 'series_ids, steps, "values", times')
+
+
+def flush(session: Session, run_ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Turn the reports of `run_ids` into chunks, one per series and segment; the
+    (series id, segment) of each chunk written. Deletes exactly the rows it turns (DELETE
+    ... RETURNING): a concurrent flush of the same run gets the other rows or none."""
+    run_ids = sorted(set(run_ids))
+    if not run_ids:
+        return []
+    pg = is_pg(session)
+    raw = session.connection().connection.driver_connection
+    rows = []
+    # One statement per run, in run order: two transactions that flush (or ingest) several
+    # runs then lock their rows in one order and never deadlock on PostgreSQL.
+    if pg:
+        with raw.cursor() as cur:
+            for run_id in run_ids:
+                cur.execute(_PG_TAKE, (run_id,))
+                rows += cur.fetchall()
+    else:
+        for run_id in run_ids:
+            rows += raw.execute(_SQLITE_TAKE, (run_id,)).fetchall()
+    if not rows:
+        return []
+    rows.sort(key=lambda r: (r[1], r[0]))  # by segment, then in write order
+    chunks, keys = [], []
+    for seg in sorted({r[1] for r in rows}):
+        group = [_arrays(pg, *r[2:]) for r in rows if r[1] == seg]
+        for sid, steps, values, times in _by_series(group):
+            payload = (
+                pg_arrays(steps, values, times)
+                if pg
+                else (raw_steps(steps), raw_floats(values), raw_floats(times))
+            )
+            chunks.append((sid, seg, int(steps[0]), int(steps[-1]), len(steps), *payload))
+            keys.append((sid, seg))
+    insert_chunks(session, chunks)
+    return keys
+
+
+def _by_series(rows: list[tuple[np.ndarray, ...]]):
+    """(series id, steps, values, times) of each series in `rows` (one segment's reports in
+    write order, as _arrays gives them), series ascending: steps ascending and unique, a
+    step sent twice keeping the later row's value. Times NaN for the rows that had none, if
+    any row had some."""
+    sids = np.concatenate([r[0] for r in rows])
+    if not len(sids):
+        return
+    steps = np.concatenate([r[1] for r in rows])
+    values = np.concatenate([r[2] for r in rows])
+    timed = [len(r[3]) > 0 for r in rows]
+    if any(timed):
+        times = np.concatenate(
+            [r[3] if t else np.full(len(r[0]), np.nan) for r, t in zip(rows, timed, strict=True)]
+        )
+    else:
+        times = _EMPTY_F
+    order = np.repeat(np.arange(len(rows)), [len(r[0]) for r in rows])
+    idx = np.lexsort((order, steps, sids))
+    s, st = sids[idx], steps[idx]
+    last = np.append((s[1:] != s[:-1]) | (st[1:] != st[:-1]), True)
+    idx = idx[last]
+    sids, steps, values = sids[idx], steps[idx], values[idx]
+    times = times[idx] if len(times) else times
+    bounds = [0, *(np.flatnonzero(sids[1:] != sids[:-1]) + 1).tolist(), len(sids)]
+    for a, b in itertools.pairwise(bounds):
+        yield (
+            int(sids[a]),
+            steps[a:b],
+            values[a:b],
+            times[a:b] if len(times) else times,
+        )
+
+
+def parts(
+    session: Session,
+    run_id: int,
+    sids: list[int],
+    start: int | None,
+    end: int | None,
+    want_times: bool,
+) -> dict[int, list[tuple]]:
+    """{series id: [(segment, steps, values, times)]}: the points that reports of `run_id`
+    hold for `sids`, one part per segment (ascending), in read.merge_parts' form. A part may
+    reach outside [start, end]: the reader clips, as it does chunks."""
+    if not sids:
+        return {}
+    pg = is_pg(session)
+    q = select(_R.segment, *_payload(pg)).where(_R.run_id == run_id)
+    if start is not None:
+        q = q.where(_R.step_max >= start)
+    if end is not None:
+        q = q.where(_R.step_min <= end)
+    rows = session.execute(q.order_by(_R.segment, _R.id)).all()
+    if not rows:
+        return {}
+    wanted = np.asarray(sorted(sids), dtype=np.int64)
+    out: dict[int, list[tuple]] = {}
+    for seg in sorted({r[0] for r in rows}):
+        picked = []
+        for r in rows:
+            if r[0] != seg:
+                continue
+            row_sids, steps, values, times = _arrays(pg, *r[1:])
+            pos = np.searchsorted(row_sids, wanted).clip(0, max(len(row_sids) - 1, 0))
+            hit = pos[row_sids[pos] == wanted] if len(row_sids) else pos[:0]
+            if not len(hit):
+                continue
+            picked.append(
+                (
+                    row_sids[hit],
+                    steps[hit],
+                    values[hit],
+                    times[hit] if want_times and len(times) else _EMPTY_F,
+                )
+            )
+        for sid, st, va, ti in _by_series(picked) if picked else ():
+            out.setdefault(sid, []).append((seg, st, va, ti))
+    return out
+
+
+def pending_runs(session: Session) -> list[int]:
+    """The runs that have reports."""
+    return list(session.scalars(select(_R.run_id).distinct().order_by(_R.run_id)))
+
+
+def pending_points(session: Session) -> int:
+    """Points held by reports (storage_stats)."""
+    return int(session.scalar(select(func.coalesce(func.sum(_R.n), 0))) or 0)
