@@ -96,6 +96,7 @@ class Monitor:
         self._handles: list[Any] = []
         self._probes: ProbeSet | None = None
         self._grads_recorded = False
+        self._grads_after_step = False  # the optimizer's own gradient norms, read after it
         self._weights_due = True  # the first step seen reads the weights, then weights_every
         self._backward_norms: list[torch.Tensor | None] = []
         self._tokens = 0
@@ -216,11 +217,25 @@ class Monitor:
             return
         on = self.config.probes
         if "grad" in on and self.config.grads == "optimizer" and not self._grads_recorded:
-            self._guard("grad", self._write_grads, None)
+            if self.ranks is None and hasattr(optimizer, "last_grad_norms"):
+                # The optimizer takes each gradient's norm before it clips (ClippedAdamW):
+                # read those after its step rather than every gradient again now.
+                optimizer.last_grad_norms = None
+                self._grads_after_step = True
+            else:
+                self._guard("grad", self._write_grads, None)
         if "update" in on and self._weights_due:
             self._guard("update", self.params.snapshot)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
+        if self._grads_after_step:
+            self._grads_after_step = False
+            norms = getattr(optimizer, "last_grad_norms", None)
+            if norms is not None:
+                found = [norms.get(id(p)) for p in self.params.params]
+                self._guard("grad", self._write_grads, found)
+            else:  # the step took no norms this time (no gradient, or DTensors)
+                self._guard("grad", self._write_grads, None)
         if self.armed and self._weights_due and ({"param", "update"} & set(self.config.probes)):
             self._guard("param", self._write_weights)
 

@@ -126,3 +126,26 @@ def test_closure_is_evaluated_before_clipping():
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         build_optimizer(Tiny(), **kwargs)
+
+
+def test_per_parameter_norms_are_kept_and_make_the_total():
+    model = Tiny()
+    opt = build_optimizer(model, lr=1e-3, clip_grad_norm=0.5)
+    model(torch.randint(0, 16, (2, 4))).pow(2).sum().mul(100).backward()
+    raw = {id(p): p.grad.norm() for p in model.parameters()}
+    total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    opt.step()
+    assert set(opt.last_grad_norms) == set(raw)
+    for key, norm in raw.items():  # before clipping, each gradient's own norm
+        assert torch.allclose(opt.last_grad_norms[key], norm)
+    torch.testing.assert_close(opt.last_grad_norm, total)
+    assert total > 0.5  # it clipped, so post-clip norms would differ
+
+
+def test_no_per_parameter_norms_for_mixed_dtypes_but_the_total_is_right():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = ClippedAdamW([a, b], lr=1e-3, clip_grad_norm=None)
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0], dtype=torch.float64)
+    opt.step()
+    assert opt.last_grad_norms is None
+    assert float(opt.last_grad_norm) == pytest.approx(5.0)

@@ -267,3 +267,30 @@ def test_loss_lr_and_nonfinite_count():
     assert sink.series("lr", group="1")[1][0] == 3e-4
     assert sink.series("nonfinite.count")[1] == [0.0, 0.0, 1.0]
     assert sink.series("throughput.tokens_per_s")[1][0] > 0
+
+
+def test_clipping_optimizers_own_norms_are_read_not_the_gradients_again(monkeypatch):
+    """ClippedAdamW takes every gradient's norm before it clips: the Monitor reports those
+    (the same values as reading the gradients itself) instead of a second pass over them."""
+    from logitwatch.agent.probes import optim as probes_optim
+
+    reads = []
+    original = probes_optim.ParamStats._sq_norms
+    monkeypatch.setattr(
+        probes_optim.ParamStats, "_sq_norms", lambda self, ts: reads.append(len(ts)) or original(self, ts)
+    )
+    model, sink = tiny(), MemorySink()
+    opt = ClippedAdamW(model.parameters(), lr=1e-2, clip_grad_norm=1e-3)
+    grads = []
+    opt.register_step_pre_hook(
+        lambda o, a, k: grads.append([p.grad.clone() for p in model.parameters()])
+    )
+    config = MonitorConfig(probes=("loss", "grad"))
+    with Monitor(model, opt, run="t", sink=sink, config=config) as monitor:
+        train(model, opt, monitor, steps=3)
+    assert reads == []  # no gradient was read by the Monitor
+    assert len(sink.rows) == 3
+    for (_, _, values), step_grads in zip(sink.rows, grads, strict=True):
+        want = math.sqrt(sum(float(g.pow(2).sum()) for g in step_grads))
+        assert values[series_key("grad.norm")] == pytest.approx(want, rel=1e-5)
+        assert values[series_key("nonfinite.count")] == 0.0
