@@ -186,6 +186,7 @@ def breakdown(args, console: Console) -> None:
         def moved() -> None:  # what an optimizer step does to the weights: a new version
             torch._foreach_mul_(weights, 1.0)
 
+        kept = list(torch._foreach_norm([p.grad for p in params.params]))
         layers = args.layers
         per = 1 / cfg.weights_every  # an every=1 step reads the weights this often (default)
         # name -> (setup, untimed; the timed call; how many times an every=1 step makes it)
@@ -198,7 +199,11 @@ def breakdown(args, console: Console) -> None:
                 None, lambda: logits_stats(grabbed["logits"], sample_tokens=cfg.sample_tokens), 1
             ),
             f"act_rms, one layer (x{layers})": (None, lambda: act_rms(grabbed["resid"]), layers),
-            "grad norms (global + per layer)": (None, params.grads, 1),
+            # ClippedAdamW keeps each gradient's norm (taken to clip): the Monitor groups those.
+            "grad norms from the optimizer's own (global + per layer)": (
+                None, lambda: params.grads(kept), 1
+            ),
+            "  read from the gradients (optimizers that keep none)": (None, params.grads, 0),
             # Read every param_every steps: a snapshot before the step, norms + ratio after.
             f"weights every {cfg.weights_every}: snapshot before the step": (
                 lambda: (params.weights(), moved()), params.snapshot, per
