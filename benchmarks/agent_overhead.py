@@ -9,8 +9,12 @@ these arms out). An arm's ratio is the median over rounds of 10 steps of its tim
 over the reference arm's time in the same round: paired, so a slow spell of the machine
 slows both, and every round holds one reporting step of the every=10 arm, so its ratio counts
 that step's cost once per 10 steps, as training does (a median of single steps would hide
-it). Then a per-probe breakdown of a reporting step, then the transport comparison of
-benchmarks/transport.py when it is there.
+it). The rounds are split into --blocks blocks, each with fresh copies of every arm (new
+models, optimizers and Monitors): where an arm's tensors land in memory moves its step time by
+about 1 % for as long as they live, which interleaving cannot cancel but new copies re-draw;
+the table shows each arm's ratio over the rounds of all blocks, and the lowest and highest of
+the blocks' own ratios. Then a per-probe breakdown of a reporting step, then the transport
+comparison of benchmarks/transport.py when it is there.
 
     .venv/bin/python benchmarks/agent_overhead.py [--rounds 30] [--layers 4] [--d-model 256]
 """
@@ -75,92 +79,118 @@ def overhead(args, console: Console) -> None:
             arms[f"compiled, {name}"] = (every, True, "compiled, no monitor")
     arms[NOISE] = (None, False, "no monitor")
     tmp = tempfile.mkdtemp(prefix="logitwatch-bench-")
-    runs = {}
-    for name, (every, compiled, _) in arms.items():
-        model = copy.deepcopy(base)
-        opt = build_optimizer(model, lr=3e-4)
-        monitor = None
-        if every is not None:
-            run = f"bench-{every}" + ("-compiled" if compiled else "")
-            sink = FileSink(tmp, run)  # the offline default sink
-            monitor = Monitor(model, opt, run=run, sink=sink, config=MonitorConfig(every=every))
-        # Every Monitor exists before the first compiled forward, as the README asks.
-        runs[name] = (torch.compile(model) if compiled else model, opt, monitor, [], [])
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 256, (args.batch, args.seq), generator=g) for _ in range(4)]
-    total = args.warmup + args.rounds * 10  # rounds of 10 steps: every=10 reports once per round
-    graphs, order = 0, random.Random(2)
+    per_block = max(1, -(-args.rounds // args.blocks))
+    # arm -> [wall], [cpu], and per block the arm's paired ratios of its rounds
+    times = {name: ([], [], []) for name in arms}
+    graphs = {"warm-up": 0, "measured": 0}
+    order = random.Random(2)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(f"steps ({len(runs)} arms each)", total=total)
-        for step in range(total):
-            if step == args.warmup and args.compile:
-                graphs = counters["stats"]["unique_graphs"]
-            # Interleaved, in a new random order each step: an arm's place in the round (after
-            # which arm, in what state it left the caches and the allocator) moves its step
-            # time by several percent on a 2-core box, and a rotation keeps each predecessor.
-            arms_now = list(runs.values())
-            order.shuffle(arms_now)
-            for model, opt, monitor, wall, cpu in arms_now:
-                t, c = step_fn(model, opt, monitor, batches[step % len(batches)], step)
-                if step >= args.warmup:
-                    wall.append(t)
-                    cpu.append(c)
-            progress.advance(task)
-    for _, _, monitor, _, _ in runs.values():
-        if monitor is not None:
-            monitor.close()
+        task = progress.add_task(
+            f"steps ({len(arms)} arms each, {args.blocks} blocks of fresh copies)",
+            total=args.blocks * (args.warmup + per_block * 10),
+        )
+        for block in range(args.blocks):
+            # Fresh copies each block: where an arm's tensors land in memory moves its step
+            # time by ~1 % for as long as they live (measured: two identical arms 0.99-1.01
+            # apart in one run), and interleaving steps cannot cancel that; new copies re-draw
+            # it, and the ratios pool rounds from every block.
+            runs = {}
+            for name, (every, compiled, _) in arms.items():
+                model = copy.deepcopy(base)
+                opt = build_optimizer(model, lr=3e-4)
+                monitor = None
+                if every is not None:
+                    run = f"bench-{every}" + ("-compiled" if compiled else "") + f"-{block}"
+                    sink = FileSink(tmp, run)  # the offline default sink
+                    monitor = Monitor(
+                        model, opt, run=run, sink=sink, config=MonitorConfig(every=every)
+                    )
+                # Every Monitor exists before the first compiled forward, as the README asks.
+                runs[name] = (torch.compile(model) if compiled else model, opt, monitor, [], [])
+            total = args.warmup + per_block * 10  # rounds of 10 steps: every=10 reports once
+            for step in range(total):
+                if step == args.warmup:
+                    graphs["warm-up"] += counters["stats"]["unique_graphs"]
+                    counters["stats"]["unique_graphs"] = 0
+                # Interleaved, in a new random order each step: an arm's place in the round
+                # (after which arm, in what state it left the caches and the allocator) moves
+                # its step time by several percent on a 2-core box.
+                arms_now = list(runs.values())
+                order.shuffle(arms_now)
+                for model, opt, monitor, wall, cpu in arms_now:
+                    t, c = step_fn(model, opt, monitor, batches[step % len(batches)], step)
+                    if step >= args.warmup:
+                        wall.append(t)
+                        cpu.append(c)
+                progress.advance(task)
+            graphs["measured"] += counters["stats"]["unique_graphs"]
+            counters["stats"]["unique_graphs"] = 0
+            for name, (_, _, monitor, wall, cpu) in runs.items():
+                if monitor is not None:
+                    monitor.close()
+                ref_wall = runs[arms[name][2]][3]
+                times[name][0].extend(wall)
+                times[name][1].extend(cpu)
+                times[name][2].append(paired_ratios(wall, ref_wall))
     title = (
         f"Step time, {args.layers} layers, d_model {args.d_model}, seq {args.seq}, "
-        f"batch {args.batch} (CPU, {torch.get_num_threads()} threads, {len(runs['every=1'][3])} steps per arm)"
+        f"batch {args.batch} (CPU, {torch.get_num_threads()} threads, "
+        f"{len(times['every=1'][0])} steps per arm in {args.blocks} blocks)"
     )
     targets = {"every=1": 1.03, "every=10": 1.01}
     rows = []
-    for name, (_, _, _, wall, cpu) in runs.items():
-        ref_wall, ref_cpu = runs[arms[name][2]][3:]
-        ratio, cpu_ratio = paired_ratio(wall, ref_wall), paired_ratio(cpu, ref_cpu)
+    for name, (wall, cpu, blocks) in times.items():
+        ref_wall, ref_cpu = times[arms[name][2]][:2]
+        ratio = statistics.median([r for b in blocks for r in b])
+        cpu_ratio = statistics.median(paired_ratios(cpu, ref_cpu))
+        spread = [statistics.median(b) for b in blocks]
         target = targets.get(name.removeprefix("compiled, "))
         verdict = "" if target is None else f"<= {target} {'met' if ratio <= target else 'NOT met'}"
         rows.append(
             (name, 1e3 * statistics.median(wall), ratio, verdict,
-             1e3 * statistics.median(cpu), cpu_ratio)
+             1e3 * statistics.median(cpu), cpu_ratio, (min(spread), max(spread)))
         )  # fmt: skip
     console.print(overhead_table(title, rows))
     for prefix in ("", "compiled, ") if args.compile else ("",):
-        base = [statistics.median(x) for x in runs[prefix + "no monitor"][3:]]
-        every1 = [statistics.median(x) for x in runs[prefix + "every=1"][3:]]
+        base_ms = [statistics.median(x) for x in times[prefix + "no monitor"][:2]]
+        every1 = [statistics.median(x) for x in times[prefix + "every=1"][:2]]
         console.print(
-            f"{prefix or 'eager, '}every=1 costs {1e3 * (every1[0] - base[0]):.1f} ms a step "
-            f"(CPU {1e3 * (every1[1] - base[1]):.1f} ms; the breakdown below sums its parts)"
+            f"{prefix or 'eager, '}every=1 costs {1e3 * (every1[0] - base_ms[0]):.1f} ms a step "
+            f"(CPU {1e3 * (every1[1] - base_ms[1]):.1f} ms; the breakdown below sums its parts)"
         )
     # Reporting vs non-reporting steps of the every=10 arms: what a probe step costs on its own.
     first = (10 - args.warmup % 10) % 10
     for prefix in ("", "compiled, ") if args.compile else ("",):
-        times = runs[f"{prefix}every=10"][3]
-        rep = [t for i, t in enumerate(times) if i % 10 == first]
-        non = [t for i, t in enumerate(times) if i % 10 != first]
+        steps = times[f"{prefix}every=10"][0]
+        rep = [t for i, t in enumerate(steps) if i % 10 == first]
+        non = [t for i, t in enumerate(steps) if i % 10 != first]
         console.print(
             f"{prefix}every=10 arm: reporting steps median {1e3 * statistics.median(rep):.1f} ms, "
             f"other steps {1e3 * statistics.median(non):.1f} ms, "
-            f"no monitor {1e3 * statistics.median(runs[prefix + 'no monitor'][3]):.1f} ms"
+            f"no monitor {1e3 * statistics.median(times[prefix + 'no monitor'][0]):.1f} ms"
         )
     if args.compile:
         console.print(
-            f"compiled arms: {graphs} graphs compiled in the warm-up, "
-            f"{counters['stats']['unique_graphs'] - graphs} after it (recompiles), "
+            f"compiled arms: {graphs['warm-up']} graphs compiled in the blocks' warm-ups, "
+            f"{graphs['measured']} in measured steps (recompiles), "
             f"{sum(counters['graph_break'].values())} graph breaks"
         )
+
+
+def paired_ratios(times: list[float], ref: list[float], steps: int = 10) -> list[float]:
+    """Each round's (``steps`` consecutive steps) time over the reference's in that round."""
+    n = min(len(times), len(ref)) // steps * steps
+    return [sum(times[i : i + steps]) / sum(ref[i : i + steps]) for i in range(0, n, steps)]
 
 
 def paired_ratio(times: list[float], ref: list[float], steps: int = 10) -> float:
     """Median over rounds of ``steps`` consecutive steps of sum(times) / sum(ref) in the round
     (both lists hold the same steps, interleaved in one run)."""
-    rounds = [
-        sum(times[i : i + steps]) / sum(ref[i : i + steps])
-        for i in range(0, min(len(times), len(ref)) - steps + 1, steps)
-    ]
-    return statistics.median(rounds)
+    return statistics.median(paired_ratios(times, ref, steps))
 
 
 def breakdown(args, console: Console) -> None:
@@ -240,17 +270,21 @@ def breakdown(args, console: Console) -> None:
         )
 
 
-def overhead_table(title: str, rows: list[tuple[str, float, float, str, float, float]]) -> Records:
-    """(arm, median ms, ratio, target verdict, CPU ms, CPU ratio) a row."""
+def overhead_table(
+    title: str, rows: list[tuple[str, float, float, str, float, float, tuple[float, float]]]
+) -> Records:
+    """(arm, median ms, ratio, target verdict, CPU ms, CPU ratio, (lowest, highest) of the
+    blocks' own ratios) a row."""
     table = Records(
-        ["arm", num("median ms"), num("ratio"), Col("target", readable=14), num("CPU ms"),
-         num("CPU ratio")],
+        ["arm", num("median ms"), num("ratio"), Col("blocks", readable=13),
+         Col("target", readable=14), num("CPU ms"), num("CPU ratio")],
         title=title,
     )  # fmt: skip
-    for name, ms, ratio, verdict, cpu_ms, cpu_ratio in rows:
+    for name, ms, ratio, verdict, cpu_ms, cpu_ratio, (low, high) in rows:
         table.add_row(
-            name, f"{ms:,.1f}", f"{ratio:.4f}", verdict, f"{cpu_ms:,.1f}", f"{cpu_ratio:.4f}"
-        )
+            name, f"{ms:,.1f}", f"{ratio:.4f}", f"{low:.3f}-{high:.3f}", verdict,
+            f"{cpu_ms:,.1f}", f"{cpu_ratio:.4f}",
+        )  # fmt: skip
     return table
 
 
@@ -328,7 +362,8 @@ def transports(console: Console) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=8, help="rounds of 10 interleaved steps per arm")
+    p.add_argument("--rounds", type=int, default=9, help="rounds of 10 interleaved steps per arm")
+    p.add_argument("--blocks", type=int, default=3, help="fresh copies of every arm, rounds split")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=256)

@@ -256,11 +256,12 @@ def test_ingest_report(benchmarks):
 def test_agent_overhead_tables(benchmarks):
     bench = benchmarks("agent_overhead")
     title = "Step time, 4 layers, d_model 256, seq 256, batch 8 (CPU, 2 threads, 60 steps per arm)"
-    rows = [("no monitor", 1234567.8, 1.0, "", 1234.5, 1.0),
-            ("every=1", 1271604.8, 1.03, "<= 1.03 NOT met", 1271.5, 1.03)]  # fmt: skip
+    rows = [("no monitor", 1234567.8, 1.0, "", 1234.5, 1.0, (1.0, 1.0)),
+            ("every=1", 1271604.8, 1.03, "<= 1.03 NOT met", 1271.5, 1.03, (1.0123, 1.0456))]  # fmt: skip
     text = render_text(bench.overhead_table(title, rows), width=WIDTH)
-    check(text, ["arm", "median ms", "ratio", "target", "CPU ms", "CPU ratio"],
-          ["1,234,567.8", "1,271,604.8", "1.0300", "1,271.5", "every=1", "NOT"])  # fmt: skip
+    check(text, ["arm", "median ms", "ratio", "blocks", "target", "CPU ms", "CPU ratio"],
+          ["1,234,567.8", "1,271,604.8", "1.0300", "1,271.5", "every=1", "NOT",
+           "1.012-1.046"])  # fmt: skip
     costs = [
         ("attn_stats, one layer (x4)", 1234.5678, 1000.25),
         ("device-to-host copy of the buffer", 0.012, 0.011),

@@ -277,7 +277,9 @@ def test_clipping_optimizers_own_norms_are_read_not_the_gradients_again(monkeypa
     reads = []
     original = probes_optim.ParamStats._sq_norms
     monkeypatch.setattr(
-        probes_optim.ParamStats, "_sq_norms", lambda self, ts: reads.append(len(ts)) or original(self, ts)
+        probes_optim.ParamStats,
+        "_sq_norms",
+        lambda self, ts: reads.append(len(ts)) or original(self, ts),
     )
     model, sink = tiny(), MemorySink()
     opt = ClippedAdamW(model.parameters(), lr=1e-2, clip_grad_norm=1e-3)
