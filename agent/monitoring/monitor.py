@@ -228,7 +228,7 @@ class Monitor:
             self._guard("update", self.params.snapshot)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
-        if self._grads_after_step:
+        if self._grads_after_step and self.armed:  # (a step that raised leaves it set)
             self._grads_after_step = False
             norms = getattr(optimizer, "last_grad_norms", None)
             if norms is not None:
