@@ -19,6 +19,7 @@ from logitwatch.service.api.ingest import Ingest
 from logitwatch.service.api.prom import ServiceMetrics
 from logitwatch.service.rules.engine import RuleEngine
 from logitwatch.service.settings import Settings
+from logitwatch.service.store import snapshot
 from logitwatch.service.store.compact import Compactor
 from logitwatch.service.store.db import Writer
 
@@ -58,8 +59,14 @@ async def get_reads(request: Request) -> sessionmaker[Session]:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """A read session for one request, shared by its dependencies (auth) and its endpoint."""
+    """A read session for one request, shared by its dependencies (auth) and its endpoint.
+
+    On PostgreSQL it reads one snapshot (REPEATABLE READ; these sessions never write): a read
+    of points takes several statements (a run's reports, then its chunks), and under READ
+    COMMITTED a flush and a rewrite committed between them could show one step's old value
+    beside another step's new one, a state the database never held."""
     with request.app.state.sessionmaker() as session:
+        snapshot(session)
         yield session
 
 

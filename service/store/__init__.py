@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from logitwatch.service.store.ingest import IngestResult, Prepared, ingest_batch, prepare_batch
 from logitwatch.service.store.limits import LimitError, check_run_quota
-from logitwatch.service.store.read import Buckets, Points, ReadResult, bucketize, read_points
+from logitwatch.service.store.read import (
+    Buckets,
+    Points,
+    ReadResult,
+    bucketize,
+    read_points,
+    snapshot,
+)
 from logitwatch.service.store.runs import (
     RunInfo,
     SeriesInfo,
@@ -38,5 +45,6 @@ __all__ = [
     "list_series",
     "prepare_batch",
     "read_points",
+    "snapshot",
     "upsert_run",
 ]

@@ -23,7 +23,15 @@ from logitwatch.service.store.models import Chunk, ChunkSummary, Run, Series
 from logitwatch.service.store.sql import is_pg
 from logitwatch.service.store.summary import bucketize, combine, grid, unpack
 
-__all__ = ["Buckets", "Points", "ReadResult", "bucketize", "merge_parts", "read_points"]
+__all__ = [
+    "Buckets",
+    "Points",
+    "ReadResult",
+    "bucketize",
+    "merge_parts",
+    "read_points",
+    "snapshot",
+]
 
 DEFAULT_LIMIT = 100_000
 _EMPTY_I = np.empty(0, dtype=np.int64)
@@ -64,6 +72,14 @@ class ReadResult:
     series: list[Points | Buckets] = field(default_factory=list)
     #: Pass back as `cursor` for the next page; None on the last page (and for buckets).
     next_cursor: str | None = None
+
+
+def snapshot(session: Session) -> None:
+    """Make the session's next transaction read one snapshot: REPEATABLE READ on PostgreSQL
+    (a session that only reads; call it before its first statement). SQLite's read
+    transactions see one snapshot already (WAL)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
 
 
 def _chunks(

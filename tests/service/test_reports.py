@@ -259,3 +259,43 @@ def test_grafana_functions_read_reports_on_postgresql(tmp_path):
             assert [tuple(r) for r in rows] == [(1, 9.0), (2, 5.0), (3, 3.0)]
         finally:
             engine.dispose()
+
+
+def test_a_read_shows_a_batch_committed_during_it_whole_or_not_at_all(
+    sessions, client, run_name, monkeypatch
+):
+    """GET points reads a run's reports, then its chunks. A batch committed between the two
+    statements (it flushes the reports into chunks, rewrites step 5 and adds step 7) must show
+    entirely or not at all: under PostgreSQL's READ COMMITTED the read showed step 5's old
+    value beside the new step 7, a state the database never held."""
+    from logitwatch.service.store import read as store_read
+
+    with sessions() as s:
+        for step in range(6):  # reports of steps 0-5: layer 3 reads step + 3
+            store.ingest_batch(s, run=run_name, batch=Batch("c", step, 0, _report(step, step)))
+        s.commit()
+    rewrite = series_from_columns("attn.entropy_min", LABELS[3], [5, 7], [-1.0, -1.0])
+    original, wrote = reports.parts, []
+
+    def parts_then_a_commit(*args, **kwargs):
+        found = original(*args, **kwargs)
+        if not wrote:  # once, between the read's two statements
+            with sessions() as other:
+                store.ingest_batch(other, run=run_name, batch=Batch("w", 1, 0, [rewrite]))
+                other.commit()
+            wrote.append(True)
+        return found
+
+    monkeypatch.setattr(store_read.reports, "parts", parts_then_a_commit)
+    r = client.get(f"/api/v1/runs/{run_name}/metrics/attn.entropy_min", params={"layer": "3"})
+    assert r.status_code == 200, r.text
+    assert wrote  # the write did land during the read
+    (series,) = r.json()["series"]
+    got = dict(zip(series["steps"], series["values"], strict=True))
+    before = {step: step + 3.0 for step in range(6)}
+    after = {**before, 5: -1.0, 7: -1.0}
+    assert got == before  # the read's snapshot predates the write: none of it
+    monkeypatch.setattr(store_read.reports, "parts", original)
+    r = client.get(f"/api/v1/runs/{run_name}/metrics/attn.entropy_min", params={"layer": "3"})
+    (series,) = r.json()["series"]
+    assert dict(zip(series["steps"], series["values"], strict=True)) == after
