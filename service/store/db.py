@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -14,9 +16,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = [
+    "CONFLICT_TRIES",
     "WRITE",
     "GroupCommit",
     "Writer",
+    "is_conflict",
     "is_postgres",
     "make_engine",
     "make_sessionmaker",
@@ -236,11 +240,35 @@ class GroupCommit:
                         item[1].set_exception(exc)
 
     def _commit(self, work: list[tuple[Job, Future]]) -> None:
-        with self._writer() as session:
-            answers = self._finish(session, [job(session) for job, _ in work])
-            session.commit()
+        """Run `work` in one transaction and settle its futures after the commit; a
+        transaction PostgreSQL aborted to break a deadlock or a serialization conflict
+        (nothing of it stored) runs again, up to CONFLICT_TRIES times in all."""
+        for attempt in range(1, CONFLICT_TRIES + 1):
+            try:
+                with self._writer() as session:
+                    answers = self._finish(session, [job(session) for job, _ in work])
+                    session.commit()
+                break
+            except Exception as exc:
+                if attempt == CONFLICT_TRIES or not is_conflict(exc):
+                    raise
+                time.sleep(random.uniform(0, 0.01 * attempt))  # the other one goes first
         for (_, future), answer in zip(work, answers, strict=True):
             future.set_result(answer)
+
+
+#: How many times GroupCommit runs a transaction that PostgreSQL aborted for a conflict.
+CONFLICT_TRIES = 5
+#: SQLSTATEs of a transaction aborted only for another's sake: serialization_failure,
+#: deadlock_detected. Running it again is the documented remedy.
+_CONFLICTS = frozenset({"40001", "40P01"})
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether `exc` is PostgreSQL aborting a transaction to break a deadlock or a
+    serialization conflict: nothing of it was stored, and it may simply run again."""
+    orig = getattr(exc, "orig", exc)
+    return getattr(orig, "sqlstate", None) in _CONFLICTS
 
 
 def is_postgres(engine: Engine) -> bool:

@@ -275,6 +275,7 @@ def ingest_batch(
     `prepared` (from prepare_batch) lets the caller pack the arrays before taking a lock.
     """
     run_id = ensure_run_id(session, run)
+    _lock_run(session, run_id)
     one = prepared is not None and prepared.points is not None
     n_points = len(prepared.points.steps) if one else batch.n_points
     if not _mark(session, run_id, batch, n_points):
@@ -301,6 +302,27 @@ def ingest_batch(
         report=prepared.points is not None,
         flushed=flushed,
     )
+
+
+def _lock_run(session: Session, run_id: int) -> None:
+    """PostgreSQL: lock the run's row before anything else of the run is written.
+
+    Every write of a run (the batch's record, its series, latest rows, reports, rule state)
+    then happens under this one lock, taken first; a group commit takes its runs' locks in
+    name order (db.GroupCommit) and a flush of reports takes them the same way
+    (reports.flush). Without it, two processes storing the same batch could each hold what
+    the other waits for: one the batch's record, the other the latest rows of a batch before.
+    SQLite has one writer, so nothing to do there.
+    """
+    if is_pg(session):
+        raw = session.connection().connection.driver_connection
+        with raw.cursor() as cur:
+            cur.execute(_PG_LOCK_RUN, (run_id,))
+
+
+# NO KEY UPDATE: the strength the rule engine's lock and the last_seen_at update take, and
+# no conflict with the KEY SHARE locks that foreign keys to the run take.
+_PG_LOCK_RUN = "SELECT 1 FROM runs WHERE id = %s FOR NO KEY UPDATE"
 
 
 def _upsert_latest(session: Session, latest: list[tuple], pg: bool, sqlite: str = "") -> None:

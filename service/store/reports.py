@@ -113,6 +113,10 @@ _PG_TAKE = _TAKE.format(
     "%s", 'array_send(series_ids), array_send(steps), array_send("values"), array_send(times)'
 )
 _SQLITE_TAKE = _TAKE.format("?", 'series_ids, steps, "values", times')
+_PG_LOCK_RUNS = (
+    # COLLATE "C": byte order, which is the order of Python's str comparison (UTF-8).
+    'SELECT id FROM runs WHERE id = ANY(%s) ORDER BY name COLLATE "C" FOR NO KEY UPDATE'
+)
 
 
 def flush(session: Session, run_ids: Iterable[int]) -> list[tuple[int, int]]:
@@ -125,10 +129,13 @@ def flush(session: Session, run_ids: Iterable[int]) -> list[tuple[int, int]]:
     pg = is_pg(session)
     raw = session.connection().connection.driver_connection
     rows = []
-    # One statement per run, in run order: two transactions that flush (or ingest) several
-    # runs then lock their rows in one order and never deadlock on PostgreSQL.
     if pg:
         with raw.cursor() as cur:
+            # The runs' rows first, locked in name order: the order a group commit takes
+            # them in (ingest.py), so a flush and an ingest never each hold what the other
+            # waits for. A run deleted meanwhile has no reports left to take.
+            cur.execute(_PG_LOCK_RUNS, (run_ids,))
+            run_ids = [r[0] for r in cur.fetchall()]
             for run_id in run_ids:
                 cur.execute(_PG_TAKE, (run_id,))
                 rows += cur.fetchall()
