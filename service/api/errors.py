@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from logitwatch.protocol import ProtocolError
 from logitwatch.service.store import LimitError
+from logitwatch.service.store.db import is_conflict
 
 __all__ = ["ApiError", "BodyLimit", "install_error_handlers"]
 
@@ -114,7 +115,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _db_down(_req: Request, exc: OperationalError) -> JSONResponse:
         # The database is unreachable or (SQLite) locked past busy_timeout: a client should
         # retry, and the agent's sender does (its spool keeps the batch meanwhile).
-        detail = f"database unavailable: {str(exc.orig).splitlines()[0][:200]}"
+        reason = str(exc.orig).splitlines()[0][:200]
+        if is_conflict(exc):  # aborted for another writer's sake: nothing of it was stored
+            detail = f"write conflict ({reason}): nothing was stored; retry"
+        else:
+            detail = f"database unavailable: {reason}"
         return JSONResponse(
             _body(503, "unavailable", detail), status_code=503, headers={"Retry-After": "1"}
         )

@@ -16,10 +16,14 @@ from collections.abc import Callable
 import psycopg
 import pytest
 from helpers.feed import S
+from helpers.server import thread_server
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from logitwatch.protocol import Batch
+from logitwatch.protocol import Batch, encode_batch
+from logitwatch.service.app import create_app
+from logitwatch.service.rules.engine import RuleEngine
+from logitwatch.service.settings import load_settings
 from logitwatch.service.store import ingest_batch, reports
 from logitwatch.service.store.db import (
     CONFLICT_TRIES,
@@ -204,3 +208,27 @@ def test_a_group_aborted_for_a_conflict_runs_again_and_other_errors_do_not(pg_ur
         ).scalar_one()
     engine.dispose()
     assert n == 1
+
+
+def test_a_write_that_keeps_conflicting_is_a_503_that_says_so(pg_url, run_name, monkeypatch):
+    tries = []
+    real = RuleEngine.ingest
+
+    def conflicting(self, session, **kw):
+        tries.append(kw["batch"].seq)
+        real(self, session, **kw)  # written, then aborted: nothing of it may stay
+        raise _deadlock()
+
+    body = encode_batch(_report(1, 0))
+    headers = {"content-type": "application/msgpack"}
+    with thread_server(create_app(load_settings(db_url=pg_url))) as server, server.client() as c:
+        monkeypatch.setattr(RuleEngine, "ingest", conflicting)
+        r = c.post(f"/api/v1/runs/{run_name}/points", content=body, headers=headers)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"] == "unavailable"
+        assert "write conflict (deadlock detected): nothing was stored" in str(r.json()["detail"])
+        # the group, then the request alone: each run CONFLICT_TRIES times
+        assert len(tries) == 2 * CONFLICT_TRIES
+        monkeypatch.setattr(RuleEngine, "ingest", real)
+        r = c.post(f"/api/v1/runs/{run_name}/points", content=body, headers=headers)
+        assert r.status_code == 200 and r.json()["duplicate"] is False
