@@ -36,7 +36,7 @@ from logitwatch.service.rules.warmup import infer_warmup
 from logitwatch.service.store.ingest import IngestResult, Prepared, ingest_batch, series_columns
 from logitwatch.service.store.models import Run, utcnow
 from logitwatch.service.store.rule_tables import Alert
-from logitwatch.service.store.sql import is_pg, labels_key
+from logitwatch.service.store.sql import is_pg, labels_key, pg_execute
 
 __all__ = ["RuleEngine"]
 
@@ -250,10 +250,12 @@ _RUN_PG = "SELECT id, config FROM runs WHERE name = %s FOR NO KEY UPDATE"
 
 
 def _lock_run(session: Session, run: str) -> _RunRow:
-    raw = session.connection().connection.driver_connection
-    cur = raw.cursor()
+    if is_pg(session):
+        cur = pg_execute(session, _RUN_PG, (run,))  # with the statements deferred before it
+    else:
+        cur = session.connection().connection.driver_connection.cursor()
+        cur.execute(_RUN_SQLITE, (run,))
     try:
-        cur.execute(_RUN_PG if is_pg(session) else _RUN_SQLITE, (run,))
         found = cur.fetchone()
     finally:
         cur.close()

@@ -41,7 +41,7 @@ from logitwatch.service.rules.windows import (
 )
 from logitwatch.service.store.models import utcnow
 from logitwatch.service.store.rule_tables import RuleState
-from logitwatch.service.store.sql import cache, is_pg, remember
+from logitwatch.service.store.sql import cache, defer, is_pg, pg_cursor, remember
 
 __all__ = ["RUN_KEY", "Points", "RunStates", "StateRow", "StateRows"]
 
@@ -189,8 +189,9 @@ class StateRows:
         return template.format(p="?", state="?", **kw)
 
     def _cursor(self):
-        raw = self.session.connection().connection.driver_connection
-        return raw.cursor()
+        if is_pg(self.session):
+            return pg_cursor(self.session)  # after the statements deferred before it
+        return self.session.connection().connection.driver_connection.cursor()
 
     def load(self, keys: list[str], blocks: list[str] = ()) -> None:
         """Read the run's own row (the epoch), then whichever of `keys` (series rows) and
@@ -295,21 +296,22 @@ class StateRows:
                 new.append((self.run_id, RUN_KEY, 0, self.epoch, run_json, now))
             else:
                 old.append((0, self.epoch, run_json, now, self.run_id, RUN_KEY))
-        cur = self._cursor()
-        try:
-            if is_pg(self.session):
-                # One statement over arrays each: executemany costs ~20 us of Python a row.
-                if new:
-                    cur.execute(_PG_INSERT, (self.run_id, now, *_columns(new, 1, 2, 3, 4)))
-                if old:
-                    cur.execute(_PG_UPDATE, (now, *_columns(old, 5, 0, 1, 2), self.run_id))
-            else:
+        if is_pg(self.session):
+            # One statement over arrays each: executemany costs ~20 us of Python a row.
+            # Nothing is read back: sent with the transaction's next statement.
+            if new:
+                defer(self.session, _PG_INSERT, (self.run_id, now, *_columns(new, 1, 2, 3, 4)))
+            if old:
+                defer(self.session, _PG_UPDATE, (now, *_columns(old, 5, 0, 1, 2), self.run_id))
+        else:
+            cur = self._cursor()
+            try:
                 if new:
                     cur.executemany(self._sql(_INSERT), new)
                 if old:
                     cur.executemany(self._sql(_UPDATE), old)
-        finally:
-            cur.close()
+            finally:
+                cur.close()
         # The rows join the cache when this transaction commits (never if it rolls back).
         remember(
             self.session,

@@ -46,7 +46,7 @@ from logitwatch.service.store.codec import (
 from logitwatch.service.store.models import Chunk, ChunkSummary, Run, Series
 from logitwatch.service.store.read import merge_parts
 from logitwatch.service.store.reports import FLUSH_REPORTS
-from logitwatch.service.store.sql import PgInt8Array, insert_chunks, is_pg, pg_arrays
+from logitwatch.service.store.sql import PgInt8Array, insert_chunks, is_pg, pg_arrays, pg_cursor
 from logitwatch.service.store.summary import summarize
 
 __all__ = [
@@ -257,7 +257,7 @@ def _delete(session: Session, ids: list[int]) -> int:
     (and psycopg parses) a parameter per id, where PostgreSQL takes one array."""
     raw = session.connection().connection.driver_connection
     if is_pg(session):
-        with raw.cursor() as cur:
+        with pg_cursor(session) as cur:
             cur.execute(
                 "DELETE FROM chunks WHERE id = ANY(%s)",
                 (PgInt8Array(pg_array_bytes(np.asarray(ids, dtype=np.int64), "i8")),),

@@ -15,6 +15,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from logitwatch.service.store.sql import pipeline_deferred
+
 __all__ = [
     "CONFLICT_TRIES",
     "WRITE",
@@ -47,7 +49,9 @@ def make_engine(url: str) -> Engine:
     """An engine; SQLite gets WAL, busy_timeout, foreign keys and explicit BEGIN handling."""
     u = make_url(url)
     if u.get_backend_name() == "postgresql":
-        return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=16)
+        engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=16)
+        pipeline_deferred(engine)
+        return engine
     path = sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

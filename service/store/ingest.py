@@ -30,11 +30,13 @@ from logitwatch.service.store.sql import (
     PgArray,
     PgInt8Array,
     cache,
+    defer,
     insert,
     insert_chunks,
     is_pg,
     labels_key,
     pg_arrays,
+    pg_execute,
     pg_one,
     remember,
 )
@@ -315,9 +317,7 @@ def _lock_run(session: Session, run_id: int) -> None:
     SQLite has one writer, so nothing to do there.
     """
     if is_pg(session):
-        raw = session.connection().connection.driver_connection
-        with raw.cursor() as cur:
-            cur.execute(_PG_LOCK_RUN, (run_id,))
+        defer(session, _PG_LOCK_RUN, (run_id,))  # sent with the batch's record, in order
 
 
 # NO KEY UPDATE: the strength the rule engine's lock and the last_seen_at update take, and
@@ -331,12 +331,11 @@ def _upsert_latest(session: Session, latest: list[tuple], pg: bool, sqlite: str 
     latest.sort()
     if not latest:
         return
-    raw = session.connection().connection.driver_connection
     if pg:
-        with raw.cursor() as cur:
-            # One statement over arrays: executemany would cost ~20 us of Python a row.
-            cur.execute(_PG_LATEST, _pg_latest_arrays(latest))
+        # One statement over arrays: executemany would cost ~20 us of Python a row.
+        defer(session, _PG_LATEST, _pg_latest_arrays(latest))
     else:
+        raw = session.connection().connection.driver_connection
         raw.executemany(sqlite or _SQLITE_LATEST, latest)
 
 
@@ -393,11 +392,12 @@ def _mark(session: Session, run_id: int, batch: Batch, n_points: int) -> bool:
     On PostgreSQL a concurrent insert of the same key waits for the other transaction and
     then does nothing, so two processes never both store one batch.
     """
-    raw = session.connection().connection.driver_connection
     if is_pg(session):
-        with raw.cursor() as cur:
-            cur.execute(_PG_MARK, (run_id, batch.client, batch.seq, utcnow(), n_points))
+        with pg_execute(
+            session, _PG_MARK, (run_id, batch.client, batch.seq, utcnow(), n_points)
+        ) as cur:
             return cur.rowcount == 1
+    raw = session.connection().connection.driver_connection
     stamp = _sqlite_stamp(utcnow())
     return (
         raw.execute(_SQLITE_MARK, (run_id, batch.client, batch.seq, stamp, n_points)).rowcount == 1
@@ -423,11 +423,10 @@ def _seen(session: Session, run_id: int) -> None:
         return
     ids_cache[key] = now
     stamp = utcnow()
-    raw = session.connection().connection.driver_connection
     if is_pg(session):
-        with raw.cursor() as cur:
-            cur.execute(_SEEN.format(p="%s"), (stamp, run_id, stamp - timedelta(seconds=1)))
+        defer(session, _SEEN.format(p="%s"), (stamp, run_id, stamp - timedelta(seconds=1)))
     else:
+        raw = session.connection().connection.driver_connection
         args = (_sqlite_stamp(stamp), run_id, _sqlite_stamp(stamp - timedelta(seconds=1)))
         raw.execute(_SEEN.format(p="?"), args)
 

@@ -31,7 +31,15 @@ from sqlalchemy.orm import Session
 
 from logitwatch.service.store.codec import pg_array, pg_array_bytes, raw_floats, raw_steps
 from logitwatch.service.store.models import Report
-from logitwatch.service.store.sql import PgArray, PgInt8Array, insert_chunks, is_pg, pg_arrays
+from logitwatch.service.store.sql import (
+    PgArray,
+    PgInt8Array,
+    defer,
+    insert_chunks,
+    is_pg,
+    pg_arrays,
+    pg_cursor,
+)
 
 __all__ = ["FLUSH_REPORTS", "flush", "parts", "pending_points", "pending_runs", "write"]
 
@@ -66,7 +74,6 @@ def write(
         sids, steps, values = sids[order], steps[order], values[order]
         times = times[order] if len(times) else times
     lo, hi = int(steps.min()), int(steps.max())
-    raw = session.connection().connection.driver_connection
     if is_pg(session):
         args = (
             PgInt8Array(pg_array_bytes(sids, "i8")),
@@ -74,9 +81,9 @@ def write(
             PgArray(pg_array_bytes(values, "f8")),
             PgArray(pg_array_bytes(times, "f8")),
         )
-        with raw.cursor() as cur:
-            cur.execute(_PG_INSERT, (run_id, segment, lo, hi, len(sids), *args))
+        defer(session, _PG_INSERT, (run_id, segment, lo, hi, len(sids), *args))
         return
+    raw = session.connection().connection.driver_connection
     args = (
         sids.astype(_I8, copy=False).tobytes(),
         steps.astype(_I8, copy=False).tobytes(),
@@ -127,10 +134,9 @@ def flush(session: Session, run_ids: Iterable[int]) -> list[tuple[int, int]]:
     if not run_ids:
         return []
     pg = is_pg(session)
-    raw = session.connection().connection.driver_connection
     rows = []
     if pg:
-        with raw.cursor() as cur:
+        with pg_cursor(session) as cur:
             # The runs' rows first, locked in name order: the order a group commit takes
             # them in (ingest.py), so a flush and an ingest never each hold what the other
             # waits for. A run deleted meanwhile has no reports left to take.
@@ -140,6 +146,7 @@ def flush(session: Session, run_ids: Iterable[int]) -> list[tuple[int, int]]:
                 cur.execute(_PG_TAKE, (run_id,))
                 rows += cur.fetchall()
     else:
+        raw = session.connection().connection.driver_connection
         for run_id in run_ids:
             rows += raw.execute(_SQLITE_TAKE, (run_id,)).fetchall()
     if not rows:
