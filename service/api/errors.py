@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psycopg
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -112,10 +113,11 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(OperationalError)
-    async def _db_down(_req: Request, exc: OperationalError) -> JSONResponse:
+    @app.exception_handler(psycopg.OperationalError)  # from statements sent past SQLAlchemy
+    async def _db_down(_req: Request, exc: Exception) -> JSONResponse:
         # The database is unreachable or (SQLite) locked past busy_timeout: a client should
         # retry, and the agent's sender does (its spool keeps the batch meanwhile).
-        reason = str(exc.orig).splitlines()[0][:200]
+        reason = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
         if is_conflict(exc):  # aborted for another writer's sake: nothing of it was stored
             detail = f"write conflict ({reason}): nothing was stored; retry"
         else:

@@ -173,7 +173,7 @@ class Latest(Base):
 
     __tablename__ = "latest"
     # Room on each page for a row's next version: a report's updates stay HOT (migration 0008).
-    __table_args__ = {"postgresql_with": {"fillfactor": 50}}
+    __table_args__ = ({"postgresql_with": {"fillfactor": 50}},)
 
     series_id: Mapped[int] = mapped_column(
         ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
