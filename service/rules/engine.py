@@ -33,10 +33,11 @@ from logitwatch.service.rules.notify import Notifier
 from logitwatch.service.rules.state import StateRows
 from logitwatch.service.rules.user import effective_rules, get_user_rules, user_rules_version
 from logitwatch.service.rules.warmup import infer_warmup
+from logitwatch.service.store.deferred import pg_execute
 from logitwatch.service.store.ingest import IngestResult, Prepared, ingest_batch, series_columns
 from logitwatch.service.store.models import Run, utcnow
 from logitwatch.service.store.rule_tables import Alert
-from logitwatch.service.store.sql import is_pg, labels_key, pg_execute
+from logitwatch.service.store.sql import is_pg, labels_key
 
 __all__ = ["RuleEngine"]
 

@@ -39,9 +39,10 @@ from logitwatch.service.rules.windows import (
     from_b64,
     to_b64,
 )
+from logitwatch.service.store.deferred import defer, pg_cursor
 from logitwatch.service.store.models import utcnow
 from logitwatch.service.store.rule_tables import RuleState
-from logitwatch.service.store.sql import cache, defer, is_pg, pg_cursor, remember
+from logitwatch.service.store.sql import cache, is_pg, remember
 
 __all__ = ["RUN_KEY", "Points", "RunStates", "StateRow", "StateRows"]
 

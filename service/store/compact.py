@@ -43,10 +43,11 @@ from logitwatch.service.store.codec import (
     pg_array,
     pg_array_bytes,
 )
+from logitwatch.service.store.deferred import pg_cursor
 from logitwatch.service.store.models import Chunk, ChunkSummary, Run, Series
 from logitwatch.service.store.read import merge_parts
 from logitwatch.service.store.reports import FLUSH_REPORTS
-from logitwatch.service.store.sql import PgInt8Array, insert_chunks, is_pg, pg_arrays, pg_cursor
+from logitwatch.service.store.sql import PgInt8Array, insert_chunks, is_pg, pg_arrays
 from logitwatch.service.store.summary import summarize
 
 __all__ = [

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from logitwatch.service.store.sql import pipeline_deferred
+from logitwatch.service.store.deferred import pipeline_deferred
 
 __all__ = [
     "CONFLICT_TRIES",

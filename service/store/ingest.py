@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from logitwatch.protocol import Batch, Series
 from logitwatch.service.store import reports
 from logitwatch.service.store.codec import pg_array_bytes, raw_floats, raw_steps
+from logitwatch.service.store.deferred import defer, pg_execute
 from logitwatch.service.store.limits import LimitError
 from logitwatch.service.store.models import Series as SeriesRow
 from logitwatch.service.store.models import utcnow
@@ -30,13 +31,11 @@ from logitwatch.service.store.sql import (
     PgArray,
     PgInt8Array,
     cache,
-    defer,
     insert,
     insert_chunks,
     is_pg,
     labels_key,
     pg_arrays,
-    pg_execute,
     pg_one,
     remember,
 )

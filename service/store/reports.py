@@ -30,15 +30,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from logitwatch.service.store.codec import pg_array, pg_array_bytes, raw_floats, raw_steps
+from logitwatch.service.store.deferred import defer, pg_cursor
 from logitwatch.service.store.models import Report
 from logitwatch.service.store.sql import (
     PgArray,
     PgInt8Array,
-    defer,
     insert_chunks,
     is_pg,
     pg_arrays,
-    pg_cursor,
 )
 
 __all__ = ["FLUSH_REPORTS", "flush", "parts", "pending_points", "pending_runs", "write"]

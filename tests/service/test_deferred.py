@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from logitwatch.service.store.db import make_engine, make_sessionmaker
-from logitwatch.service.store.sql import defer, pg_cursor, pg_execute
+from logitwatch.service.store.deferred import defer, pg_cursor, pg_execute
 
 _INSERT = "INSERT INTO lw_deferred (k, v) VALUES (%s, %s)"
 
