@@ -1,5 +1,6 @@
 """Prometheus exposition at GET /metrics: the service's own figures, and each active run's latest
-values of the catalogue metrics, read from the ``latest`` table at scrape time.
+values of the catalogue metrics, read from the ``latest`` table (with the runs' unflushed
+reports over it, store/latest.py) at scrape time.
 
 Why it is right with several worker processes: run gauges come from the database, which every
 process shares, so any worker answers the same. The service's own counters and histograms are
@@ -39,6 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from logitwatch.metrics import CATALOGUE, MetricSpec, prometheus_name
 from logitwatch.service.settings import Settings
+from logitwatch.service.store import reports
 from logitwatch.service.store.models import Latest, Run, Series
 
 __all__ = ["LatestCollector", "ServiceMetrics", "install", "worker_metrics_dir"]
@@ -143,12 +145,32 @@ class LatestCollector:
             runs = session.execute(
                 select(Run.id, Run.name, Run.last_seen_at).where(Run.last_seen_at >= cutoff)
             ).all()
-            rows = session.execute(
-                select(Run.name, Series.metric, Series.labels, Latest.value)
+            found = session.execute(
+                select(
+                    Run.name,
+                    Series.metric,
+                    Series.labels,
+                    Series.id,
+                    Latest.segment,
+                    Latest.step,
+                    Latest.value,
+                )
                 .join(Series, Series.run_id == Run.id)
-                .join(Latest, Latest.series_id == Series.id)
+                .outerjoin(Latest, Latest.series_id == Series.id)
                 .where(Run.last_seen_at >= cutoff, Series.metric.in_(list(CATALOGUE)))
             ).all()
+            # The runs' unflushed reports are newer than their latest rows (latest.py).
+            pending = reports.pending_latest(session, [r.id for r in runs])
+            rows = []
+            for run, metric, labels, sid, segment, step, value in found:
+                new = pending.get(sid)
+                if new is not None and (
+                    segment is None or (new.segment, new.step) >= (segment, step)
+                ):
+                    value = new.value
+                elif segment is None:
+                    continue  # no point yet
+                rows.append((run, metric, labels, value))
             # Every run, active or not: "stopped reporting" is itself an alert worth seeing.
             alerts = self._firing(session) if self._firing is not None else {}
 

@@ -1,4 +1,4 @@
-"""Storing a batch: idempotency record, series ids, its points, latest values.
+"""Storing a batch: idempotency record, series ids, its points, latest values (latest.py).
 
 One call is one transaction's worth of work (the caller commits), so a rejected batch
 changes nothing. Core bulk statements, not ORM objects: ingest runs at ~1M points/s.
@@ -8,7 +8,6 @@ any other batch is one chunk per series, written after the run's reports became 
 
 from __future__ import annotations
 
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,16 +19,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from logitwatch.protocol import Batch, Series
-from logitwatch.service.store import reports
-from logitwatch.service.store.codec import pg_array_bytes, raw_floats, raw_steps
+from logitwatch.service.store import latest, reports
+from logitwatch.service.store.codec import raw_floats, raw_steps
 from logitwatch.service.store.deferred import defer, pg_execute
 from logitwatch.service.store.limits import LimitError
 from logitwatch.service.store.models import Series as SeriesRow
 from logitwatch.service.store.models import utcnow
 from logitwatch.service.store.runs import ensure_run_id
 from logitwatch.service.store.sql import (
-    PgArray,
-    PgInt8Array,
     cache,
     insert,
     insert_chunks,
@@ -287,13 +284,13 @@ def ingest_batch(
     ids = _series_ids(session, run_id, batch.series, prepared.keys, max_series)
     flushed: list[tuple[int, int]] = []
     if prepared.points is not None:
-        _store_points(session, run_id, ids, batch.segment, prepared.points, pg)
+        _store_points(session, run_id, ids, batch.segment, prepared.points)
     else:
         # A chunk must be newer than every report of its run (reports.py): the run's
         # reports become chunks first.
         flushed = reports.flush(session, [run_id])
         insert_chunks(session, [(ids[i], *chunk) for i, chunk, _ in prepared.rows])
-        _upsert_latest(session, [(ids[i], *last) for i, _, last in prepared.rows], pg)
+        latest.upsert(session, [(ids[i], *last) for i, _, last in prepared.rows], pg)
     _seen(session, run_id)
     return IngestResult(
         duplicate=False,
@@ -324,65 +321,13 @@ def _lock_run(session: Session, run_id: int) -> None:
 _PG_LOCK_RUN = "SELECT 1 FROM runs WHERE id = %s FOR NO KEY UPDATE"
 
 
-def _upsert_latest(session: Session, latest: list[tuple], pg: bool, sqlite: str = "") -> None:
-    """Upsert latest rows, sorted first: concurrent writers then lock them in one order and
-    never deadlock. `sqlite` is the statement for rows other than _SQLITE_LATEST's."""
-    latest.sort()
-    if not latest:
-        return
-    if pg:
-        # One statement over arrays: executemany would cost ~20 us of Python a row.
-        defer(session, _PG_LATEST, _pg_latest_arrays(latest))
-    else:
-        raw = session.connection().connection.driver_connection
-        raw.executemany(sqlite or _SQLITE_LATEST, latest)
-
-
 def _store_points(
-    session: Session, run_id: int, ids: list[int], segment: int, points: Columns, pg: bool
+    session: Session, run_id: int, ids: list[int], segment: int, points: Columns
 ) -> None:
-    """A one-point batch (Prepared.points): one row of reports, and the latest row of each
-    series, each column made for the whole batch at once."""
+    """A one-point batch (Prepared.points): one row of reports. Its series' latest rows
+    are written when the run's reports are flushed (latest.py)."""
     steps, values, times = points
     reports.write(session, run_id, segment, ids, steps, values, times)
-    step_list, value_list = steps.tolist(), values.tolist()
-    n = len(step_list)
-    seg = [segment] * n
-    last_times = times.tolist() if len(times) else [None] * n
-    if pg:
-        latest = zip(ids, seg, step_list, value_list, last_times, [1] * n, step_list, strict=True)
-        _upsert_latest(session, list(latest), pg)
-        return
-    latest = zip(ids, seg, step_list, value_list, last_times, strict=True)
-    _upsert_latest(session, list(latest), pg, _SQLITE_ONE_LATEST)
-
-
-def _pg_latest_arrays(latest: list[tuple]) -> list[PgArray]:
-    """_PG_LATEST's seven arrays in binary form: psycopg adapting lists of Python numbers
-    cost 0.6 ms of the 1.7 ms a 200-series batch's PostgreSQL ingest took, measured."""
-    sid, seg, step, value, last_time, n, first = zip(*latest, strict=True)
-    ints = [
-        PgInt8Array(pg_array_bytes(np.array(c, dtype=np.int64), "i8")) for c in (sid, seg, step)
-    ]
-    return [
-        *ints,
-        PgArray(pg_array_bytes(np.array(value, dtype=np.float64), "f8")),
-        _pg_nullable_floats(last_time),
-        *(PgInt8Array(pg_array_bytes(np.array(c, dtype=np.int64), "i8")) for c in (n, first)),
-    ]
-
-
-def _pg_nullable_floats(xs: tuple) -> PgArray:
-    """A float8[] whose None elements are NULL (a time the client did not send)."""
-    if None not in xs:
-        return PgArray(pg_array_bytes(np.array(xs, dtype=np.float64), "f8"))
-    head = _PG_ARRAY_HEAD.pack(1, 1, 701, len(xs), 1)
-    return PgArray(head + b"".join(_PG_NULL if x is None else _PG_F8.pack(8, x) for x in xs))
-
-
-_PG_ARRAY_HEAD = struct.Struct(">iiiii")  # ndim, has-null, element oid, size, lower bound
-_PG_F8 = struct.Struct(">id")
-_PG_NULL = struct.pack(">i", -1)
 
 
 def _mark(session: Session, run_id: int, batch: Batch, n_points: int) -> bool:
@@ -442,34 +387,3 @@ def _pack_sqlite(steps, values, times) -> tuple:
 
 def _pack_pg(steps, values, times) -> tuple:
     return pg_arrays(steps, values, times)
-
-
-# Newest point = largest (segment, step); NULL value means NaN on SQLite (see models.Latest).
-_NEWER = (
-    "(excluded.segment > latest.segment"
-    " OR (excluded.segment = latest.segment AND excluded.step >= latest.step))"
-)
-
-
-def _latest_sql(param: str, least: str) -> str:
-    keep_newest = ", ".join(
-        f"{c} = CASE WHEN {_NEWER} THEN excluded.{c} ELSE latest.{c} END"
-        for c in ("segment", "step", "value", "time")
-    )
-    return (
-        "INSERT INTO latest (series_id, segment, step, value, time, n_points, first_step) "
-        f"VALUES ({', '.join([param] * 7)}) ON CONFLICT (series_id) DO UPDATE SET {keep_newest}, "
-        "n_points = latest.n_points + excluded.n_points, "
-        f"first_step = {least}(latest.first_step, excluded.first_step)"
-    )
-
-
-_SQLITE_LATEST = _latest_sql("?", "min")
-_SQLITE_ONE_LATEST = _SQLITE_LATEST.replace(
-    f"VALUES ({', '.join(['?'] * 7)})", "VALUES (?1, ?2, ?3, ?4, ?5, 1, ?3)"
-)
-_PG_LATEST = _latest_sql("%s", "least").replace(
-    f"VALUES ({', '.join(['%s'] * 7)})",
-    "SELECT * FROM unnest(%s::int8[], %s::int8[]::int4[], %s::int8[], %s::float8[],"
-    " %s::float8[], %s::int8[], %s::int8[])",
-)

@@ -7,7 +7,8 @@ chunk of it. A report is one row of ``reports`` instead: the ids of its series (
 and their steps, values and times, position by position. ``flush`` turns a run's reports
 into chunks, one per series and segment holding all their points; the Compactor does it
 once a run has FLUSH_REPORTS of them (and when ingest goes quiet), so a run keeps a few
-dozen at most.
+dozen at most. The flush also writes those series' latest rows (latest.py), which readers
+bring up to date with ``pending_latest``.
 
 Order: a run's reports are newer than all of its chunks. Ingest flushes a run's reports
 before it writes a chunk of that run (ingest.ingest_batch), a flush writes the chunks with
@@ -29,6 +30,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from logitwatch.service.store import latest
 from logitwatch.service.store.codec import pg_array, pg_array_bytes, raw_floats, raw_steps
 from logitwatch.service.store.deferred import defer, pg_cursor
 from logitwatch.service.store.models import Report
@@ -40,7 +42,15 @@ from logitwatch.service.store.sql import (
     pg_arrays,
 )
 
-__all__ = ["FLUSH_REPORTS", "flush", "parts", "pending_points", "pending_runs", "write"]
+__all__ = [
+    "FLUSH_REPORTS",
+    "flush",
+    "parts",
+    "pending_latest",
+    "pending_points",
+    "pending_runs",
+    "write",
+]
 
 #: Reports of a run that make the Compactor flush them into chunks: the chunks then hold
 #: this many points each, and a read goes through at most about this many report rows.
@@ -150,10 +160,14 @@ def flush(session: Session, run_ids: Iterable[int]) -> list[tuple[int, int]]:
             rows += raw.execute(_SQLITE_TAKE, (run_id,)).fetchall()
     if not rows:
         return []
-    rows.sort(key=lambda r: (r[1], r[0]))  # by segment, then in write order
+    rows.sort(key=lambda r: r[0])  # in write order
+    arrays = [(r[1], *_arrays(pg, *r[2:])) for r in rows]
+    newest = latest.newest(
+        [(seg, sids, steps, values, times) for seg, sids, steps, values, times in arrays]
+    )
     chunks, keys = [], []
     for seg in sorted({r[1] for r in rows}):
-        group = [_arrays(pg, *r[2:]) for r in rows if r[1] == seg]
+        group = [a[1:] for a in arrays if a[0] == seg]
         for sid, steps, values, times in _by_series(group):
             payload = (
                 pg_arrays(steps, values, times)
@@ -163,6 +177,7 @@ def flush(session: Session, run_ids: Iterable[int]) -> list[tuple[int, int]]:
             chunks.append((sid, seg, int(steps[0]), int(steps[-1]), len(steps), *payload))
             keys.append((sid, seg))
     insert_chunks(session, chunks)
+    latest.upsert(session, [(sid, *n) for sid, n in newest.items()], pg)
     return keys
 
 
@@ -245,6 +260,17 @@ def parts(
         for sid, st, va, ti in _by_series(picked) if picked else ():
             out.setdefault(sid, []).append((seg, st, va, ti))
     return out
+
+
+def pending_latest(session: Session, run_ids: list[int]) -> dict[int, latest.Newest]:
+    """{series id: Newest} of the points in the unflushed reports of `run_ids`: what
+    latest.merge puts over their series' latest rows."""
+    if not run_ids:
+        return {}
+    pg = is_pg(session)
+    q = select(_R.segment, *_payload(pg)).where(_R.run_id.in_(sorted(set(run_ids))))
+    rows = session.execute(q.order_by(_R.id)).all()
+    return latest.newest([(r[0], *_arrays(pg, *r[1:])) for r in rows])
 
 
 def pending_runs(session: Session) -> list[int]:

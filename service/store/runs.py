@@ -1,4 +1,5 @@
-"""Runs and series: create or update a run, look runs up, list a run's series with their latest point."""
+"""Runs and series: create or update a run, look runs up, list a run's series with their latest
+point (the latest table with the run's unflushed reports over it, latest.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from logitwatch.service.store.models import Latest, Run, Series, utcnow
+from logitwatch.service.store import latest, reports
+from logitwatch.service.store.models import Latest, Report, Run, Series, utcnow
 from logitwatch.service.store.sql import cache, insert, remember
 
 __all__ = [
@@ -108,6 +110,16 @@ def _info(session: Session, run: Run) -> RunInfo:
             .join(Series)
             .where(Series.run_id == run.id, Latest.segment == max_segment)
         )
+    # The run's unflushed reports are newer than its latest rows (latest.py).
+    pending = session.execute(
+        select(Report.segment, func.max(Report.step_max))
+        .where(Report.run_id == run.id)
+        .group_by(Report.segment)
+        .order_by(Report.segment.desc())
+        .limit(1)
+    ).first()
+    if pending is not None and (max_segment is None or tuple(pending) > (max_segment, last_step)):
+        max_segment, last_step = pending
     return RunInfo(
         name=run.name,
         config=run.config,
@@ -145,20 +157,27 @@ def list_series(
     )
     if metric is not None:
         q = q.where(Series.metric == metric)
+    rows = session.execute(q).all()
+    pending = reports.pending_latest(session, [run_id])
     out = []
-    for s, lt in session.execute(q):
+    for s, lt in rows:
+        stored = None
+        if lt is not None:
+            # SQLite stores NaN as NULL; a latest row always has a value, so NULL is NaN.
+            value = math.nan if lt.value is None else lt.value
+            stored = latest.Newest(lt.segment, lt.step, value, lt.time, lt.n_points, lt.first_step)
+        new = latest.merge(stored, pending.get(s.id))
         out.append(
             SeriesInfo(
                 id=s.id,
                 metric=s.metric,
                 labels=s.labels,
-                n_points=lt.n_points if lt else 0,
-                first_step=lt.first_step if lt else None,
-                last_step=lt.step if lt else None,
-                last_segment=lt.segment if lt else None,
-                # SQLite stores NaN as NULL; a latest row always has a value, so NULL is NaN.
-                last_value=(math.nan if lt.value is None else lt.value) if lt else None,
-                last_time=lt.time if lt else None,
+                n_points=new.n_points if new else 0,
+                first_step=new.first_step if new else None,
+                last_step=new.step if new else None,
+                last_segment=new.segment if new else None,
+                last_value=new.value if new else None,
+                last_time=new.time if new else None,
             )
         )
     return out

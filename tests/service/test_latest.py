@@ -1,0 +1,146 @@
+"""Latest points with reports: the latest table lags a run's unflushed reports, and readers
+(series list, run summary, /metrics gauges) put those over it. What they show before a flush
+must equal what they show after it, and a reference kept in Python, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import math
+import random
+from datetime import UTC, datetime
+
+import pytest
+
+from logitwatch.protocol import Batch, series_from_columns
+from logitwatch.service import store
+from logitwatch.service.api.prom import LatestCollector
+from logitwatch.service.store import reports
+from logitwatch.service.store.models import Report, Run
+
+N_SERIES = 10  # a report needs at least 8 series (ingest._one_point)
+
+
+def _series_of(i: int) -> tuple[str, dict[str, str]]:
+    return ("attn.logit_max", {"layer": str(i), "head": "0"}) if i else ("loss", {})
+
+
+class Reference:
+    """The latest table's rule, kept in Python: the largest (segment, step) wins, a later
+    write wins a tie; every point received counts; the smallest step of any segment."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, list] = {}
+
+    def add(self, i: int, segment: int, steps, values, times) -> None:
+        for k, (step, value) in enumerate(zip(steps, values, strict=True)):
+            t = times[k] if times else None
+            row = self.rows.get(i)
+            if row is None:
+                self.rows[i] = [segment, step, value, t, 1, step]
+                continue
+            if (segment, step) >= (row[0], row[1]):
+                row[:4] = [segment, step, value, t]
+            row[4] += 1
+            row[5] = min(row[5], step)
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def _check(sessions, run: str, ref: Reference) -> None:
+    if not ref.rows:
+        return  # the run is made by its first batch
+    with sessions() as s:
+        got = {(i.metric, i.labels.get("layer")): i for i in store.list_series(s, run=run)}
+        info = store.get_run(s, name=run)
+    for i, (seg, step, value, t, n, first) in ref.rows.items():
+        metric, labels = _series_of(i)
+        g = got[(metric, labels.get("layer"))]
+        assert (g.last_segment, g.last_step, g.last_time, g.n_points, g.first_step) == (
+            seg,
+            step,
+            t,
+            n,
+            first,
+        ), (i, g)
+        assert _same(g.last_value, value), (i, g.last_value, value)
+    assert (info.max_segment, info.last_step) == max((r[0], r[1]) for r in ref.rows.values())
+
+
+def _gauges(sessions) -> dict[tuple, float]:
+    collector = LatestCollector(sessions, inactive_after_s=3600)
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for metric in collector.collect()
+        for sample in metric.samples
+        if not sample.name.endswith("seen_timestamp_seconds")
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_readers_put_unflushed_reports_over_the_latest_table(sessions, run_name, seed):
+    rng = random.Random(seed)
+    ref = Reference()
+    segment, step, seq = 0, 0, 0
+    for _ in range(40):
+        seq += 1
+        kind = rng.random()
+        if kind < 0.1:
+            segment += 1  # a restart: steps begin again
+            step = rng.randrange(0, 5)
+        elif kind < 0.2:
+            with sessions() as s:  # what the compactor does
+                run_id = s.query(Run.id).filter(Run.name == run_name).scalar()
+                reports.flush(s, [run_id] if run_id else [])
+                s.commit()
+            _check(sessions, run_name, ref)
+            continue
+        late = rng.random() < 0.2  # a late or repeated step
+        at = max(0, step - rng.randrange(0, 4)) if late else step + 1
+        step = max(step, at)
+        timed = rng.random() < 0.7
+        if rng.random() < 0.15:  # a batch of several points a series: chunks, flushes reports
+            picks = sorted(rng.sample(range(N_SERIES), 3))
+            series = []
+            for i in picks:
+                steps = [at, at + 1]
+                values = [rng.random(), math.nan if rng.random() < 0.3 else rng.random()]
+                times = [1e9 + seq, 1e9 + seq + 0.5] if timed else []
+                series.append(series_from_columns(*_series_of(i), steps, values, times))
+                ref.add(i, segment, steps, values, times)
+            step = max(step, at + 1)
+        else:
+            series = []
+            for i in range(N_SERIES):
+                value = math.nan if rng.random() < 0.1 else rng.random()
+                times = [1e9 + seq] if timed else []
+                series.append(series_from_columns(*_series_of(i), [at], [value], times))
+                ref.add(i, segment, [at], [value], times)
+        with sessions() as s:
+            assert not store.ingest_batch(
+                s, run=run_name, batch=Batch("c", seq, segment, series)
+            ).duplicate
+            s.commit()
+        _check(sessions, run_name, ref)
+
+    with sessions() as s:
+        s.query(Run).filter(Run.name == run_name).update({Run.last_seen_at: datetime.now(UTC)})
+        s.commit()
+    before = _gauges(sessions)
+    with sessions() as s:
+        run_id = s.query(Run.id).filter(Run.name == run_name).scalar()
+        pending = s.query(Report).filter(Report.run_id == run_id).count()
+        reports.flush(s, [run_id])
+        s.commit()
+    _check(sessions, run_name, ref)
+    after = _gauges(sessions)
+    assert pending > 0  # the gauges before were read with reports over the table
+    want = {_series_of(i)[1].get("layer", ""): r[2] for i, r in ref.rows.items()}
+    for gauges in (before, after):
+        mine = {
+            dict(labels).get("layer", ""): v
+            for (_, labels), v in gauges.items()
+            if dict(labels).get("run") == run_name
+        }
+        assert mine.keys() == want.keys()
+        assert all(_same(mine[k], want[k]) for k in want), (mine, want)
