@@ -15,6 +15,7 @@ SQLite (see models.Latest).
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import NamedTuple
 
@@ -25,7 +26,7 @@ from logitwatch.service.store.codec import pg_array_bytes
 from logitwatch.service.store.deferred import defer
 from logitwatch.service.store.sql import PgArray, PgInt8Array
 
-__all__ = ["Newest", "merge", "newest", "upsert"]
+__all__ = ["Columns", "Newest", "merge", "newest", "newest_columns", "upsert"]
 
 
 class Newest(NamedTuple):
@@ -53,41 +54,75 @@ def upsert(session: Session, rows: list[tuple], pg: bool) -> None:
         raw.executemany(_SQLITE_LATEST, rows)
 
 
-def newest(parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> dict:
-    """{series id: Newest} of report rows ``(segment, series_ids, steps, values, times)`` in
-    write order (times empty when the row had none)."""
+class Columns(NamedTuple):
+    """Newest of many series as arrays, series ids ascending (times NaN where not timed)."""
+
+    sids: np.ndarray
+    segment: np.ndarray
+    step: np.ndarray
+    value: np.ndarray
+    time: np.ndarray
+    timed: np.ndarray
+    n_points: np.ndarray
+    first_step: np.ndarray
+
+
+def newest_columns(parts: list[tuple]) -> Columns | None:
+    """Each series' Newest, as Columns, of report rows ``(segment, series_ids, steps,
+    values, times)`` in write order (series ids distinct within a row; times empty when the
+    row had none); None when they hold no point."""
     parts = [p for p in parts if len(p[1])]
     if not parts:
-        return {}
+        return None
+    # Rows ordered by (segment, steps, write order). Where no row reaches back before the
+    # one ahead of it (a run's reports usually step forward), that order is every point's
+    # (segment, step, write order) too, and a stable sort by series id alone leaves each
+    # series' newest point last; else sort by all four. Measured on 1.6M points (500 runs'
+    # 16 reports of 200 series, what a /metrics scrape may read): 0.16 s against 0.38 s.
+    bounds = [(p[0], int(p[2].min()), int(p[2].max()), i) for i, p in enumerate(parts)]
+    bounds.sort()
+    parts = [parts[b[3]] for b in bounds]
+    forward = all(
+        (b[0], b[1]) > (a[0], a[2]) or ((b[0], b[1]) == (a[0], a[2]) and b[3] > a[3])
+        for a, b in itertools.pairwise(bounds)
+    )
     sizes = [len(p[1]) for p in parts]
-    seg = np.repeat(np.asarray([p[0] for p in parts], dtype=np.int64), sizes)
-    order = np.repeat(np.arange(len(parts)), sizes)
     sids = np.concatenate([p[1] for p in parts])
     steps = np.concatenate([p[2] for p in parts])
     values = np.concatenate([p[3] for p in parts])
+    seg = np.repeat(np.asarray([p[0] for p in parts], dtype=np.int64), sizes)
     timed = np.repeat(np.asarray([len(p[4]) > 0 for p in parts]), sizes)
     times = np.concatenate([p[4] if len(p[4]) else np.full(len(p[1]), np.nan) for p in parts])
-    idx = np.lexsort((order, steps, seg, sids))  # each series' newest point last
+    if forward:
+        idx = np.argsort(sids, kind="stable")
+    else:
+        order = np.repeat(np.asarray([b[3] for b in bounds]), sizes)
+        idx = np.lexsort((order, steps, seg, sids))  # each series' newest point last
     s = sids[idx]
     starts = np.flatnonzero(np.append(True, s[1:] != s[:-1]))
-    ends = np.append(starts[1:], len(s)) - 1
-    last = idx[ends]
-    first = np.minimum.reduceat(steps[idx], starts)
-    n = np.diff(np.append(starts, len(s)))
-    out = {}
-    for sid, sg, st, v, t, has_t, k, f in zip(
-        sids[last].tolist(),
-        seg[last].tolist(),
-        steps[last].tolist(),
-        values[last].tolist(),
-        times[last].tolist(),
-        timed[last].tolist(),
-        n.tolist(),
-        first.tolist(),
-        strict=True,
-    ):
-        out[sid] = Newest(sg, st, v, t if has_t else None, k, f)
-    return out
+    last = idx[np.append(starts[1:], len(s)) - 1]
+    return Columns(
+        sids[last],
+        seg[last],
+        steps[last],
+        values[last],
+        times[last],
+        timed[last],
+        np.diff(np.append(starts, len(s))),
+        np.minimum.reduceat(steps[idx], starts),
+    )
+
+
+def newest(parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> dict:
+    """{series id: Newest} of report rows (as newest_columns takes them)."""
+    c = newest_columns(parts)
+    if c is None:
+        return {}
+    rows = zip(*(x.tolist() for x in c), strict=True)
+    return {
+        sid: Newest(seg, step, value, time if timed else None, n, first)
+        for sid, seg, step, value, time, timed, n, first in rows
+    }
 
 
 def merge(stored: Newest | None, pending: Newest | None) -> Newest | None:

@@ -8,12 +8,13 @@ import math
 import random
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
 
 from logitwatch.protocol import Batch, series_from_columns
 from logitwatch.service import store
 from logitwatch.service.api.prom import LatestCollector
-from logitwatch.service.store import reports
+from logitwatch.service.store import latest, reports
 from logitwatch.service.store.models import Report, Run
 
 N_SERIES = 10  # a report needs at least 8 series (ingest._one_point)
@@ -144,3 +145,34 @@ def test_readers_put_unflushed_reports_over_the_latest_table(sessions, run_name,
         }
         assert mine.keys() == want.keys()
         assert all(_same(mine[k], want[k]) for k in want), (mine, want)
+
+
+@pytest.mark.parametrize("forward", [True, False])
+def test_newest_of_report_rows_matches_the_rule_point_by_point(forward):
+    """Rows that only step forward (the sort by series id alone) and rows that reach back
+    (late steps, series at steps of their own, a later write of the same step, segments
+    out of order: the full sort)."""
+    rng = random.Random(7 + forward)
+    for _ in range(50):
+        parts, ref, step = [], Reference(), 0
+        for _ in range(rng.randrange(1, 12)):
+            segment = 0 if forward else rng.randrange(0, 2)
+            step = step + rng.randrange(1, 3) if forward else rng.randrange(0, 6)
+            sids = sorted(rng.sample(range(20), rng.randrange(1, 8)))
+            # A report's series may each be at a step of their own.
+            steps = [step if forward else rng.randrange(0, 6) for _ in sids]
+            times = [1e9 + st for st in steps] if rng.random() < 0.5 else []
+            values = [rng.random() for _ in sids]
+            parts.append(
+                (
+                    segment,
+                    np.array(sids, dtype=np.int64),
+                    np.array(steps, dtype=np.int64),
+                    np.array(values),
+                    np.array(times),
+                )
+            )
+            for k, sid in enumerate(sids):
+                ref.add(sid, segment, [steps[k]], [values[k]], times[k : k + 1])
+        got = latest.newest(parts)
+        assert got == {sid: latest.Newest(*row) for sid, row in ref.rows.items()}
