@@ -11,15 +11,15 @@ Same answers: a body matching a layout has the structure, names and fields of on
 decode_batch accepted, byte for byte, so only the slots can differ; the seq slot must hold an
 unsigned integer of the same width and each step must be in range, or the body takes the full
 path (and gets its error there). The Batch and Prepared are those that decode_batch and
-prepare_batch return for it (tests/service/test_layouts.py).
+prepare_batch return for it, byte for byte (tests/service/test_layouts.py); a Series' steps,
+values and times are numpy row views here rather than array.array (same bytes, length and
+items).
 """
 
 from __future__ import annotations
 
 import sys
-from array import array
 from dataclasses import dataclass
-from itertools import repeat
 
 import numpy as np
 
@@ -55,7 +55,6 @@ class _Layout:
     metrics: list[str]  # each series' metric
     labels: list[dict[str, str]]  # each series' labels (copied for each batch)
     keys: list[str]  # each series' labels_key (Prepared.keys)
-    cuts: list[slice]  # each series' 8 bytes of a column
 
 
 class Layouts:
@@ -124,22 +123,18 @@ def _read(layout: _Layout, body: bytes, postgres: bool) -> tuple[Batch, Prepared
     n = len(steps)
     if layout.times_at is not None:
         times = buf[layout.times_at[:, None] + _EIGHT].view(np.float64).reshape(-1)
-        t_rows = times.reshape(n, 1)
-        t_bytes = times.tobytes()
+        t_rows = list(times.reshape(n, 1))
     else:
-        times, t_rows, t_bytes = _EMPTY_F, [_EMPTY_F] * n, b""
-    # Each series' own one-element arrays, made by C loops (map) rather than a Python one.
-    cut = layout.cuts
-    st = map(array, repeat("q", n), map(steps.tobytes().__getitem__, cut))
-    va = map(array, repeat("d", n), map(values.tobytes().__getitem__, cut))
-    ti = map(array, repeat("d", n), map(t_bytes.__getitem__, cut) if t_bytes else repeat(b"", n))
+        times, t_rows = _EMPTY_F, [_EMPTY_F] * n
+    # One row view of each array per series, shared by its Series and its Columns: nothing
+    # on this path reads a Series' arrays (the store and the rules read the Columns), and a
+    # view costs less than an array.array of its bytes, 600 of them a 200-series report.
+    st, va = list(steps.reshape(n, 1)), list(values.reshape(n, 1))
     labels = map(dict, layout.labels)
-    series = list(map(Series._of_arrays, layout.metrics, labels, st, va, ti))
+    series = list(map(Series._of_arrays, layout.metrics, labels, st, va, t_rows))
     batch = Batch(client=layout.client, seq=seq, segment=layout.segment, series=series)
     new = tuple.__new__
-    columns = [
-        new(Columns, c) for c in zip(steps.reshape(n, 1), values.reshape(n, 1), t_rows, strict=True)
-    ]
+    columns = [new(Columns, c) for c in zip(st, va, t_rows, strict=True)]
     prepared = Prepared(postgres, [], columns, list(layout.keys), Columns(steps, values, times))
     return batch, prepared
 
@@ -197,7 +192,6 @@ def _learn(body: bytes, batch: Batch, prepared: Prepared) -> _Layout | None:
         metrics=[s.metric for s in batch.series],
         labels=[_interned(s.labels) for s in batch.series],
         keys=list(prepared.keys),
-        cuts=[slice(8 * i, 8 * i + 8) for i in range(n)],
     )
     # The layout must read the body it was learned from as decode_batch did.
     got = _read(layout, body, prepared.postgres)
