@@ -25,7 +25,7 @@ import numpy as np
 
 from logitwatch.protocol import MAX_STEP, MSGPACK_CONTENT_TYPE, Batch, Series
 from logitwatch.service.store import Prepared
-from logitwatch.service.store.ingest import Columns
+from logitwatch.service.store.ingest import Columns, Shape
 
 __all__ = ["Layouts"]
 
@@ -55,6 +55,7 @@ class _Layout:
     metrics: list[str]  # each series' metric
     labels: list[dict[str, str]]  # each series' labels (copied for each batch)
     keys: list[str]  # each series' labels_key (Prepared.keys)
+    shape: Shape  # (metric, labels_key) of each series (Prepared.shape)
 
 
 class Layouts:
@@ -135,7 +136,8 @@ def _read(layout: _Layout, body: bytes, postgres: bool) -> tuple[Batch, Prepared
     batch = Batch(client=layout.client, seq=seq, segment=layout.segment, series=series)
     new = tuple.__new__
     columns = [new(Columns, c) for c in zip(st, va, t_rows, strict=True)]
-    prepared = Prepared(postgres, [], columns, list(layout.keys), Columns(steps, values, times))
+    points = Columns(steps, values, times)
+    prepared = Prepared(postgres, [], columns, list(layout.keys), points, layout.shape)
     return batch, prepared
 
 
@@ -192,6 +194,7 @@ def _learn(body: bytes, batch: Batch, prepared: Prepared) -> _Layout | None:
         metrics=[s.metric for s in batch.series],
         labels=[_interned(s.labels) for s in batch.series],
         keys=list(prepared.keys),
+        shape=Shape(tuple(zip([s.metric for s in batch.series], prepared.keys, strict=True))),
     )
     # The layout must read the body it was learned from as decode_batch did.
     got = _read(layout, body, prepared.postgres)

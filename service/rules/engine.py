@@ -34,7 +34,13 @@ from logitwatch.service.rules.state import StateRows
 from logitwatch.service.rules.user import effective_rules, get_user_rules, user_rules_version
 from logitwatch.service.rules.warmup import infer_warmup
 from logitwatch.service.store.deferred import pg_execute
-from logitwatch.service.store.ingest import IngestResult, Prepared, ingest_batch, series_columns
+from logitwatch.service.store.ingest import (
+    IngestResult,
+    Prepared,
+    Shape,
+    ingest_batch,
+    series_columns,
+)
 from logitwatch.service.store.models import Run, utcnow
 from logitwatch.service.store.rule_tables import Alert
 from logitwatch.service.store.sql import is_pg, labels_key
@@ -107,9 +113,13 @@ class RuleEngine:
 
     # --- per batch --------------------------------------------------------------------
 
-    def _layout(self, rules: list[Rule], series: list) -> vector.Layout | None:
-        """The batch's layout (vector.py), cached per rule set and series in order."""
-        key = (id(rules), *[(s.metric, k) for s, _, k in series])
+    def _layout(self, rules: list[Rule], series: list, shape: Shape | None) -> vector.Layout | None:
+        """The batch's layout (vector.py), cached per rule set and series in order (the
+        batch's Shape when its decoder knew it: the same pairs, hashed once)."""
+        if shape is not None:
+            key: tuple = (id(rules), shape)
+        else:
+            key = (id(rules), *[(s.metric, k) for s, _, k in series])
         lay = self._layouts.get(key, False)
         if lay is False or (lay is not None and lay.rules is not rules):
             if len(self._layouts) > 10_000:
@@ -156,15 +166,19 @@ class RuleEngine:
         lkeys = prepared.keys if prepared is not None and prepared.keys else None
         if lkeys is None:
             lkeys = [labels_key(s.labels) for s in batch.series]
-        steps = [c.steps for c in columns]
         series = list(zip(batch.series, columns, lkeys, strict=True))
-        if 0 in map(len, steps):
-            series = [x for x in series if len(x[1].steps)]
+        shape = prepared.shape if prepared is not None else None
+        if prepared is not None and prepared.points is not None:
+            steps = [prepared.points.steps]  # one point a series: none empty
+        else:
+            steps = [c.steps for c in columns]
+            if 0 in map(len, steps):
+                series, shape = [x for x in series if len(x[1].steps)], None
         if not series or not rules:
             return
         ctx = self._context(run_row.config)
         upto = int(np.concatenate(steps).max())
-        lay = self._layout(rules, series)
+        lay = self._layout(rules, series, shape)
         if lay is None:
             return
         rows = StateRows(session, run_row.id, batch.segment)

@@ -41,6 +41,7 @@ __all__ = [
     "Columns",
     "IngestResult",
     "Prepared",
+    "Shape",
     "ingest_batch",
     "prepare_batch",
     "series_columns",
@@ -68,11 +69,20 @@ def _label_int(labels: dict[str, str], key: str) -> int | None:
 
 
 def _series_ids(
-    session: Session, run_id: int, series: list[Series], lkeys: list[str], max_series: int
+    session: Session,
+    run_id: int,
+    series: list[Series],
+    lkeys: list[str],
+    max_series: int,
+    shape: Shape | None = None,
 ) -> list[int]:
     get = cache(session).get
+    if shape is not None and (known := get(("shape", run_id, shape))) is not None:
+        return list(known)
     ids = [get((run_id, s.metric, k)) for s, k in zip(series, lkeys, strict=True)]
     if None not in ids:
+        if shape is not None:
+            remember(session, {("shape", run_id, shape): tuple(ids)})
         return ids  # type: ignore[return-value]
     keys = [(run_id, s.metric, k) for s, k in zip(series, lkeys, strict=True)]
     missing = {k for k, i in zip(keys, ids, strict=True) if i is None}
@@ -150,6 +160,25 @@ def series_columns(s: Series) -> Columns:
     return Columns(steps, values, times)
 
 
+class Shape:
+    """The series of a run's one-step report, in order: ``(metric, labels_key)`` pairs,
+    hashed once. A decoder that knows a report's shape (api/layouts.py) passes it on, and
+    the store and the rules look up by it what they would otherwise key by each series:
+    the run's series ids, the rules' layout."""
+
+    __slots__ = ("_hash", "pairs")
+
+    def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
+        self.pairs = pairs
+        self._hash = hash(pairs)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (type(other) is Shape and self.pairs == other.pairs)
+
+
 @dataclass(slots=True)
 class Prepared:
     """A batch's chunk payloads, packed before the write lock is taken (prepare_batch)."""
@@ -165,6 +194,8 @@ class Prepared:
     #: times as three arrays in batch.series order, stored as one row of reports (rows is
     #: then empty).
     points: Columns | None = None
+    #: The batch's Shape, when its decoder knew it (every series non-empty).
+    shape: Shape | None = None
 
 
 def prepare_batch(batch: Batch, *, postgres: bool) -> Prepared:
@@ -281,7 +312,7 @@ def ingest_batch(
     pg = is_pg(session)
     if prepared is None or prepared.postgres != pg:
         prepared = prepare_batch(batch, postgres=pg)
-    ids = _series_ids(session, run_id, batch.series, prepared.keys, max_series)
+    ids = _series_ids(session, run_id, batch.series, prepared.keys, max_series, prepared.shape)
     flushed: list[tuple[int, int]] = []
     if prepared.points is not None:
         _store_points(session, run_id, ids, batch.segment, prepared.points)

@@ -125,3 +125,36 @@ def test_a_layout_is_relearned_when_the_reports_changed_for_good_not_for_one():
     assert layouts._by_run["r"] is learned
     _both(layouts, "r", _report(301, 14, [1.0] * 13))  # ...twice in a row: learned again
     assert layouts._by_run["r"].seq_len == 3
+
+
+def test_a_layout_hit_carries_its_shape_and_runs_of_one_shape_share_it():
+    layouts = Layouts()
+    for run in ("a", "b"):
+        for seq in range(2):
+            _, prepared = layouts.decode(
+                run, _report(seq, seq, [1.0] * 13), MSGPACK, False, _decode
+            )
+    batch, full = _decode(_report(0, 0, [1.0] * 13), MSGPACK, False)
+    pairs = tuple(zip([s.metric for s in batch.series], full.keys, strict=True))
+    assert prepared.shape is not None and prepared.shape.pairs == pairs
+    assert prepared.shape == layouts._by_run["a"].shape and hash(prepared.shape) == hash(pairs)
+    assert full.shape is None  # the full path knows no shape
+
+
+def test_runs_of_one_report_shape_keep_their_own_series_and_points(client, run_name):
+    """Series ids are cached per (run, Shape): two runs posting the same report each get
+    their own series, and each series its own points, through the real service."""
+    runs = {f"{run_name}-a": 0.0, f"{run_name}-b": 100.0}
+    for seq in range(4):
+        for run, base in runs.items():
+            body = _report(seq, 10 + seq, [base + seq + i / 100 for i in range(13)])
+            r = client.post(
+                f"/api/v1/runs/{run}/points", content=body, headers={"content-type": MSGPACK}
+            )
+            assert r.status_code == 200, r.text
+    for run, base in runs.items():
+        series = client.get(f"/api/v1/runs/{run}/series").json()["series"]
+        assert len(series) == 13
+        got = sorted(s["last_value"] for s in series)
+        assert got == pytest.approx([base + 3 + i / 100 for i in range(13)])
+        assert {(s["n_points"], s["last_step"]) for s in series} == {(4, 13)}
