@@ -187,7 +187,8 @@ class RuleEngine:
             ctx, rows, [(s, c) for s, c, _ in series], upto
         )  # from the lr series when none is declared
         job = BatchJob(self, session, run_row, batch, ctx, Restarts(ctx, upto), rows)
-        vector.evaluate(job, lay, [series[i][:2] for i in lay.pos])
+        one = prepared.points if prepared is not None else None  # a report's: one point each
+        vector.evaluate(job, lay, [series[i][:2] for i in lay.pos], one)
         for rule in lay.absent:
             job.saw_data(rule, upto)
         rows.save()

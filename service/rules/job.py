@@ -22,6 +22,7 @@ from logitwatch.service.rules.conditions import (
 )
 from logitwatch.service.rules.model import Rule
 from logitwatch.service.rules.state import Points, StateRows
+from logitwatch.service.store.ingest import Columns
 from logitwatch.service.store.models import utcnow
 from logitwatch.service.store.rule_tables import Alert
 
@@ -121,17 +122,25 @@ class BatchJob:
             row.last_step = int(steps[-1])
         return Points(prev, steps, values, row, key)
 
-    def points_many(self, keys: list[str], columns: list, unique: bool = False) -> NewPoints:
+    def points_many(
+        self, keys: list[str], columns: list, unique: bool = False, one: Columns | None = None
+    ) -> NewPoints:
         """``points`` of non-empty series, end to end. The common case, steps that all follow
         the series' last one in its segment, takes no numpy call per series, and for
-        ``unique`` keys (none twice) no Python statement per series either."""
-        lens = [len(c.steps) for c in columns]
+        ``unique`` keys (none twice) no Python statement per series either. ``one``: the
+        series have one point each, and these are their columns end to end (a report's)."""
         if not columns:
             return NewPoints(keys, [], [], np.zeros(0, np.intp), _NO_STEPS, _NO_VALUES)
-        k = np.array(lens, np.intp)
-        ends = np.cumsum(k)
-        steps = np.concatenate([c.steps for c in columns])
-        firsts, lasts = steps[ends - k], steps[ends - 1]
+        if one is not None:
+            lens = [1] * len(columns)
+            k = np.ones(len(columns), np.intp)
+            steps = firsts = lasts = one.steps
+        else:
+            lens = [len(c.steps) for c in columns]
+            k = np.array(lens, np.intp)
+            ends = np.cumsum(k)
+            steps = np.concatenate([c.steps for c in columns])
+            firsts, lasts = steps[ends - k], steps[ends - 1]
         rows, seg = self.rows.rows, self.batch.segment
         got = [rows.get(key) for key in keys]
         if unique and None not in got and [r.segment for r in got].count(seg) == len(got):
@@ -139,7 +148,9 @@ class BatchJob:
             if (firsts > np.array(prev, np.int64)).all():
                 for row, last in zip(got, lasts.tolist(), strict=True):
                     row.last_step = last
-                values = np.concatenate([c.values for c in columns])
+                values = (
+                    one.values if one is not None else np.concatenate([c.values for c in columns])
+                )
                 return NewPoints(keys, got, prev, k, steps, values)
         got, prev, odd = [], [], []
         for key, first, last in zip(keys, firsts.tolist(), lasts.tolist(), strict=True):

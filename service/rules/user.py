@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from logitwatch.service.rules.model import Rule, parse_rules, rules_to_data
+from logitwatch.service.store.deferred import pg_execute
 from logitwatch.service.store.models import utcnow
 from logitwatch.service.store.rule_tables import UserRules
-from logitwatch.service.store.sql import insert
+from logitwatch.service.store.sql import insert, is_pg
 
 __all__ = [
     "effective_rules",
@@ -24,8 +24,23 @@ _ROW = 1
 
 
 def user_rules_version(session: Session) -> int:
-    t = UserRules.__table__  # Core: asked on every ingested batch
-    return session.scalar(select(t.c.version).where(t.c.id == _ROW)) or 0
+    """The user rules' version, 0 when none were ever set. Asked by every ingest transaction:
+    one driver-level statement (SQLAlchemy's Core select cost ~0.3 ms of Python), after the
+    session's own pending changes are flushed, as an ORM query would."""
+    session.flush()
+    if is_pg(session):
+        cur = pg_execute(session, _VERSION.format("%s"), (_ROW,))
+    else:
+        cur = session.connection().connection.driver_connection.cursor()
+        cur.execute(_VERSION.format("?"), (_ROW,))
+    try:
+        found = cur.fetchone()
+    finally:
+        cur.close()
+    return (found[0] if found else 0) or 0
+
+
+_VERSION = "SELECT version FROM user_rules WHERE id = {}"
 
 
 def get_user_rules(session: Session) -> tuple[int, list[Rule], str]:

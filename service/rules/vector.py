@@ -42,6 +42,7 @@ class Layout:
     growth: list[str]  # names of the growth rules among them
     absent: list[Rule]
     unique: bool  # no series twice in the batch
+    whole: bool  # some per-batch rule selects every series of the batch
 
 
 def layout(rules: list[Rule], names: list[tuple[str, dict[str, str], str]]) -> Layout | None:
@@ -68,12 +69,17 @@ def layout(rules: list[Rule], names: list[tuple[str, dict[str, str], str]]) -> L
     ]
     growth = [r.name for r, _, _, _ in selects if isinstance(r.condition, Growth)]
     unique = len(set(keys)) == len(keys)
-    return Layout(rules, keys, pos, selects, growth, list(absent.values()), unique)
+    whole = len(pos) == len(names)
+    return Layout(rules, keys, pos, selects, growth, list(absent.values()), unique, whole)
 
 
-def evaluate(job: BatchJob, lay: Layout, series: list[tuple[Series, Columns]]) -> None:
-    """Every per-batch rule over ``series`` (the layout's, in its order)."""
-    new = job.points_many(lay.keys, [c for _, c in series], lay.unique)
+def evaluate(
+    job: BatchJob, lay: Layout, series: list[tuple[Series, Columns]], one: Columns | None = None
+) -> None:
+    """Every per-batch rule over ``series`` (the layout's, in its order); ``one``: each
+    series has one point, and these are the batch's columns end to end (a report's)."""
+    one = one if lay.whole else None  # the layout's series are the whole batch's
+    new = job.points_many(lay.keys, [c for _, c in series], lay.unique, one)
     n = len(new)
     fresh = np.flatnonzero(new.k)
     if not len(fresh):

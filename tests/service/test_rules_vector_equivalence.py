@@ -21,6 +21,7 @@ from logitwatch.service.rules.engine import RuleEngine
 from logitwatch.service.rules.model import parse_rules
 from logitwatch.service.rules.user import put_user_rules
 from logitwatch.service.store.db import WRITE, make_engine, make_sessionmaker
+from logitwatch.service.store.sql import is_pg
 
 #: Rules beside the built-in ones, for kinds and corners the built-ins leave out.
 EXTRA = [
@@ -133,13 +134,20 @@ def _plain(monkeypatch) -> None:
     monkeypatch.setattr(job_module, "fast_path", lambda *a, **k: False)
 
 
-def _feed(sm, engine, run: str, txs: list[list[Batch]]) -> None:
+def _feed(sm, engine, run: str, txs: list[list[Batch]], prepared: bool = False) -> int:
+    """Store and evaluate; ``prepared``: as the service does, with each batch's Prepared
+    (a one-point batch's columns end to end: points_many's ``one``). The number of reports
+    (batches of one point a series) evaluated so."""
+    reports = 0
     for tx in txs:
         with sm() as s:
             for batch in tx:
-                if not store.ingest_batch(s, run=run, batch=batch).duplicate:
-                    engine.on_batch(s, run=run, batch=batch)
+                p = store.prepare_batch(batch, postgres=is_pg(s)) if prepared else None
+                reports += p is not None and p.points is not None
+                if not store.ingest_batch(s, run=run, batch=batch, prepared=p).duplicate:
+                    engine.on_batch(s, run=run, batch=batch, prepared=p)
             s.commit()
+    return reports
 
 
 def _alerts(sm, run: str) -> list[tuple]:
@@ -211,8 +219,9 @@ def test_vectorised_and_plain_paths_agree(sm, run_name, monkeypatch, config, see
             store.upsert_run(s, name=run, config=CONFIGS[config])
             s.commit()
     engines = {"vec": RuleEngine(sm), "plain": RuleEngine(sm)}
+    reports = 0
     for i, tx in enumerate(txs):  # side by side: what is stored after each transaction
-        _feed(sm, engines["vec"], runs["vec"], [tx])
+        reports += _feed(sm, engines["vec"], runs["vec"], [tx], prepared=True)
         with monkeypatch.context() as m:
             _plain(m)
             _feed(sm, engines["plain"], runs["plain"], [tx])
@@ -222,3 +231,4 @@ def test_vectorised_and_plain_paths_agree(sm, run_name, monkeypatch, config, see
     vec = _alerts(sm, runs["vec"])
     assert len({a[0] for a in vec}) >= 5  # the batches do diverge, in several ways
     assert vec == _alerts(sm, runs["plain"])
+    assert reports > 0  # one-point batches went the way the service sends reports
