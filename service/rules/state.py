@@ -101,7 +101,7 @@ def _unpack(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: `None in rows` is a hot check
 class StateRow:
     segment: int
     last_step: int
