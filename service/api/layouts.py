@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import msgpack
 import numpy as np
 
 from logitwatch.protocol import MAX_STEP, MSGPACK_CONTENT_TYPE, Batch, Series
@@ -87,7 +88,7 @@ class Layouts:
         if prepared.points is not None and self._learns(run, layout is None):
             try:
                 learned = _learn(body, batch, prepared)
-            except (_Unsupported, IndexError, ValueError):
+            except (_Unsupported, IndexError, ValueError, msgpack.UnpackException):
                 learned = None
             if learned is not None:
                 if len(self._by_run) >= self._max_runs and run not in self._by_run:
@@ -239,96 +240,35 @@ def _same(got: tuple[Batch, Prepared], batch: Batch, prepared: Prepared) -> bool
 
 def _slots(body: bytes) -> tuple[tuple[int, int] | None, list[dict[str, tuple[int, int]]]]:
     """(offset and length of the seq value, each series' {"steps"|"values"|"times": (offset
-    and length of its bin payload)}): a walk over the msgpack structure of a batch."""
-    n, i = _container(body, 0, "map")
+    and length of its bin payload)}): a walk over the msgpack structure of a batch, by
+    msgpack's own unpacker (its C code: a Python walker was a quarter of a run's first
+    report), reading the offsets with ``tell``."""
+    u = msgpack.Unpacker(raw=False, strict_map_key=False, max_bin_len=len(body))
+    u.feed(body)
     seq, series = None, []
-    for _ in range(n):
-        key, i = _key(body, i)
-        start = i
+    for _ in range(u.read_map_header()):
+        key = u.unpack()
+        start = u.tell()
         if key == "seq":
-            i = _skip(body, i)
-            seq = (start, i - start)
+            u.skip()
+            seq = (start, u.tell() - start)
         elif key == "series":
             series = []
-            count, i = _container(body, i, "array")
-            for _ in range(count):
+            for _ in range(u.read_array_header()):
                 found: dict[str, tuple[int, int]] = {}
-                fields, i = _container(body, i, "map")
-                for _ in range(fields):
-                    name, i = _key(body, i)
+                for _ in range(u.read_map_header()):
+                    name = u.unpack()
                     if name in ("steps", "values", "times"):
-                        at, length = _bin(body, i)
-                        found[name] = (at, length)
-                        i = at + length
+                        payload = u.unpack()
+                        if type(payload) is not bytes:
+                            raise _Unsupported("not a bin")
+                        end = u.tell()
+                        found[name] = (end - len(payload), len(payload))
                     else:
-                        i = _skip(body, i)
+                        u.skip()
                 series.append(found)
         else:
-            i = _skip(body, i)
-    if i != len(body):
+            u.skip()
+    if u.tell() != len(body):
         raise _Unsupported("trailing bytes")
     return seq, series
-
-
-def _container(body: bytes, i: int, kind: str) -> tuple[int, int]:
-    """(element count, offset after the header) of the map or array at i."""
-    b = body[i]
-    fix, wide = (0x80, (0xDE, 0xDF)) if kind == "map" else (0x90, (0xDC, 0xDD))
-    if fix <= b <= fix + 0x0F:
-        return b & 0x0F, i + 1
-    if b == wide[0]:
-        return int.from_bytes(body[i + 1 : i + 3], "big"), i + 3
-    if b == wide[1]:
-        return int.from_bytes(body[i + 1 : i + 5], "big"), i + 5
-    raise _Unsupported(f"not a {kind}")
-
-
-def _key(body: bytes, i: int) -> tuple[str | None, int]:
-    """A map key: its text if it is a string (else None), and the offset after it."""
-    b = body[i]
-    if 0xA0 <= b <= 0xBF:
-        at, length = i + 1, b & 0x1F
-    elif b in (0xD9, 0xDA, 0xDB):
-        width = {0xD9: 1, 0xDA: 2, 0xDB: 4}[b]
-        at, length = i + 1 + width, int.from_bytes(body[i + 1 : i + 1 + width], "big")
-    else:
-        return None, _skip(body, i)
-    return body[at : at + length].decode("utf-8"), at + length
-
-
-def _bin(body: bytes, i: int) -> tuple[int, int]:
-    """(payload offset, length) of the bin at i."""
-    width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(body[i])
-    if width is None:
-        raise _Unsupported("not a bin")
-    return i + 1 + width, int.from_bytes(body[i + 1 : i + 1 + width], "big")
-
-
-_FIXED = {0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
-_FIXED |= {0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}
-_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}  # bin and str: length width
-
-
-def _skip(body: bytes, i: int) -> int:
-    """The offset after the object at i."""
-    b = body[i]
-    if b <= 0x7F or b >= 0xE0:
-        return i + 1
-    if 0xA0 <= b <= 0xBF:
-        return i + 1 + (b & 0x1F)
-    if b in _FIXED:
-        return i + _FIXED[b]
-    if b in _SIZED:
-        width = _SIZED[b]
-        return i + 1 + width + int.from_bytes(body[i + 1 : i + 1 + width], "big")
-    if 0x80 <= b <= 0x8F or b in (0xDE, 0xDF):
-        n, i = _container(body, i, "map")
-        for _ in range(2 * n):
-            i = _skip(body, i)
-        return i
-    if 0x90 <= b <= 0x9F or b in (0xDC, 0xDD):
-        n, i = _container(body, i, "array")
-        for _ in range(n):
-            i = _skip(body, i)
-        return i
-    raise _Unsupported(f"msgpack type 0x{b:02x}")
