@@ -160,14 +160,12 @@ class LatestCollector:
                 .where(Run.last_seen_at >= cutoff, Series.metric.in_(list(CATALOGUE)))
             ).all()
             # The runs' unflushed reports are newer than their latest rows (latest.py).
-            pending = reports.pending_latest(session, [r.id for r in runs])
+            pending = reports.pending_values(session, [r.id for r in runs])
             rows = []
             for run, metric, labels, sid, segment, step, value in found:
                 new = pending.get(sid)
-                if new is not None and (
-                    segment is None or (new.segment, new.step) >= (segment, step)
-                ):
-                    value = new.value
+                if new is not None and (segment is None or new[:2] >= (segment, step)):
+                    value = new[2]
                 elif segment is None:
                     continue  # no point yet
                 rows.append((run, metric, labels, value))

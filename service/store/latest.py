@@ -26,7 +26,7 @@ from logitwatch.service.store.codec import pg_array_bytes
 from logitwatch.service.store.deferred import defer
 from logitwatch.service.store.sql import PgArray, PgInt8Array
 
-__all__ = ["Columns", "Newest", "merge", "newest", "newest_columns", "upsert"]
+__all__ = ["Columns", "Newest", "merge", "newest", "newest_columns", "steps_forward", "upsert"]
 
 
 class Newest(NamedTuple):
@@ -82,10 +82,7 @@ def newest_columns(parts: list[tuple]) -> Columns | None:
     bounds = [(p[0], int(p[2].min()), int(p[2].max()), i) for i, p in enumerate(parts)]
     bounds.sort()
     parts = [parts[b[3]] for b in bounds]
-    forward = all(
-        (b[0], b[1]) > (a[0], a[2]) or ((b[0], b[1]) == (a[0], a[2]) and b[3] > a[3])
-        for a, b in itertools.pairwise(bounds)
-    )
+    forward = steps_forward(bounds)
     sizes = [len(p[1]) for p in parts]
     sids = np.concatenate([p[1] for p in parts])
     steps = np.concatenate([p[2] for p in parts])
@@ -110,6 +107,16 @@ def newest_columns(parts: list[tuple]) -> Columns | None:
         timed[last],
         np.diff(np.append(starts, len(s))),
         np.minimum.reduceat(steps[idx], starts),
+    )
+
+
+def steps_forward(bounds: list[tuple[int, int, int, int]]) -> bool:
+    """Whether rows' ``(segment, first step, last step, write order)``, sorted, each begin
+    after the one before ends (or at its last step, written later): then every point's
+    (segment, step, write order) follows the rows' order."""
+    return all(
+        (b[0], b[1]) > (a[0], a[2]) or ((b[0], b[1]) == (a[0], a[2]) and b[3] > a[3])
+        for a, b in itertools.pairwise(bounds)
     )
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "pending_latest",
     "pending_points",
     "pending_runs",
+    "pending_values",
     "write",
 ]
 
@@ -271,6 +272,49 @@ def pending_latest(session: Session, run_ids: list[int]) -> dict[int, latest.New
     q = select(_R.segment, *_payload(pg)).where(_R.run_id.in_(sorted(set(run_ids))))
     rows = session.execute(q.order_by(_R.id)).all()
     return latest.newest([(r[0], *_arrays(pg, *r[1:])) for r in rows])
+
+
+def pending_values(session: Session, run_ids: list[int]) -> dict[int, tuple[int, int, float]]:
+    """{series id: (segment, step, value)} of the newest point in the unflushed reports of
+    `run_ids`, for ``/metrics``: what pending_latest gives, without the counts, reading less.
+
+    A fleet run's reports carry the same series, step after step, so its newest report holds
+    every series' newest point. Where a run's rows all carry one set of series and none
+    reaches back before the one before it (by segment and steps, from the rows' bounds),
+    only that row is read; the others' payloads are never fetched. Any other run's rows are
+    all read. A scrape of 500 runs with 16 reports each read ~50 MB before."""
+    if not run_ids:
+        return {}
+    pg = is_pg(session)
+    runs = sorted(set(run_ids))
+    bounds = session.execute(
+        select(_R.run_id, _R.id, _R.segment, _R.step_min, _R.step_max).where(_R.run_id.in_(runs))
+    ).all()
+    sets = dict(
+        session.execute(
+            select(_R.run_id, func.count(_R.series_ids.distinct()))
+            .where(_R.run_id.in_(runs))
+            .group_by(_R.run_id)
+        ).all()
+    )
+    by_run: dict[int, list[tuple]] = {}
+    for run_id, rid, seg, lo, hi in bounds:
+        by_run.setdefault(run_id, []).append((seg, lo, hi, rid))
+    wanted: list[int] = []
+    for run_id, rows in by_run.items():
+        rows.sort()
+        one = sets.get(run_id) == 1 and latest.steps_forward(rows)
+        wanted += [rows[-1][3]] if one else [r[3] for r in rows]
+    fetched = []
+    for i in range(0, len(wanted), 500):
+        q = select(_R.id, _R.segment, *_payload(pg)).where(_R.id.in_(wanted[i : i + 500]))
+        fetched += session.execute(q).all()
+    fetched.sort(key=lambda r: r[0])  # write order
+    c = latest.newest_columns([(r[1], *_arrays(pg, *r[2:])) for r in fetched])
+    if c is None:
+        return {}
+    cols = (c.sids.tolist(), c.segment.tolist(), c.step.tolist(), c.value.tolist())
+    return {sid: (seg, st, v) for sid, seg, st, v in zip(*cols, strict=True)}
 
 
 def pending_runs(session: Session) -> list[int]:

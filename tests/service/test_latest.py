@@ -176,3 +176,48 @@ def test_newest_of_report_rows_matches_the_rule_point_by_point(forward):
                 ref.add(sid, segment, [steps[k]], [values[k]], times[k : k + 1])
         got = latest.newest(parts)
         assert got == {sid: latest.Newest(*row) for sid, row in ref.rows.items()}
+
+
+@pytest.mark.parametrize("shape", ["fleet", "late", "subsets", "segments", "mixed"])
+def test_metrics_read_of_reports_equals_the_full_summary(sessions, run_name, shape, monkeypatch):
+    """pending_values (what /metrics reads: a fleet run's newest report alone) gives each
+    series' newest point as pending_latest does from every row, whichever rows a run has.
+    One row is read where every report carries one set of series at one step: a fleet's,
+    with late steps or a restart's new segment too (the largest segment, step and write
+    then holds every newest point). Every row is read for reports of other series sets, or
+    whose series are at steps of their own."""
+    rng = random.Random(shape)
+    runs = [f"{run_name}-{i}" for i in range(3)]
+    for r, run in enumerate(runs):
+        step, segment = 10, 0
+        for seq in range(12):
+            step += 1
+            odd = r != 1  # one run of three stays a fleet's
+            if shape == "late" and seq == 7 and odd:
+                step -= 5
+            if shape == "segments" and seq == 6 and odd:
+                segment, step = 1, 0
+            picks = range(N_SERIES)
+            if shape == "subsets" and odd:  # the last report lacks two series
+                picks = sorted(rng.sample(range(N_SERIES), 8 + (seq + 1) % 3))
+            steps = [step] * N_SERIES
+            if shape == "mixed" and seq == 11 and odd:  # half the series a step of their own
+                steps = [step if i % 2 else step - 8 for i in range(N_SERIES)]
+            series = [
+                series_from_columns(*_series_of(i), [steps[i]], [rng.random()], []) for i in picks
+            ]
+            with sessions() as s:
+                store.ingest_batch(s, run=run, batch=Batch("c", seq, segment, series))
+                s.commit()
+    read = []
+    arrays = reports._arrays
+    monkeypatch.setattr(reports, "_arrays", lambda *a: read.append(1) or arrays(*a))
+    with sessions() as s:
+        ids = [s.query(Run.id).filter(Run.name == run).scalar() for run in runs]
+        fast = reports.pending_values(s, ids)
+        fast_rows = len(read)
+        full = reports.pending_latest(s, ids)
+    assert len(full) == 3 * N_SERIES
+    assert fast == {sid: (n.segment, n.step, n.value) for sid, n in full.items()}
+    one_row = shape in ("fleet", "late", "segments")
+    assert fast_rows == (3 if one_row else 1 + 2 * 12)  # rows whose payload was read
