@@ -68,8 +68,7 @@ def _check(sessions, run: str, ref: Reference) -> None:
     assert (info.max_segment, info.last_step) == max((r[0], r[1]) for r in ref.rows.values())
 
 
-def _gauges(sessions) -> dict[tuple, float]:
-    collector = LatestCollector(sessions, inactive_after_s=3600)
+def _gauges(collector: LatestCollector) -> dict[tuple, float]:
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for metric in collector.collect()
@@ -127,14 +126,15 @@ def test_readers_put_unflushed_reports_over_the_latest_table(sessions, run_name,
     with sessions() as s:
         s.query(Run).filter(Run.name == run_name).update({Run.last_seen_at: datetime.now(UTC)})
         s.commit()
-    before = _gauges(sessions)
+    collector = LatestCollector(sessions, inactive_after_s=3600)  # one, as the service has
+    before = _gauges(collector)
     with sessions() as s:
         run_id = s.query(Run.id).filter(Run.name == run_name).scalar()
         pending = s.query(Report).filter(Report.run_id == run_id).count()
         reports.flush(s, [run_id])
         s.commit()
     _check(sessions, run_name, ref)
-    after = _gauges(sessions)
+    after = _gauges(collector)
     assert pending > 0  # the gauges before were read with reports over the table
     want = {_series_of(i)[1].get("layer", ""): r[2] for i, r in ref.rows.items()}
     for gauges in (before, after):
@@ -221,3 +221,26 @@ def test_metrics_read_of_reports_equals_the_full_summary(sessions, run_name, sha
     assert fast == {sid: (n.segment, n.step, n.value) for sid, n in full.items()}
     one_row = shape in ("fleet", "late", "segments")
     assert fast_rows == (3 if one_row else 1 + 2 * 12)  # rows whose payload was read
+
+
+def test_one_collector_learns_the_labels_of_series_made_after_its_first_scrape(sessions, run_name):
+    collector = LatestCollector(sessions, inactive_after_s=3600)
+
+    def post(seq: int, layers: int) -> None:
+        series = [series_from_columns(*_series_of(i), [seq], [float(i)], []) for i in range(layers)]
+        with sessions() as s:
+            store.ingest_batch(s, run=run_name, batch=Batch("c", seq, 0, series))
+            s.query(Run).filter(Run.name == run_name).update({Run.last_seen_at: datetime.now(UTC)})
+            s.commit()
+
+    def mine() -> dict[str, float]:
+        return {
+            dict(labels).get("layer", ""): v
+            for (_, labels), v in _gauges(collector).items()
+            if dict(labels).get("run") == run_name
+        }
+
+    post(0, 3)
+    assert mine() == {"": 0.0, "1": 1.0, "2": 2.0}
+    post(1, 5)  # two series more, after the collector cached the first three's labels
+    assert mine() == {"": 0.0, "1": 1.0, "2": 2.0, "3": 3.0, "4": 4.0}
