@@ -119,6 +119,8 @@ def _max_nan(a: float, b: float) -> float:
 
 #: Series whose gauge labels a LatestCollector keeps at most (then it learns them again).
 _MAX_KEYS = 1_000_000
+#: New series it looks up by id at most; more (a first scrape), every active one at once.
+_LEARN_BY_ID = 500
 
 
 class LatestCollector:
@@ -146,19 +148,24 @@ class LatestCollector:
     def describe(self) -> list[Metric]:
         return []  # no database read when the collector is registered
 
-    def _gauge_keys(self, session: Session, sids: list[int]) -> None:
-        """Learn the metric and gauge labels of series `sids`."""
+    def _gauge_keys(self, session: Session, sids: list[int], active: Any) -> None:
+        """Learn the metric and gauge labels of series `sids` (of runs matching `active`):
+        by id when they are few, else every active series in one query."""
+        if not sids:
+            return
         if len(self._keys) + len(sids) > _MAX_KEYS:
             self._keys.clear()
-        for i in range(0, len(sids), 500):
-            for sid, run, metric, labels in session.execute(
-                select(Series.id, Run.name, Series.metric, Series.labels)
-                .join(Run, Series.run_id == Run.id)
-                .where(Series.id.in_(sids[i : i + 500]))
-            ):
-                keep = _kept_labels(CATALOGUE[metric])
-                kept = {k: str(v) for k, v in (labels or {}).items() if k in keep}
-                self._keys[sid] = (metric, (("run", run), *sorted(kept.items())))
+        q = select(Series.id, Run.name, Series.metric, Series.labels).join(
+            Run, Series.run_id == Run.id
+        )
+        if len(sids) > _LEARN_BY_ID:
+            q = q.where(active, Series.metric.in_(list(CATALOGUE)))
+        else:
+            q = q.where(Series.id.in_(sids))
+        for sid, run, metric, labels in session.execute(q):
+            keep = _kept_labels(CATALOGUE[metric])
+            kept = {k: str(v) for k, v in (labels or {}).items() if k in keep}
+            self._keys[sid] = (metric, (("run", run), *sorted(kept.items())))
 
     def collect(self) -> Iterator[Metric]:
         cutoff = datetime.now(UTC) - timedelta(seconds=self._inactive_after_s)
@@ -172,7 +179,8 @@ class LatestCollector:
                 .outerjoin(Latest, Latest.series_id == Series.id)
                 .where(Run.last_seen_at >= cutoff, Series.metric.in_(list(CATALOGUE)))
             ).all()
-            self._gauge_keys(session, [r[0] for r in found if r[0] not in self._keys])
+            missing = [r[0] for r in found if r[0] not in self._keys]
+            self._gauge_keys(session, missing, Run.last_seen_at >= cutoff)
             # The runs' unflushed reports are newer than their latest rows (latest.py).
             pending = reports.pending_values(session, [r.id for r in runs])
             rows = []

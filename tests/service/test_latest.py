@@ -13,6 +13,7 @@ import pytest
 
 from logitwatch.protocol import Batch, series_from_columns
 from logitwatch.service import store
+from logitwatch.service.api import prom
 from logitwatch.service.api.prom import LatestCollector
 from logitwatch.service.store import latest, reports
 from logitwatch.service.store.models import Report, Run
@@ -223,7 +224,12 @@ def test_metrics_read_of_reports_equals_the_full_summary(sessions, run_name, sha
     assert fast_rows == (3 if one_row else 1 + 2 * 12)  # rows whose payload was read
 
 
-def test_one_collector_learns_the_labels_of_series_made_after_its_first_scrape(sessions, run_name):
+@pytest.mark.parametrize("by_id", [True, False])
+def test_one_collector_learns_the_labels_of_series_made_after_its_first_scrape(
+    sessions, run_name, by_id, monkeypatch
+):
+    """New series' labels looked up by id (a few) or with every active series (many)."""
+    monkeypatch.setattr(prom, "_LEARN_BY_ID", 500 if by_id else 0)
     collector = LatestCollector(sessions, inactive_after_s=3600)
 
     def post(seq: int, layers: int) -> None:
