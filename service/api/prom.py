@@ -148,24 +148,29 @@ class LatestCollector:
     def describe(self) -> list[Metric]:
         return []  # no database read when the collector is registered
 
-    def _gauge_keys(self, session: Session, sids: list[int], active: Any) -> None:
-        """Learn the metric and gauge labels of series `sids` (of runs matching `active`):
-        by id when they are few, else every active series in one query."""
-        if not sids:
-            return
-        if len(self._keys) + len(sids) > _MAX_KEYS:
-            self._keys.clear()
+    def _gauge_keys(self, session: Session, sids: list[int], active: Any) -> dict:
+        """The metric and gauge labels of series `sids` (of runs matching `active`), learned
+        when not known yet: by id when they are few, else every active series in one query.
+        Returns the dict that holds them all (a scrape beside this one may start another)."""
+        keys = self._keys
+        missing = [sid for sid in sids if sid not in keys]
+        if not missing:
+            return keys
+        if len(keys) + len(missing) > _MAX_KEYS:
+            keys, missing = {}, sids
         q = select(Series.id, Run.name, Series.metric, Series.labels).join(
             Run, Series.run_id == Run.id
         )
-        if len(sids) > _LEARN_BY_ID:
+        if len(missing) > _LEARN_BY_ID:
             q = q.where(active, Series.metric.in_(list(CATALOGUE)))
         else:
-            q = q.where(Series.id.in_(sids))
+            q = q.where(Series.id.in_(missing))
         for sid, run, metric, labels in session.execute(q):
             keep = _kept_labels(CATALOGUE[metric])
             kept = {k: str(v) for k, v in (labels or {}).items() if k in keep}
-            self._keys[sid] = (metric, (("run", run), *sorted(kept.items())))
+            keys[sid] = (metric, (("run", run), *sorted(kept.items())))
+        self._keys = keys
+        return keys
 
     def collect(self) -> Iterator[Metric]:
         cutoff = datetime.now(UTC) - timedelta(seconds=self._inactive_after_s)
@@ -179,12 +184,10 @@ class LatestCollector:
                 .outerjoin(Latest, Latest.series_id == Series.id)
                 .where(Run.last_seen_at >= cutoff, Series.metric.in_(list(CATALOGUE)))
             ).all()
-            missing = [r[0] for r in found if r[0] not in self._keys]
-            self._gauge_keys(session, missing, Run.last_seen_at >= cutoff)
+            keys = self._gauge_keys(session, [r[0] for r in found], Run.last_seen_at >= cutoff)
             # The runs' unflushed reports are newer than their latest rows (latest.py).
             pending = reports.pending_values(session, [r.id for r in runs])
             rows = []
-            keys = self._keys
             for sid, segment, step, value in found:
                 new = pending.get(sid)
                 if new is not None and (segment is None or new[:2] >= (segment, step)):

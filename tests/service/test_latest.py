@@ -224,12 +224,14 @@ def test_metrics_read_of_reports_equals_the_full_summary(sessions, run_name, sha
     assert fast_rows == (3 if one_row else 1 + 2 * 12)  # rows whose payload was read
 
 
-@pytest.mark.parametrize("by_id", [True, False])
+@pytest.mark.parametrize("lookup", ["by id", "all active", "full cache"])
 def test_one_collector_learns_the_labels_of_series_made_after_its_first_scrape(
-    sessions, run_name, by_id, monkeypatch
+    sessions, run_name, lookup, monkeypatch
 ):
-    """New series' labels looked up by id (a few) or with every active series (many)."""
-    monkeypatch.setattr(prom, "_LEARN_BY_ID", 500 if by_id else 0)
+    """New series' labels looked up by id (a few), with every active series (many), or all
+    again into a new dict (the cache at its bound)."""
+    monkeypatch.setattr(prom, "_LEARN_BY_ID", 0 if lookup == "all active" else 500)
+    monkeypatch.setattr(prom, "_MAX_KEYS", 4 if lookup == "full cache" else 1_000_000)
     collector = LatestCollector(sessions, inactive_after_s=3600)
 
     def post(seq: int, layers: int) -> None:
