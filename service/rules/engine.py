@@ -33,7 +33,7 @@ from logitwatch.service.rules.notify import Notifier
 from logitwatch.service.rules.state import StateRows
 from logitwatch.service.rules.user import effective_rules, get_user_rules, user_rules_version
 from logitwatch.service.rules.warmup import infer_warmup
-from logitwatch.service.store.deferred import pg_execute
+from logitwatch.service.store.deferred import driver_rows
 from logitwatch.service.store.ingest import (
     IngestResult,
     Prepared,
@@ -43,7 +43,7 @@ from logitwatch.service.store.ingest import (
 )
 from logitwatch.service.store.models import Run, utcnow
 from logitwatch.service.store.rule_tables import Alert
-from logitwatch.service.store.sql import is_pg, labels_key
+from logitwatch.service.store.sql import labels_key
 
 __all__ = ["RuleEngine"]
 
@@ -275,27 +275,12 @@ def _any_firing(session: Session, run_ids: list[int]) -> bool:
     ~0.7 ms a group commit, measured. The session is flushed first: an alert the rules
     changed in this transaction is seen as the ORM query would see it."""
     session.flush()
-    if is_pg(session):
-        cur = pg_execute(session, _FIRING_PG, (run_ids,))
-    else:
-        cur = session.connection().connection.driver_connection.cursor()
-        cur.execute(_FIRING.format(f"IN ({', '.join('?' * len(run_ids))})"), run_ids)
-    try:
-        return cur.fetchone() is not None
-    finally:
-        cur.close()
+    sqlite = _FIRING.format(f"IN ({', '.join('?' * len(run_ids))})")
+    return bool(driver_rows(session, (_FIRING_PG, (run_ids,)), (sqlite, run_ids)))
 
 
 def _lock_run(session: Session, run: str) -> _RunRow:
-    if is_pg(session):
-        cur = pg_execute(session, _RUN_PG, (run,))  # with the statements deferred before it
-    else:
-        cur = session.connection().connection.driver_connection.cursor()
-        cur.execute(_RUN_SQLITE, (run,))
-    try:
-        found = cur.fetchone()
-    finally:
-        cur.close()
-    if found is None:
+    found = driver_rows(session, (_RUN_PG, (run,)), (_RUN_SQLITE, (run,)))
+    if not found:
         raise LookupError(f"run {run!r} does not exist")
-    return _RunRow(found[0], run, found[1])
+    return _RunRow(found[0][0], run, found[0][1])

@@ -7,10 +7,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from logitwatch.service.rules.model import Rule, parse_rules, rules_to_data
-from logitwatch.service.store.deferred import pg_execute
+from logitwatch.service.store.deferred import driver_rows
 from logitwatch.service.store.models import utcnow
 from logitwatch.service.store.rule_tables import UserRules
-from logitwatch.service.store.sql import insert, is_pg
+from logitwatch.service.store.sql import insert
 
 __all__ = [
     "effective_rules",
@@ -28,16 +28,8 @@ def user_rules_version(session: Session) -> int:
     one driver-level statement (SQLAlchemy's Core select cost ~0.3 ms of Python), after the
     session's own pending changes are flushed, as an ORM query would."""
     session.flush()
-    if is_pg(session):
-        cur = pg_execute(session, _VERSION.format("%s"), (_ROW,))
-    else:
-        cur = session.connection().connection.driver_connection.cursor()
-        cur.execute(_VERSION.format("?"), (_ROW,))
-    try:
-        found = cur.fetchone()
-    finally:
-        cur.close()
-    return (found[0] if found else 0) or 0
+    found = driver_rows(session, (_VERSION.format("%s"), (_ROW,)), (_VERSION.format("?"), (_ROW,)))
+    return (found[0][0] if found else 0) or 0
 
 
 _VERSION = "SELECT version FROM user_rules WHERE id = {}"

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-__all__ = ["defer", "flush_deferred", "pg_cursor", "pg_execute", "pipeline_deferred"]
+__all__ = ["defer", "driver_rows", "flush_deferred", "pg_cursor", "pg_execute", "pipeline_deferred"]
 
 _DEFERRED = "logitwatch_deferred"
 
@@ -52,6 +52,22 @@ def pg_execute(session: Session, sql: str, params: Any) -> Any:
         cur.close()
         raise
     return cur
+
+
+def driver_rows(session: Session, pg: tuple[str, Any], sqlite: tuple[str, Any]) -> list:
+    """The rows of one statement read by the driver on the session's connection, in its
+    transaction: ``pg`` (sql, params) on PostgreSQL, sent with the deferred statements
+    (pg_execute), else ``sqlite``. For hot-path reads where SQLAlchemy's statement costs
+    more than the query."""
+    if session.get_bind().dialect.name == "postgresql":
+        cur = pg_execute(session, *pg)
+    else:
+        cur = session.connection().connection.driver_connection.cursor()
+        cur.execute(*sqlite)
+    try:
+        return cur.fetchall()
+    finally:
+        cur.close()
 
 
 def flush_deferred(conn: Any) -> None:

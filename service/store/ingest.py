@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from logitwatch.protocol import Batch, Series
 from logitwatch.service.store import latest, reports
 from logitwatch.service.store.codec import raw_floats, raw_steps
-from logitwatch.service.store.deferred import defer, pg_execute
+from logitwatch.service.store.deferred import defer, driver_rows, pg_execute
 from logitwatch.service.store.limits import LimitError
 from logitwatch.service.store.models import utcnow
 from logitwatch.service.store.runs import ensure_run_id
@@ -85,7 +85,8 @@ def _series_ids(
     found = _lookup(session, run_id, missing)
     new = sorted(missing - found.keys())
     if new:
-        have = _one(session, _COUNT_SERIES, (run_id,))
+        count = (_COUNT_SERIES.format("%s"), (run_id,)), (_COUNT_SERIES.format("?"), (run_id,))
+        have = driver_rows(session, *count)[0][0]
         if have + len(new) > max_series:
             raise LimitError(
                 "series",
@@ -120,15 +121,8 @@ def _series_ids(
 
 def _lookup(session: Session, run_id: int, keys: set[tuple]) -> dict[tuple, int]:
     metrics = sorted({k[1] for k in keys})
-    if is_pg(session):
-        cur = pg_execute(session, _PG_LOOKUP, (run_id, metrics))
-    else:
-        cur = session.connection().connection.driver_connection.cursor()
-        cur.execute(_SQLITE_LOOKUP.format(", ".join("?" * len(metrics))), (run_id, *metrics))
-    try:
-        rows = cur.fetchall()
-    finally:
-        cur.close()
+    sqlite = _SQLITE_LOOKUP.format(", ".join("?" * len(metrics)))
+    rows = driver_rows(session, (_PG_LOOKUP, (run_id, metrics)), (sqlite, (run_id, *metrics)))
     out = {}
     for sid, metric, lkey in rows:
         k = (run_id, metric, lkey)
@@ -137,22 +131,9 @@ def _lookup(session: Session, run_id: int, keys: set[tuple]) -> dict[tuple, int]
     return out
 
 
-def _one(session: Session, sql: str, params: tuple) -> int:
-    """The one integer `sql` (written with ?) reads, by the driver."""
-    if is_pg(session):
-        cur = pg_execute(session, sql.replace("?", "%s"), params)
-    else:
-        cur = session.connection().connection.driver_connection.cursor()
-        cur.execute(sql, params)
-    try:
-        return int(cur.fetchone()[0] or 0)
-    finally:
-        cur.close()
-
-
 # A run's first report makes its ~200 series: by the driver, as the rest of ingest does
 # (SQLAlchemy's insert and selects were ~2.5 ms of a first report's ~10 ms, measured).
-_COUNT_SERIES = "SELECT count(*) FROM series WHERE run_id = ?"
+_COUNT_SERIES = "SELECT count(*) FROM series WHERE run_id = {}"
 _SERIES_COLS = "run_id, metric, labels, labels_key, layer, head"
 _SERIES_CONFLICT = "ON CONFLICT (run_id, metric, labels_key) DO NOTHING"
 _SQLITE_INSERT_SERIES = (

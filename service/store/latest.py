@@ -26,7 +26,15 @@ from logitwatch.service.store.codec import pg_array_bytes
 from logitwatch.service.store.deferred import defer
 from logitwatch.service.store.sql import PgArray, PgInt8Array
 
-__all__ = ["Columns", "Newest", "merge", "newest", "newest_columns", "steps_forward", "upsert"]
+__all__ = [
+    "Newest",
+    "NewestColumns",
+    "merge",
+    "newest",
+    "newest_columns",
+    "steps_forward",
+    "upsert",
+]
 
 
 class Newest(NamedTuple):
@@ -54,7 +62,7 @@ def upsert(session: Session, rows: list[tuple], pg: bool) -> None:
         raw.executemany(_SQLITE_LATEST, rows)
 
 
-class Columns(NamedTuple):
+class NewestColumns(NamedTuple):
     """Newest of many series as arrays, series ids ascending (times NaN where not timed)."""
 
     sids: np.ndarray
@@ -67,8 +75,8 @@ class Columns(NamedTuple):
     first_step: np.ndarray
 
 
-def newest_columns(parts: list[tuple]) -> Columns | None:
-    """Each series' Newest, as Columns, of report rows ``(segment, series_ids, steps,
+def newest_columns(parts: list[tuple]) -> NewestColumns | None:
+    """Each series' Newest, as NewestColumns, of report rows ``(segment, series_ids, steps,
     values, times)`` in write order (series ids distinct within a row; times empty when the
     row had none); None when they hold no point."""
     parts = [p for p in parts if len(p[1])]
@@ -98,7 +106,7 @@ def newest_columns(parts: list[tuple]) -> Columns | None:
     s = sids[idx]
     starts = np.flatnonzero(np.append(True, s[1:] != s[:-1]))
     last = idx[np.append(starts[1:], len(s)) - 1]
-    return Columns(
+    return NewestColumns(
         sids[last],
         seg[last],
         steps[last],
