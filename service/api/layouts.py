@@ -26,7 +26,7 @@ import numpy as np
 
 from logitwatch.protocol import MAX_STEP, MSGPACK_CONTENT_TYPE, Batch, Series
 from logitwatch.service.store import Prepared
-from logitwatch.service.store.ingest import Columns, Shape
+from logitwatch.service.store.ingest import Columns, OnDemand, Shape
 
 __all__ = ["Layouts"]
 
@@ -122,24 +122,42 @@ def _read(layout: _Layout, body: bytes, postgres: bool) -> tuple[Batch, Prepared
     if len(steps) and (steps.min() < 0 or steps.max() > MAX_STEP):
         return None
     values = buf[layout.values_at[:, None] + _EIGHT].view(np.float64).reshape(-1)
-    n = len(steps)
     if layout.times_at is not None:
         times = buf[layout.times_at[:, None] + _EIGHT].view(np.float64).reshape(-1)
-        t_rows = list(times.reshape(n, 1))
     else:
-        times, t_rows = _EMPTY_F, [_EMPTY_F] * n
-    # One row view of each array per series, shared by its Series and its Columns: nothing
-    # on this path reads a Series' arrays (the store and the rules read the Columns), and a
-    # view costs less than an array.array of its bytes, 600 of them a 200-series report.
-    st, va = list(steps.reshape(n, 1)), list(values.reshape(n, 1))
-    labels = map(dict, layout.labels)
-    series = list(map(Series._of_arrays, layout.metrics, labels, st, va, t_rows))
-    batch = Batch(client=layout.client, seq=seq, segment=layout.segment, series=series)
-    new = tuple.__new__
-    columns = [new(Columns, c) for c in zip(st, va, t_rows, strict=True)]
+        times = _EMPTY_F
+    # The Series and Columns of each series are made only where something reads them (the
+    # store and the rules read the three arrays end to end, and a rule's slow path a few
+    # series): making all 200 of a report was a sixth of its cost, measured.
+    n = len(steps)
+    series = OnDemand(n, _Maker(layout, steps, values, times, True))
+    batch = Batch(layout.client, seq, layout.segment, series)  # type: ignore[arg-type]
+    columns = OnDemand(n, _Maker(layout, steps, values, times, False))
     points = Columns(steps, values, times)
-    prepared = Prepared(postgres, [], columns, list(layout.keys), points, layout.shape)
+    keys = list(layout.keys)
+    prepared = Prepared(postgres, [], columns, keys, points, layout.shape)  # type: ignore[arg-type]
     return batch, prepared
+
+
+class _Maker:
+    """Series i (or its Columns) of a report read by its layout: one-item views of the
+    report's arrays (same bytes, length and items as decode_batch's array.array)."""
+
+    __slots__ = ("layout", "series", "steps", "times", "values")
+
+    def __init__(self, layout: _Layout, steps, values, times, series: bool) -> None:
+        self.layout, self.steps, self.values, self.times = layout, steps, values, times
+        self.series = series
+
+    def __call__(self, i: int) -> Series | Columns:
+        at = slice(i, i + 1)
+        times = self.times[at] if len(self.times) else _EMPTY_F
+        if self.series:
+            lay = self.layout
+            return Series._of_arrays(
+                lay.metrics[i], dict(lay.labels[i]), self.steps[at], self.values[at], times
+            )
+        return Columns(self.steps[at], self.values[at], times)
 
 
 def _uint(body: bytes, at: int, length: int) -> int | None:

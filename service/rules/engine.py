@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -36,6 +37,7 @@ from logitwatch.service.rules.warmup import infer_warmup
 from logitwatch.service.store.deferred import driver_rows
 from logitwatch.service.store.ingest import (
     IngestResult,
+    OnDemand,
     Prepared,
     Shape,
     ingest_batch,
@@ -166,14 +168,17 @@ class RuleEngine:
         lkeys = prepared.keys if prepared is not None and prepared.keys else None
         if lkeys is None:
             lkeys = [labels_key(s.labels) for s in batch.series]
-        series = list(zip(batch.series, columns, lkeys, strict=True))
         shape = prepared.shape if prepared is not None else None
+        at: Sequence[int] = range(len(columns))  # the non-empty series
         if prepared is not None and prepared.points is not None:
             steps = [prepared.points.steps]  # one point a series: none empty
         else:
             steps = [c.steps for c in columns]
             if 0 in map(len, steps):
-                series, shape = [x for x in series if len(x[1].steps)], None
+                at, shape = [i for i, s in enumerate(steps) if len(s)], None
+        # (Series, Columns, labels_key) of each non-empty series, made where read: a
+        # report's (api/layouts.py) are made only for the series a rule looks at one by one.
+        series = OnDemand(len(at), lambda j: (batch.series[at[j]], columns[at[j]], lkeys[at[j]]))
         if not series or not rules:
             return
         ctx = self._context(run_row.config)
@@ -183,12 +188,12 @@ class RuleEngine:
             return
         rows = StateRows(session, run_row.id, batch.segment)
         rows.load(lay.keys, lay.growth)
-        ctx = infer_warmup(
-            ctx, rows, [(s, c) for s, c, _ in series], upto
-        )  # from the lr series when none is declared
+        # from the lr series when none is declared
+        ctx = infer_warmup(ctx, rows, [series[i][1] for i in lay.lr], upto)
         job = BatchJob(self, session, run_row, batch, ctx, Restarts(ctx, upto), rows)
         one = prepared.points if prepared is not None else None  # a report's: one point each
-        vector.evaluate(job, lay, [series[i][:2] for i in lay.pos], one)
+        pos = lay.pos
+        vector.evaluate(job, lay, OnDemand(len(pos), lambda j: series[pos[j]][:2]), one)
         for rule in lay.absent:
             job.saw_data(rule, upto)
         rows.save()

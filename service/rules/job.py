@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -123,7 +124,7 @@ class BatchJob:
         return Points(prev, steps, values, row, key)
 
     def points_many(
-        self, keys: list[str], columns: list, unique: bool = False, one: Columns | None = None
+        self, keys: list[str], columns: Sequence, unique: bool = False, one: Columns | None = None
     ) -> NewPoints:
         """``points`` of non-empty series, end to end. The common case, steps that all follow
         the series' last one in its segment, takes no numpy call per series, and for

@@ -14,6 +14,7 @@ the schedule).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ from logitwatch.service.rules.conditions import bounds_flat, quiet_many
 from logitwatch.service.rules.job import BatchJob, NewPoints
 from logitwatch.service.rules.model import Growth, NonFinite, Rule, ScheduleDeviation, Threshold
 from logitwatch.service.rules.state import Points
-from logitwatch.service.store.ingest import Columns
+from logitwatch.service.store.ingest import Columns, OnDemand
 
 __all__ = ["Layout", "evaluate", "layout"]
 
@@ -37,12 +38,15 @@ class Layout:
     #: among the batch's non-empty series.
     keys: list[str]
     pos: list[int]
+    at: np.ndarray  # pos as an array
     #: (rule, its index in ``rules``, gated, positions in ``keys`` it selects) per rule.
     selects: list[tuple[Rule, int, bool, np.ndarray]]
     growth: list[str]  # names of the growth rules among them
     absent: list[Rule]
     unique: bool  # no series twice in the batch
     whole: bool  # some per-batch rule selects every series of the batch
+    #: Positions of the lr series among the batch's non-empty series (warmup.py reads them).
+    lr: list[int]
 
 
 def layout(rules: list[Rule], names: list[tuple[str, dict[str, str], str]]) -> Layout | None:
@@ -70,16 +74,25 @@ def layout(rules: list[Rule], names: list[tuple[str, dict[str, str], str]]) -> L
     growth = [r.name for r, _, _, _ in selects if isinstance(r.condition, Growth)]
     unique = len(set(keys)) == len(keys)
     whole = len(pos) == len(names)
-    return Layout(rules, keys, pos, selects, growth, list(absent.values()), unique, whole)
+    lr = [i for i, (metric, _, _) in enumerate(names) if metric == "lr"]
+    at = np.array(pos, dtype=np.intp)
+    return Layout(rules, keys, pos, at, selects, growth, list(absent.values()), unique, whole, lr)
 
 
 def evaluate(
-    job: BatchJob, lay: Layout, series: list[tuple[Series, Columns]], one: Columns | None = None
+    job: BatchJob,
+    lay: Layout,
+    series: Sequence[tuple[Series, Columns]],
+    one: Columns | None = None,
 ) -> None:
-    """Every per-batch rule over ``series`` (the layout's, in its order); ``one``: each
-    series has one point, and these are the batch's columns end to end (a report's)."""
-    one = one if lay.whole else None  # the layout's series are the whole batch's
-    new = job.points_many(lay.keys, [c for _, c in series], lay.unique, one)
+    """Every per-batch rule over ``series`` (the layout's, in its order; read by index, so
+    an OnDemand list makes only the pairs a rule looks at one by one); ``one``: each series
+    has one point, and these are the batch's columns end to end (a report's)."""
+    if one is not None and not lay.whole:  # the layout's series of the batch's
+        times = one.times[lay.at] if len(one.times) else one.times
+        one = Columns(one.steps[lay.at], one.values[lay.at], times)
+    columns = OnDemand(len(series), lambda i: series[i][1])
+    new = job.points_many(lay.keys, columns, lay.unique, one)
     n = len(new)
     fresh = np.flatnonzero(new.k)
     if not len(fresh):

@@ -70,16 +70,15 @@ def warmup_end(run_state: dict[str, Any], upto: int) -> int:
     return min(upto + 1, CAP) if "peak" in st else 0
 
 
-def infer_warmup(ctx: RunContext, rows: StateRows, series: list, upto: int) -> RunContext:
+def infer_warmup(ctx: RunContext, rows: StateRows, lr: list, upto: int) -> RunContext:
     """The context to judge this batch with: ``ctx`` itself when the config declares warmup,
     else a copy whose warmup is inferred from the lr points seen so far, this batch's included.
 
-    ``series`` are the batch's (Series, columns) pairs; ``upto`` its last step.
+    ``lr`` are the columns of the batch's lr series; ``upto`` its last step.
     """
     if ctx.warmup_declared:
         return ctx
     state = rows.run_state()
-    lr = [c for s, c in series if s.metric == "lr"]
     if lr and (state.get(KEY) or {}).get("end") is None:
         steps = np.concatenate([c.steps for c in lr])
         values = np.concatenate([c.values for c in lr])
