@@ -205,15 +205,21 @@ class GrowthWindows:
         valid = np.arange(W.shape[1]) < C[:, None]
         a = (((steps - c.over_steps)[:, None] > S) & valid).sum(axis=1)  # cut at the front
         has = a < C
-        base = W[np.arange(n), np.minimum(a, W.shape[1] - 1)]  # the window's front
         rise = c.ratio > 1
+        settling = ~self.settled[pos] if settle else None
+        if settling is not None and not settling.any():
+            settling = None  # every entry settled: the verdicts are the plain ones
+        if rise and settling is None and c.min_value > 0 and (v < c.ratio * c.min_value).all():
+            # A rise fires only from ratio x min_value: no verdict here can be active.
+            self._move(c, pos, whole, S, W, C, valid, a, steps, v, seg)
+            return np.ones(n, bool)
+        base = W[np.arange(n), np.minimum(a, W.shape[1] - 1)]  # the window's front
         if rise:
             limit = c.ratio * np.maximum(base, c.min_value)
             active = has & (limit > 0) & (v >= limit)
         else:
             active = has & (base >= c.min_value) & (v <= c.ratio * base)
-        if settle:
-            settling = ~self.settled[pos]
+        if settling is not None:
             was = self.frm[pos]
             frm = np.where(settling & (was < 0), steps, was)
             half = math.sqrt(c.ratio) * base
@@ -384,12 +390,17 @@ class GrowthWindows:
             self._grow(len(self.cnt), need)
             S, W = (self.ws, self.w) if whole else (self.ws[pos], self.w[pos])
             width, col = need, np.arange(need)
+        # The entries whose front leaves (a few a step) shift left; the others keep their
+        # columns: the new point goes at ``keep`` in every entry, in place.
+        shift = np.flatnonzero(a)
+        if len(shift):
+            take = np.minimum(a[shift, None] + col, width - 1)
+            S[shift] = np.take_along_axis(S[shift], take, 1)
+            W[shift] = np.take_along_axis(W[shift], take, 1)
         rows = np.arange(n)
-        take = np.minimum(a[:, None] + col, width - 1)
-        S, W = S[rows[:, None], take], W[rows[:, None], take]
         S[rows, keep], W[rows, keep] = steps, v
         if whole:
-            self.ws, self.w, self.cnt = S, W, keep + 1
+            self.cnt = keep + 1
             self.seg[:], self.last[:] = seg, steps
         else:
             self.ws[pos], self.w[pos], self.cnt[pos] = S, W, keep + 1
