@@ -31,10 +31,10 @@ from logitwatch.service.rules.conditions import RunContext
 from logitwatch.service.rules.job import BatchJob, Restarts
 from logitwatch.service.rules.model import Rule
 from logitwatch.service.rules.notify import Notifier
-from logitwatch.service.rules.state import StateRows
+from logitwatch.service.rules.state import RUN_BY_NAME_PG, UNREAD, StateRows
 from logitwatch.service.rules.user import effective_rules, get_user_rules, user_rules_version
 from logitwatch.service.rules.warmup import infer_warmup
-from logitwatch.service.store.deferred import driver_rows
+from logitwatch.service.store.deferred import driver_rows, pg_rows
 from logitwatch.service.store.ingest import (
     IngestResult,
     OnDemand,
@@ -45,7 +45,7 @@ from logitwatch.service.store.ingest import (
 )
 from logitwatch.service.store.models import Run, utcnow
 from logitwatch.service.store.rule_tables import Alert
-from logitwatch.service.store.sql import labels_key
+from logitwatch.service.store.sql import is_pg, labels_key
 
 __all__ = ["RuleEngine"]
 
@@ -160,7 +160,7 @@ class RuleEngine:
         """
         if prepared is not None and len(prepared.columns) != len(batch.series):
             raise ValueError("prepared was made from another batch")
-        run_row = _lock_run(session, run)
+        run_row, state_row = _lock_run(session, run)
         rules = self.rules(session)
         columns = (
             prepared.columns if prepared is not None else [series_columns(s) for s in batch.series]
@@ -187,7 +187,7 @@ class RuleEngine:
         if lay is None:
             return
         rows = StateRows(session, run_row.id, batch.segment)
-        rows.load(lay.keys, lay.growth)
+        rows.load(lay.keys, lay.growth, state_row)
         # from the lr series when none is declared
         ctx = infer_warmup(ctx, rows, [series[i][1] for i in lay.lr], upto)
         job = BatchJob(self, session, run_row, batch, ctx, Restarts(ctx, upto), rows)
@@ -284,8 +284,15 @@ def _any_firing(session: Session, run_ids: list[int]) -> bool:
     return bool(driver_rows(session, (_FIRING_PG, (run_ids,)), (sqlite, run_ids)))
 
 
-def _lock_run(session: Session, run: str) -> _RunRow:
-    found = driver_rows(session, (_RUN_PG, (run,)), (_RUN_SQLITE, (run,)))
+def _lock_run(session: Session, run: str) -> tuple[_RunRow, Any]:
+    """The run's row, locked; on PostgreSQL also its own rule_state row (locked, or None),
+    read in the same round trip (StateRows.load's ``run_row``; elsewhere it reads it)."""
+    if is_pg(session):
+        found, state = pg_rows(session, (_RUN_PG, (run,)), (RUN_BY_NAME_PG, (run,)))
+        state_row = state[0] if state else None
+    else:
+        found = driver_rows(session, (_RUN_PG, (run,)), (_RUN_SQLITE, (run,)))
+        state_row = UNREAD
     if not found:
         raise LookupError(f"run {run!r} does not exist")
-    return _RunRow(found[0][0], run, found[0][1])
+    return _RunRow(found[0][0], run, found[0][1]), state_row

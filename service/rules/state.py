@@ -44,7 +44,7 @@ from logitwatch.service.store.models import utcnow
 from logitwatch.service.store.rule_tables import RuleState
 from logitwatch.service.store.sql import cache, is_pg, remember
 
-__all__ = ["RUN_KEY", "Points", "RunStates", "StateRow", "StateRows"]
+__all__ = ["RUN_BY_NAME_PG", "RUN_KEY", "UNREAD", "Points", "RunStates", "StateRow", "StateRows"]
 
 RUN_KEY = ""
 _T = RuleState.__table__
@@ -136,6 +136,14 @@ class RunStates:
 
 
 _RUN = "SELECT last_step, state FROM rule_state WHERE run_id = {p} AND series_key = ''"
+#: The run's own row, locked, by the run's name: sent in one round trip with the rule
+#: engine's lock of the run's row (engine._lock_run), which it follows.
+RUN_BY_NAME_PG = (
+    "SELECT last_step, state FROM rule_state WHERE series_key = ''"
+    " AND run_id = (SELECT id FROM runs WHERE name = %s) FOR UPDATE"
+)
+#: StateRows.load's default: the run's own row is not read yet.
+UNREAD = object()
 _LOAD_KEYS = (
     "SELECT series_key, segment, last_step, state FROM rule_state"
     " WHERE run_id = {p} AND series_key IN ({keys})"
@@ -194,15 +202,19 @@ class StateRows:
             return pg_cursor(self.session)  # after the statements deferred before it
         return self.session.connection().connection.driver_connection.cursor()
 
-    def load(self, keys: list[str], blocks: list[str] = ()) -> None:
+    def load(self, keys: list[str], blocks: list[str] = (), run_row: Any = UNREAD) -> None:
         """Read the run's own row (the epoch), then whichever of `keys` (series rows) and
-        `blocks` (growth rules' windows) the cache lacks."""
+        `blocks` (growth rules' windows) the cache lacks. ``run_row``: the run's own row
+        (last_step, state), or None, when the caller read it already (RUN_BY_NAME_PG)."""
         pg = is_pg(self.session)
         cur = self._cursor()
         try:
-            # FOR UPDATE: the absent checker writes this row too (and skips it while locked).
-            cur.execute(self._sql(_RUN) + (" FOR UPDATE" if pg else ""), (self.run_id,))
-            found = cur.fetchone()
+            if run_row is UNREAD:
+                # FOR UPDATE: the absent checker writes this row too (and skips it while
+                # locked).
+                cur.execute(self._sql(_RUN) + (" FOR UPDATE" if pg else ""), (self.run_id,))
+                run_row = cur.fetchone()
+            found = run_row
             if found is None:
                 self.epoch = 0
             else:

@@ -17,7 +17,15 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-__all__ = ["defer", "driver_rows", "flush_deferred", "pg_cursor", "pg_execute", "pipeline_deferred"]
+__all__ = [
+    "defer",
+    "driver_rows",
+    "flush_deferred",
+    "pg_cursor",
+    "pg_execute",
+    "pg_rows",
+    "pipeline_deferred",
+]
 
 _DEFERRED = "logitwatch_deferred"
 
@@ -45,13 +53,32 @@ def pg_execute(session: Session, sql: str, params: Any) -> Any:
     queue = conn.info.get(_DEFERRED)
     try:
         if queue:
-            _send(raw, queue, (cur, sql, params))
+            _send(raw, queue, [(cur, sql, params)])
         else:
             cur.execute(sql, params)
     except BaseException:
         cur.close()
         raise
     return cur
+
+
+def pg_rows(session: Session, *statements: tuple[str, Any]) -> list[list]:
+    """The rows of each (sql, params), sent after the deferred statements and one another
+    in one round trip (a pipeline), so in this order: for reads whose parameters do not
+    depend on one another's results."""
+    conn = session.connection()
+    raw = conn.connection.driver_connection
+    curs = [raw.cursor() for _ in statements]
+    try:
+        _send(
+            raw,
+            conn.info.setdefault(_DEFERRED, []),
+            [(c, *st) for c, st in zip(curs, statements, strict=True)],
+        )
+        return [c.fetchall() for c in curs]
+    finally:
+        for c in curs:
+            c.close()
 
 
 def driver_rows(session: Session, pg: tuple[str, Any], sqlite: tuple[str, Any]) -> list:
@@ -77,14 +104,15 @@ def flush_deferred(conn: Any) -> None:
         _send(conn.connection.driver_connection, queue)
 
 
-def _send(raw: Any, queue: list, last: tuple | None = None) -> None:
+def _send(raw: Any, queue: list, last: list[tuple] = ()) -> None:
+    """The queued statements, then each (cursor, sql, params) of `last`, in one pipeline."""
     pending = queue[:]
     queue.clear()  # sent now; if that fails, the transaction is lost with them
     with raw.pipeline(), raw.cursor() as cur:
         for sql, params in pending:
             cur.execute(sql, params)
-        if last is not None:
-            last[0].execute(last[1], last[2])
+        for c, sql, params in last:
+            c.execute(sql, params)
 
 
 def pipeline_deferred(engine: Any) -> None:

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from logitwatch.service.store.db import make_engine, make_sessionmaker
-from logitwatch.service.store.deferred import defer, pg_cursor, pg_execute
+from logitwatch.service.store.deferred import defer, pg_cursor, pg_execute, pg_rows
 
 _INSERT = "INSERT INTO lw_deferred (k, v) VALUES (%s, %s)"
 
@@ -48,6 +48,18 @@ def test_deferred_statements_run_in_order_before_the_next_one(sm):
         defer(s, _INSERT, ("d", 1))
         s.commit()  # sent before the commit
     assert _rows(sm) == {"a": 2, "b": 1, "c": 1, "d": 1}
+
+
+def test_several_reads_go_after_the_deferred_statements_and_in_order(sm):
+    with sm() as s:
+        defer(s, _INSERT, ("a", 1))
+        select = "SELECT k, v FROM lw_deferred ORDER BY k"
+        got = pg_rows(
+            s, (select, ()), ("UPDATE lw_deferred SET v = 5 RETURNING v", ()), (select, ())
+        )
+        assert got == [[("a", 1)], [(5,)], [("a", 5)]]
+        s.commit()
+    assert _rows(sm) == {"a": 5}
 
 
 def test_a_rollback_drops_what_was_deferred_and_the_connection_goes_on_clean(sm):
