@@ -2,7 +2,9 @@
 
 Requests are decoded and packed on their own (no lock, no database); the group committer's
 one thread then stores many of them, runs the rules over each and reads the runs' firing
-alerts in one transaction, and answers each request after that transaction commits.
+alerts in one transaction, and answers each request after that transaction commits. On
+PostgreSQL the reads each request's work starts with are sent for the whole group in one
+round trip first (Ingest._begin).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from sqlalchemy.orm import Session
 from logitwatch.protocol import Batch
 from logitwatch.service.api.layouts import Layouts
 from logitwatch.service.rules.alerts import with_links
-from logitwatch.service.rules.engine import RuleEngine
+from logitwatch.service.rules.engine import RuleEngine, lock_statements
 from logitwatch.service.settings import Settings
 from logitwatch.service.store import IngestResult, Prepared, check_run_quota
 from logitwatch.service.store.compact import Compactor
 from logitwatch.service.store.db import GroupCommit, Writer
+from logitwatch.service.store.deferred import pg_rows
+from logitwatch.service.store.ingest import batch_points, mark_statements
+from logitwatch.service.store.sql import cache
 
 __all__ = ["Ingest"]
 
@@ -30,6 +35,33 @@ class _Done:
     run: str
     result: IngestResult
     alerts: list[dict[str, Any]] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    """One request's batch: stored and evaluated in the group's transaction (``__call__``)."""
+
+    rules: RuleEngine
+    settings: Settings
+    run: str
+    batch: Batch
+    prepared: Prepared
+    #: (marked, locked): what Ingest._begin read ahead for it in this transaction.
+    ahead: tuple[bool, tuple[list, list] | None] | None = None
+
+    def __call__(self, session: Session) -> _Done:
+        check_run_quota(session, run=self.run, max_runs=self.settings.max_runs)
+        marked, locked = self.ahead or (None, None)
+        result = self.rules.ingest(
+            session,
+            run=self.run,
+            batch=self.batch,
+            prepared=self.prepared,
+            max_series=self.settings.max_series_per_run,
+            marked=marked,
+            locked=locked,
+        )
+        return _Done(self.run, result)
 
 
 class Ingest:
@@ -42,7 +74,7 @@ class Ingest:
     def __init__(self, writer: Writer, rules: RuleEngine, compactor: Compactor) -> None:
         self._rules = rules
         self._compactor = compactor
-        self.group = GroupCommit(writer, finish=self._finish)
+        self.group = GroupCommit(writer, begin=self._begin, finish=self._finish)
         #: prepare_batch packs for the database's dialect.
         self.postgres = writer.sessionmaker.kw["bind"].dialect.name == "postgresql"
         #: Each run's one-step report layout (decoded on the event loop only).
@@ -58,18 +90,7 @@ class Ingest:
         self, settings: Settings, run: str, batch: Batch, prepared: Prepared
     ) -> dict[str, Any]:
         """Store and evaluate `batch` once; the answer the endpoint returns, after commit."""
-
-        def job(session: Session) -> _Done:
-            check_run_quota(session, run=run, max_runs=settings.max_runs)
-            result = self._rules.ingest(
-                session,
-                run=run,
-                batch=batch,
-                prepared=prepared,
-                max_series=settings.max_series_per_run,
-            )
-            return _Done(run, result)
-
+        job = _Job(self._rules, settings, run, batch, prepared)
         done: _Done = await asyncio.wrap_future(self.group.submit(job, order=run))
         result = done.result
         if not result.duplicate:
@@ -81,6 +102,36 @@ class Ingest:
                 self._compactor.touch(result.series_ids, batch.segment)
         alerts = with_links(done.alerts or [], settings.dashboard_url)
         return {"accepted": result.n_points, "duplicate": result.duplicate, "alerts": alerts}
+
+    def _begin(self, session: Session, jobs: list[_Job]) -> None:
+        """PostgreSQL: the reads every job of the group starts with, in one round trip
+        instead of two a job: each batch's record (store.mark_statements) and, for the
+        first job of each run, the rule engine's locks and reads (lock_statements). They go
+        in the jobs' order (by run name), so the run rows are locked in the order the jobs
+        would lock them. A run this process has no id of yet goes the plain way; so does a
+        later job of a run, whose reads must see what the earlier one writes."""
+        if not self.postgres:
+            return
+        known = cache(session)
+        statements: list[tuple[str, tuple]] = []
+        plan: list[tuple[_Job, int, bool]] = []
+        runs: set[str] = set()
+        for job in jobs:
+            job.ahead = None
+            run_id = known.get(("run", job.run))
+            if run_id is None:
+                continue
+            first = job.run not in runs
+            runs.add(job.run)
+            plan.append((job, len(statements), first))
+            statements += mark_statements(run_id, job.batch, batch_points(job.batch, job.prepared))
+            if first:
+                statements += lock_statements(job.run)
+        if not plan:
+            return
+        rows = pg_rows(session, *statements)
+        for job, at, first in plan:
+            job.ahead = (bool(rows[at + 1]), (rows[at + 2], rows[at + 3]) if first else None)
 
     def _finish(self, session: Session, done: list[_Done]) -> list[_Done]:
         """Every answer's firing alerts, with one query for the whole group."""

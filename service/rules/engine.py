@@ -47,7 +47,7 @@ from logitwatch.service.store.models import Run, utcnow
 from logitwatch.service.store.rule_tables import Alert
 from logitwatch.service.store.sql import is_pg, labels_key
 
-__all__ = ["RuleEngine"]
+__all__ = ["RuleEngine", "lock_statements"]
 
 
 class RuleEngine:
@@ -139,28 +139,40 @@ class RuleEngine:
         batch: Batch,
         prepared: Prepared,
         max_series: int = 100_000,
+        marked: bool | None = None,
+        locked: tuple[list, list] | None = None,
     ) -> IngestResult:
         """Store ``batch`` and, unless it was stored before, evaluate it: what every batch
-        goes through, in the ingest route's group commit and in a backtest's replay."""
+        goes through, in the ingest route's group commit and in a backtest's replay.
+        ``marked`` and ``locked``: what the caller read ahead in this transaction
+        (store.mark_statements, lock_statements)."""
         result = ingest_batch(
-            session, run=run, batch=batch, max_series=max_series, prepared=prepared
+            session, run=run, batch=batch, max_series=max_series, prepared=prepared, marked=marked
         )
         if not result.duplicate:
             # The arrays the store just wrote, sorted and de-duplicated once for both.
-            self.on_batch(session, run=run, batch=batch, prepared=prepared)
+            self.on_batch(session, run=run, batch=batch, prepared=prepared, locked=locked)
         return result
 
     def on_batch(
-        self, session: Session, *, run: str, batch: Batch, prepared: Prepared | None = None
+        self,
+        session: Session,
+        *,
+        run: str,
+        batch: Batch,
+        prepared: Prepared | None = None,
+        locked: tuple[list, list] | None = None,
     ) -> None:
         """Evaluate the batch (the caller has stored it and commits afterwards).
 
         `prepared` (from store.prepare_batch) carries the series' sorted, de-duplicated
         arrays the store wrote; without it they are made here by the same function.
+        `locked`: the rows of lock_statements(run), when the caller sent them in this
+        transaction.
         """
         if prepared is not None and len(prepared.columns) != len(batch.series):
             raise ValueError("prepared was made from another batch")
-        run_row, state_row = _lock_run(session, run)
+        run_row, state_row = _lock_run(session, run, locked)
         rules = self.rules(session)
         columns = (
             prepared.columns if prepared is not None else [series_columns(s) for s in batch.series]
@@ -284,11 +296,20 @@ def _any_firing(session: Session, run_ids: list[int]) -> bool:
     return bool(driver_rows(session, (_FIRING_PG, (run_ids,)), (sqlite, run_ids)))
 
 
-def _lock_run(session: Session, run: str) -> tuple[_RunRow, Any]:
+def lock_statements(run: str) -> list[tuple[str, tuple]]:
+    """PostgreSQL: the rule engine's first reads of a run, its row and its own rule_state
+    row, each locked, as (sql, params): a caller may send them ahead with other statements
+    in one round trip (api/ingest.py) and pass their rows to on_batch's ``locked``."""
+    return [(_RUN_PG, (run,)), (RUN_BY_NAME_PG, (run,))]
+
+
+def _lock_run(session: Session, run: str, locked: tuple[list, list] | None) -> tuple[_RunRow, Any]:
     """The run's row, locked; on PostgreSQL also its own rule_state row (locked, or None),
     read in the same round trip (StateRows.load's ``run_row``; elsewhere it reads it)."""
-    if is_pg(session):
-        found, state = pg_rows(session, (_RUN_PG, (run,)), (RUN_BY_NAME_PG, (run,)))
+    if locked is None and is_pg(session):
+        locked = pg_rows(session, *lock_statements(run))
+    if locked is not None:
+        found, state = locked
         state_row = state[0] if state else None
     else:
         found = driver_rows(session, (_RUN_PG, (run,)), (_RUN_SQLITE, (run,)))

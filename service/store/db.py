@@ -157,8 +157,9 @@ class GroupCommit:
     answered only once its batch is durable: a crash before the commit loses the whole group
     and every client sends again (exactly-once is the store's idempotency record, unchanged).
     If a job raises, the group rolls back and each of its jobs runs again in a transaction of
-    its own: the failing request gets its error, the others their answers. ``finish`` runs
-    once per transaction after its jobs (the answers' firing alerts: one query, not one each).
+    its own: the failing request gets its error, the others their answers. ``begin`` runs
+    once per transaction before its jobs (reads they need, sent in one round trip) and
+    ``finish`` once after them (the answers' firing alerts: one query, not one each).
 
     >>> from sqlalchemy import create_engine
     >>> engine = create_engine("sqlite://")
@@ -171,10 +172,12 @@ class GroupCommit:
         self,
         writer: Writer,
         *,
+        begin: Callable[[Session, list[Job]], None] | None = None,
         finish: Callable[[Session, list[Any]], list[Any]] | None = None,
         max_jobs: int = 256,
     ) -> None:
         self._writer = writer
+        self._begin = begin or (lambda _session, _jobs: None)
         self._finish = finish or (lambda _session, answers: answers)
         # Bounded so one transaction (and the lock SQLite's other writers wait on) stays short.
         self._max_jobs = max_jobs
@@ -250,7 +253,9 @@ class GroupCommit:
         for attempt in range(1, CONFLICT_TRIES + 1):
             try:
                 with self._writer() as session:
-                    answers = self._finish(session, [job(session) for job, _ in work])
+                    jobs = [job for job, _ in work]
+                    self._begin(session, jobs)
+                    answers = self._finish(session, [job(session) for job in jobs])
                     session.commit()
                 break
             except Exception as exc:

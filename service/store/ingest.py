@@ -42,7 +42,9 @@ __all__ = [
     "OnDemand",
     "Prepared",
     "Shape",
+    "batch_points",
     "ingest_batch",
+    "mark_statements",
     "prepare_batch",
     "series_columns",
 ]
@@ -374,16 +376,20 @@ def ingest_batch(
     batch: Batch,
     max_series: int = 100_000,
     prepared: Prepared | None = None,
+    marked: bool | None = None,
 ) -> IngestResult:
     """Store `batch` for `run` (created if new) unless (run, client, seq) was stored before.
 
     `prepared` (from prepare_batch) lets the caller pack the arrays before taking a lock.
+    `marked`: the answer of mark_statements, when the caller sent them in this transaction
+    (the run's row locked and the batch recorded: True, or recorded before: False).
     """
     run_id = ensure_run_id(session, run)
-    _lock_run(session, run_id)
-    one = prepared is not None and prepared.points is not None
-    n_points = len(prepared.points.steps) if one else batch.n_points
-    if not _mark(session, run_id, batch, n_points):
+    n_points = batch_points(batch, prepared)
+    if marked is None:
+        _lock_run(session, run_id)
+        marked = _mark(session, run_id, batch, n_points)
+    if not marked:
         return IngestResult(duplicate=True, n_points=n_points, run_id=run_id)
     pg = is_pg(session)
     if prepared is None or prepared.postgres != pg:
@@ -407,6 +413,22 @@ def ingest_batch(
         report=prepared.points is not None,
         flushed=flushed,
     )
+
+
+def batch_points(batch: Batch, prepared: Prepared | None) -> int:
+    """The points of `batch` (what its idempotency record counts)."""
+    if prepared is not None and prepared.points is not None:
+        return len(prepared.points.steps)
+    return batch.n_points
+
+
+def mark_statements(run_id: int, batch: Batch, n_points: int) -> list[tuple[str, tuple]]:
+    """PostgreSQL: what ingest_batch sends first (the run's row locked, then the batch's
+    record), as (sql, params) whose rows a caller reads in one round trip with others'
+    (api/ingest.py sends a whole group's at once); the second's rows are [] when the batch
+    was stored before. The caller passes ingest_batch ``marked=bool(rows)``."""
+    mark = (run_id, batch.client, batch.seq, utcnow(), n_points)
+    return [(_PG_LOCK_RUN, (run_id,)), (_PG_MARK + " RETURNING 1", mark)]
 
 
 def _lock_run(session: Session, run_id: int) -> None:

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 
 import pytest
 from helpers.feed import S, alerts
 from sqlalchemy import text
 
 from logitwatch.protocol import Batch
+from logitwatch.service.api.ingest import Ingest, _Job
 from logitwatch.service.rules.engine import RuleEngine
-from logitwatch.service.store import ingest_batch
+from logitwatch.service.settings import load_settings
+from logitwatch.service.store import ingest_batch, prepare_batch
+from logitwatch.service.store.compact import Compactor
 from logitwatch.service.store.db import WRITE, GroupCommit, Writer, make_engine, make_sessionmaker
 from logitwatch.service.store.limits import LimitError
 
@@ -157,3 +161,92 @@ def test_a_failing_job_gets_its_error_and_the_others_are_stored(group, sessions,
     with sessions() as s:
         names = set(s.execute(text("SELECT name FROM runs")).scalars())
     assert {f"{run_name}-ok", f"{run_name}-ok2"} <= names and f"{run_name}-wide" not in names
+
+
+@dataclass(slots=True, eq=False)
+class _Held(_Job):
+    """A job that holds the committer until released (the jobs after it make one group)."""
+
+    started: threading.Event | None = None
+    release: threading.Event | None = None
+
+    def __call__(self, session):
+        self.started.set()
+        self.release.wait(10)
+        return _Job.__call__(self, session)
+
+
+def test_a_groups_reads_sent_ahead_judge_as_batches_one_by_one(db_url, run_name):
+    """Ingest's groups (on PostgreSQL the batches' records and the runs' locks and rule-state
+    rows read for the whole group in one round trip first): two reports of a run in one
+    group, a resent one among them, a run new to the process; judged and stored as the
+    same reports one transaction each."""
+    engine = make_engine(db_url)
+    writer = Writer(engine, make_sessionmaker(engine))
+    rules = RuleEngine(writer.sessionmaker)
+    ingest = Ingest(writer, rules, Compactor(writer.sessionmaker, writer.lock))
+    settings = load_settings(db_url=db_url)
+    pg = ingest.postgres
+    ref, a, b, hold = (f"{run_name}-{x}" for x in ("ref", "a", "b", "hold"))
+
+    def job(run: str, k: int) -> _Job:
+        batch = _batch(k + 1, k, _loss(k))
+        return _Job(rules, settings, run, batch, prepare_batch(batch, postgres=pg))
+
+    ingest.start()
+    try:
+        for g in range(30):
+            for k in (2 * g, 2 * g + 1):
+                _send(
+                    writer.sessionmaker,
+                    RuleEngine(writer.sessionmaker),
+                    ref,
+                    _batch(k + 1, k, _loss(k)),
+                )
+            jobs = [
+                job(a, 2 * g),
+                job(a, 2 * g + 1),
+                job(a, 2 * g),
+                job(b, 2 * g),
+                job(b, 2 * g + 1),
+            ]
+            started, release = threading.Event(), threading.Event()
+            h = job(hold, g)
+            held = _Held(h.rules, h.settings, h.run, h.batch, h.prepared, None, started, release)
+            first = ingest.group.submit(held)
+            assert started.wait(10)  # the committer is busy: the jobs make one group
+            futures = [ingest.group.submit(j, order=str(i)) for i, j in enumerate(jobs)]
+            release.set()
+            first.result(10)
+            answers = [f.result(10).result for f in futures]
+            assert [r.duplicate for r in answers] == [False, False, True, False, False]
+            if pg and g > 0:  # the runs are known: each job's reads went ahead
+                assert [j.ahead[0] for j in jobs] == [True, True, False, True, True]
+                assert [j.ahead[1] is not None for j in jobs] == [True, False, False, True, False]
+            else:
+                assert all(j.ahead is None for j in jobs)
+    finally:
+        ingest.close()
+        engine.dispose()
+    sm = _writer_sm(make_engine(db_url))
+    judged = _judged(sm, ref)
+    assert ("loss-spike", "firing", 45) in judged or ("loss-spike", "resolved", 45) in judged
+    assert _judged(sm, a) == judged and _judged(sm, b) == judged
+    assert _states(sm, a) == _states(sm, ref) and _states(sm, b) == _states(sm, ref)
+    # The runs' own rows too: one epoch a batch, each job's reads after the one before
+    assert _run_row(sm, a) == _run_row(sm, ref) == _run_row(sm, b)
+    assert _run_row(sm, ref)[0] == 60
+
+
+def _run_row(sm, run: str) -> tuple:
+    """(epoch, state) of the run's own rule_state row, the absent rules' clock times left out."""
+    with sm() as s:
+        epoch, state = s.execute(
+            text(
+                "SELECT last_step, state FROM rule_state JOIN runs ON runs.id = run_id"
+                " WHERE runs.name = :run AND series_key = ''"
+            ),
+            {"run": run},
+        ).one()
+    state = json.loads(state) if isinstance(state, str) else state
+    return epoch, {k: v for k, v in state.items() if k != "seen"}
