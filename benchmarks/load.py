@@ -13,7 +13,8 @@ logitwatch.protocol, whose step, time, loss and seq bytes are patched in place):
 - capacity: --connections clients post back to back for --capacity-s; requests/s, points/s
   and the server's CPU per request (utime + stime from /proc/PID/stat);
 - the paced fleet: --runs runs x --series series, one step a second each, staggered over the
-  second, for --seconds; latency p50/p99 from each request's scheduled time to its answer,
+  second, for --seconds; latency p50/p99 from each request's scheduled time to its answer
+  (and p99 from step STEADY_AFTER_S on, past the runs' first reports),
   points sent and stored (read back from the database), and for every 50th run a NaN loss
   half-way: the delay until the ``nonfinite`` alert is visible through GET /api/v1/alerts and
   until an ingest answer of that run carries it;
@@ -58,6 +59,9 @@ TICK = os.sysconf("SC_CLK_TCK")
 NAN_EVERY = 50  # every 50th fleet run logs a NaN loss half-way
 REQUEST_TIMEOUT_S = 60.0  # an answer slower than this counts as an error
 BEHIND_S = 30.0  # a fleet run this far behind its schedule skips steps: the phase ends
+#: The fleet's steady p99 counts the steps from this one on: every run's first report makes
+#: its ~200 series (several ms each), and 500 of them in the first second queue the rest.
+STEADY_AFTER_S = 10
 
 
 # -- the shape of a report: what the agent sends for a 12-layer, 12-head decoder -----------
@@ -241,18 +245,20 @@ def peak_rss_mb(pids: list[int]) -> float:
 
 def stored_points(db_url: str, prefix: str) -> int:
     """Points in the chunks and reports of runs named prefix*: what a read gives back (a
-    report holds one point of each of its series until the compactor makes chunks of it)."""
+    report holds one point of each of its series until the compactor makes chunks of it).
+    One statement, so one snapshot: the compactor, still running, may turn reports into
+    chunks between two."""
     engine = create_engine(db_url)
-    q = text("SELECT COALESCE(SUM(c.n), 0) FROM chunks c JOIN series s ON s.id = c.series_id "
-             "JOIN runs r ON r.id = s.run_id WHERE r.name LIKE :p")  # fmt: skip
-    q_reports = text("SELECT COALESCE(SUM(p.n), 0) FROM reports p JOIN runs r ON r.id = p.run_id "
-                     "WHERE r.name LIKE :p")  # fmt: skip
+    chunks = ("SELECT COALESCE(SUM(c.n), 0) FROM chunks c JOIN series s ON s.id = c.series_id "
+              "JOIN runs r ON r.id = s.run_id WHERE r.name LIKE :p")  # fmt: skip
+    reports = ("SELECT COALESCE(SUM(p.n), 0) FROM reports p JOIN runs r ON r.id = p.run_id "
+               "WHERE r.name LIKE :p")  # fmt: skip
     try:
         with engine.connect() as conn:
-            points = int(conn.execute(q, {"p": prefix + "%"}).scalar())
-            if inspect(conn).has_table("reports"):
-                points += int(conn.execute(q_reports, {"p": prefix + "%"}).scalar())
-            return points
+            both = (
+                f"SELECT ({chunks}) + ({reports})" if inspect(conn).has_table("reports") else chunks
+            )
+            return int(conn.execute(text(both), {"p": prefix + "%"}).scalar())
     finally:
         engine.dispose()
 
@@ -316,6 +322,8 @@ class FleetResult:
     sent: int = 0
     delivered: int = 0
     latencies: list[float] = field(default_factory=list)
+    #: Latencies of the steps after the first STEADY_AFTER_S: past the runs' first reports.
+    steady: list[float] = field(default_factory=list)
     errors: int = 0
     nan_sent: dict[int, float] = field(default_factory=dict)
     in_answer: dict[int, float] = field(default_factory=dict)
@@ -352,6 +360,8 @@ async def fleet(urls: list[str], runs: int, series: int, seconds: int) -> FleetR
                 continue
             now = time.monotonic()
             out.latencies.append(now - due)
+            if step >= STEADY_AFTER_S:
+                out.steady.append(now - due)
             if status != 200:
                 out.errors += 1
                 continue
@@ -470,6 +480,7 @@ def run_setup(kind: str, processes: int, args, console: Console) -> dict:
         "label": label, "cap": cap, "runs": runs,
         "delivered_rps": requests / fl.wall_s, "p50_ms": 1000 * _pct(fl.latencies, 0.5),
         "p99_ms": 1000 * _pct(fl.latencies, 0.99), "sent": fl.sent, "stored": stored,
+        "steady_p99_ms": 1000 * _pct(fl.steady, 0.99),
         "skipped": fl.skipped, "fleet_cpu_ms": 1000 * fleet_cpu / max(requests + ag["requests"], 1), "errors": fl.errors,
         "nan_runs": len(fl.nan_sent), "api_p50": _pct(api, 0.5), "api_max": max(api, default=float("nan")),
         "api_seen": len(api), "answer_p50": _pct(answer, 0.5),
@@ -502,6 +513,7 @@ def report(results: list[dict], args, console: Console) -> bool:
     row("fleet requests/s answered", [_f(r["delivered_rps"]) for r in results], "= runs")
     row("fleet p50 ms", [_f(r["p50_ms"], 1) for r in results])
     row("fleet p99 ms", [_f(r["p99_ms"], 1) for r in results], "≤ 50")
+    row(f"fleet p99 ms, steps ≥ {STEADY_AFTER_S}", [_f(r["steady_p99_ms"], 1) for r in results])
     row("fleet server CPU ms/req", [_f(r["fleet_cpu_ms"], 2) for r in results])
     row("fleet points sent", [f"{r['sent']:,}" for r in results])
     row("fleet points stored", [f"{r['stored']:,}" for r in results], "= sent")
