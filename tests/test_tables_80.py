@@ -327,7 +327,8 @@ def test_load_report(benchmarks):
     agent = {"sent": 24_000, "stored": 24_000, "stored_live": 21_000, "pending": 15,
              "p50_ms": 12.25, "p99_ms": 40.5}  # fmt: skip
     result = {"label": "SQLite", "cap": cap, "runs": 1_000, "delivered_rps": 999.5,
-              "p50_ms": 7.5, "p99_ms": 1_234_567.8, "sent": 12_000_000, "stored": 11_999_800,
+              "p50_ms": 7.5, "p99_ms": 1_234_567.8, "steady_p99_ms": 98_765.4,
+              "sent": 12_000_000, "stored": 11_999_800,
               "skipped": 1_234_000, "fleet_cpu_ms": 1.2345, "errors": 0, "nan_runs": 20,
               "api_p50": 0.35, "api_max": 1.25, "api_seen": 20, "answer_p50": 0.3,
               "answer_max": math.nan, "answer_seen": 0, "agent": agent, "rss_mb": 281.4}  # fmt: skip
@@ -336,7 +337,7 @@ def test_load_report(benchmarks):
     assert not load.report(results, SimpleNamespace(series=200), console)  # points missing
     text = console.export_text()
     check(text, ["measure", "SQLite", "PostgreSQL", "PostgreSQL ×2", "target"],
-          ["2,346", "469,120", "0.91", "15,455.6", "1,234,567.8", "12,000,000", "11,999,800",
+          ["2,346", "469,120", "0.91", "15,455.6", "1,234,567.8", "98,765.4", "12,000,000", "11,999,800",
            "1,234,000", "1.25", "0/20", "400,000", "21,000", "15", "FAILED:", "BEHIND:"])  # fmt: skip
 
 
