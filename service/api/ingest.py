@@ -108,8 +108,11 @@ class Ingest:
         instead of two a job: each batch's record (store.mark_statements) and, for the
         first job of each run, the rule engine's locks and reads (lock_statements). They go
         in the jobs' order (by run name), so the run rows are locked in the order the jobs
-        would lock them. A run this process has no id of yet goes the plain way; so does a
-        later job of a run, whose reads must see what the earlier one writes."""
+        would lock them. A later job of a run goes the plain way, its reads after what the
+        earlier one writes; so do a run this process has no id of yet (a new run) and every
+        job after it, whose run rows must not be locked before the new run's."""
+        for job in jobs:
+            job.ahead = None
         if not self.postgres:
             return
         known = cache(session)
@@ -117,10 +120,9 @@ class Ingest:
         plan: list[tuple[_Job, int, bool]] = []
         runs: set[str] = set()
         for job in jobs:
-            job.ahead = None
             run_id = known.get(("run", job.run))
             if run_id is None:
-                continue
+                break
             first = job.run not in runs
             runs.add(job.run)
             plan.append((job, len(statements), first))
