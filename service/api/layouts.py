@@ -26,7 +26,8 @@ import numpy as np
 
 from logitwatch.protocol import MAX_STEP, MSGPACK_CONTENT_TYPE, Batch, Series
 from logitwatch.service.store import Prepared
-from logitwatch.service.store.ingest import Columns, OnDemand, Shape
+from logitwatch.service.store.ingest import Columns, Shape
+from logitwatch.service.store.ondemand import OnDemand
 
 __all__ = ["Layouts"]
 

@@ -37,13 +37,13 @@ from logitwatch.service.rules.warmup import infer_warmup
 from logitwatch.service.store.deferred import driver_rows, pg_rows
 from logitwatch.service.store.ingest import (
     IngestResult,
-    OnDemand,
     Prepared,
     Shape,
     ingest_batch,
     series_columns,
 )
 from logitwatch.service.store.models import Run, utcnow
+from logitwatch.service.store.ondemand import OnDemand
 from logitwatch.service.store.rule_tables import Alert
 from logitwatch.service.store.sql import is_pg, labels_key
 

@@ -24,7 +24,8 @@ from logitwatch.service.rules.conditions import bounds_flat, quiet_many
 from logitwatch.service.rules.job import BatchJob, NewPoints
 from logitwatch.service.rules.model import Growth, NonFinite, Rule, ScheduleDeviation, Threshold
 from logitwatch.service.rules.state import Points
-from logitwatch.service.store.ingest import Columns, OnDemand
+from logitwatch.service.store.ingest import Columns
+from logitwatch.service.store.ondemand import OnDemand
 
 __all__ = ["Layout", "evaluate", "layout"]
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -22,7 +21,7 @@ from sqlalchemy.orm import Session
 from logitwatch.protocol import Batch, Series
 from logitwatch.service.store import latest, reports
 from logitwatch.service.store.codec import raw_floats, raw_steps
-from logitwatch.service.store.deferred import defer, driver_rows, pg_execute
+from logitwatch.service.store.deferred import defer, driver_rows, pg_execute, pg_rows
 from logitwatch.service.store.limits import LimitError
 from logitwatch.service.store.models import utcnow
 from logitwatch.service.store.runs import ensure_run_id
@@ -39,7 +38,6 @@ from logitwatch.service.store.sql import (
 __all__ = [
     "Columns",
     "IngestResult",
-    "OnDemand",
     "Prepared",
     "Shape",
     "batch_points",
@@ -150,66 +148,6 @@ _PG_INSERT_SERIES = (
 _LOOKUP = "SELECT id, metric, labels_key FROM series WHERE run_id = {} AND metric {}"
 _SQLITE_LOOKUP = _LOOKUP.format("?", "IN ({})")
 _PG_LOOKUP = _LOOKUP.format("%s", "= ANY(%s)")
-
-
-class OnDemand(Sequence):
-    """A read-only list whose item i is ``make(i)``, made when first read and then kept;
-    iterating it makes (and keeps) every item. A report decoded by its run's layout
-    (api/layouts.py) hands its ~200 Series and Columns over like this: the store and the
-    rules read its three arrays end to end, and only the few series the rules look at one by
-    one are ever made (each costs about as much as the rest of its series' ingest).
-
-    >>> squares = OnDemand(4, lambda i: i * i)
-    >>> squares[3], len(squares), list(squares)
-    (9, 4, [0, 1, 4, 9])
-    """
-
-    __slots__ = ("_all", "_items", "_make", "_n")
-
-    def __init__(self, n: int, make: Callable[[int], Any]) -> None:
-        self._n, self._make = n, make
-        self._items: dict[int, Any] = {}
-        self._all: list | None = None
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if self._all is not None:
-            return self._all[i]
-        if isinstance(i, slice):
-            return self.list()[i]
-        if i < 0:
-            i += self._n
-        if not 0 <= i < self._n:
-            raise IndexError("OnDemand index out of range")
-        got = self._items.get(i, _MISSING)
-        if got is _MISSING:
-            got = self._items[i] = self._make(i)
-        return got
-
-    def __iter__(self) -> Iterator:
-        return iter(self.list())
-
-    def list(self) -> list:
-        """Every item, in order (made once)."""
-        if self._all is None:
-            items, make = self._items, self._make
-            self._all = [items[i] if i in items else make(i) for i in range(self._n)]
-        return self._all
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, OnDemand | list | tuple):
-            return self.list() == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # a list's
-
-    def __repr__(self) -> str:
-        return f"OnDemand({self.list()!r})"
-
-
-_MISSING = object()
 
 
 class Columns(NamedTuple):
@@ -387,7 +325,6 @@ def ingest_batch(
     run_id = ensure_run_id(session, run)
     n_points = batch_points(batch, prepared)
     if marked is None:
-        _lock_run(session, run_id)
         marked = _mark(session, run_id, batch, n_points)
     if not marked:
         return IngestResult(duplicate=True, n_points=n_points, run_id=run_id)
@@ -423,26 +360,20 @@ def batch_points(batch: Batch, prepared: Prepared | None) -> int:
 
 
 def mark_statements(run_id: int, batch: Batch, n_points: int) -> list[tuple[str, tuple]]:
-    """PostgreSQL: what ingest_batch sends first (the run's row locked, then the batch's
-    record), as (sql, params) whose rows a caller reads in one round trip with others'
-    (api/ingest.py sends a whole group's at once); the second's rows are [] when the batch
-    was stored before. The caller passes ingest_batch ``marked=bool(rows)``."""
-    mark = (run_id, batch.client, batch.seq, utcnow(), n_points)
-    return [(_PG_LOCK_RUN, (run_id,)), (_PG_MARK + " RETURNING 1", mark)]
-
-
-def _lock_run(session: Session, run_id: int) -> None:
-    """PostgreSQL: lock the run's row before anything else of the run is written.
+    """PostgreSQL: what ingest_batch sends first, as (sql, params): the run's row locked,
+    then the batch's record, whose rows are [] when the batch was stored before. A caller
+    may read them in one round trip with others' (api/ingest.py sends a whole group's at
+    once) and pass ingest_batch ``marked=bool(rows)``.
 
     Every write of a run (the batch's record, its series, latest rows, reports, rule state)
-    then happens under this one lock, taken first; a group commit takes its runs' locks in
-    name order (db.GroupCommit) and a flush of reports takes them the same way
-    (reports.flush). Without it, two processes storing the same batch could each hold what
-    the other waits for: one the batch's record, the other the latest rows of a batch before.
-    SQLite has one writer, so nothing to do there.
-    """
-    if is_pg(session):
-        defer(session, _PG_LOCK_RUN, (run_id,))  # sent with the batch's record, in order
+    happens under that one lock, taken first; a group commit takes its runs' locks in name
+    order (db.GroupCommit) and a flush of reports takes them the same way (reports.flush).
+    Without it, two processes storing the same batch could each hold what the other waits
+    for: one the batch's record, the other the latest rows of a batch before. SQLite has one
+    writer, so it needs no lock. A concurrent insert of the same record waits for the other
+    transaction and then does nothing, so two processes never both store one batch."""
+    mark = (run_id, batch.client, batch.seq, utcnow(), n_points)
+    return [(_PG_LOCK_RUN, (run_id,)), (_PG_MARK + " RETURNING 1", mark)]
 
 
 # NO KEY UPDATE: the strength the rule engine's lock and the last_seen_at update take, and
@@ -460,16 +391,10 @@ def _store_points(
 
 
 def _mark(session: Session, run_id: int, batch: Batch, n_points: int) -> bool:
-    """Record (run, client, seq); False if it was recorded before (a resent batch).
-
-    On PostgreSQL a concurrent insert of the same key waits for the other transaction and
-    then does nothing, so two processes never both store one batch.
-    """
+    """Record (run, client, seq), the run's row locked first on PostgreSQL
+    (mark_statements); False if it was recorded before (a resent batch)."""
     if is_pg(session):
-        with pg_execute(
-            session, _PG_MARK, (run_id, batch.client, batch.seq, utcnow(), n_points)
-        ) as cur:
-            return cur.rowcount == 1
+        return bool(pg_rows(session, *mark_statements(run_id, batch, n_points))[1])
     raw = session.connection().connection.driver_connection
     stamp = _sqlite_stamp(utcnow())
     return (

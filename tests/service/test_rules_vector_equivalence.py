@@ -23,7 +23,7 @@ from logitwatch.service.rules.engine import RuleEngine
 from logitwatch.service.rules.model import parse_rules
 from logitwatch.service.rules.user import put_user_rules
 from logitwatch.service.store.db import WRITE, make_engine, make_sessionmaker
-from logitwatch.service.store.ingest import OnDemand
+from logitwatch.service.store.ondemand import OnDemand
 from logitwatch.service.store.sql import is_pg
 
 #: Rules beside the built-in ones, for kinds and corners the built-ins leave out.
