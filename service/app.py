@@ -18,7 +18,13 @@ from logitwatch.service.rules.engine import RuleEngine
 from logitwatch.service.rules.notify import Notifier
 from logitwatch.service.settings import Settings, load_settings
 from logitwatch.service.store.compact import Compactor
-from logitwatch.service.store.db import Writer, make_engine, make_sessionmaker
+from logitwatch.service.store.db import (
+    Checkpointer,
+    Writer,
+    make_engine,
+    make_sessionmaker,
+    sqlite_path,
+)
 
 __all__ = ["GC_YOUNG", "app_from_env", "create_app", "server_gc"]
 
@@ -42,9 +48,12 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
             dashboard_url=settings.dashboard_url,
             alertmanager=alertmanager_sender(writer.sessionmaker, settings),
         ),
+        lock=writer.lock,
     )
     compactor = Compactor(writer.sessionmaker, writer.lock)
     ingest = Ingest(writer, rules, compactor)
+    path = sqlite_path(settings.db_url)
+    checkpointer = Checkpointer(path, writer.lock) if path is not None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,10 +61,14 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
             compactor.start()
             rules.start()
             ingest.start()
+            if checkpointer is not None:
+                checkpointer.start()
             yield
             ingest.close()
             rules.close()
             compactor.close()
+            if checkpointer is not None:
+                checkpointer.close()
             engine.dispose()
 
     app = FastAPI(

@@ -65,8 +65,11 @@ class RuleEngine:
         builtins: bool = True,
         absent_interval_s: float = 15.0,
         absent_horizon_s: float = 86_400.0,
+        lock: Any = None,
     ) -> None:
         self._sm = sm
+        #: The process's writer lock (Writer.lock): the absent check's writes take it.
+        self._writer_lock = lock
         self.notifier = notifier or Notifier(sm, urls=[])
         self._builtin = builtin_rules() if builtins else []
         self._rules = list(self._builtin)
@@ -98,7 +101,7 @@ class RuleEngine:
                 self._version = version
         return self._rules
 
-    def _context(self, config: Any) -> RunContext:
+    def context(self, config: Any) -> RunContext:
         """The run's RunContext, kept per distinct config (its JSON text on SQLite)."""
         key = config if isinstance(config, str) else json.dumps(config, sort_keys=True)
         ctx = self._contexts.get(key)
@@ -193,7 +196,7 @@ class RuleEngine:
         series = OnDemand(len(at), lambda j: (batch.series[at[j]], columns[at[j]], lkeys[at[j]]))
         if not series or not rules:
             return
-        ctx = self._context(run_row.config)
+        ctx = self.context(run_row.config)
         upto = int(np.concatenate(steps).max())
         lay = self._layout(rules, series, shape)
         if lay is None:
@@ -239,7 +242,7 @@ class RuleEngine:
         from logitwatch.service.rules.absence import check_absent
 
         assert self._sm is not None
-        return check_absent(self, self._sm, now=now or utcnow())
+        return check_absent(self, self._sm, now=now or utcnow(), lock=self._writer_lock)
 
     def start(self) -> None:
         """Start the notifier and the absent checker (idempotent)."""

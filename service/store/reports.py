@@ -6,8 +6,8 @@ report's storing), then to read, delete and merge again when the compactor made 
 chunk of it. A report is one row of ``reports`` instead: the ids of its series (ascending)
 and their steps, values and times, position by position. ``flush`` turns a run's reports
 into chunks, one per series and segment holding all their points; the Compactor does it
-once a run has FLUSH_REPORTS of them (and when ingest goes quiet), so a run keeps a few
-dozen at most. The flush also writes those series' latest rows (latest.py), which readers
+once a run has 16 to FLUSH_REPORTS of them (and when ingest goes quiet), so a run keeps a
+few dozen at most. The flush also writes those series' latest rows (latest.py), which readers
 bring up to date with ``pending_latest``.
 
 Order: a run's reports are newer than all of its chunks. Ingest flushes a run's reports

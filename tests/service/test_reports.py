@@ -21,7 +21,7 @@ from logitwatch.protocol import Batch, series_from_columns
 from logitwatch.service import store
 from logitwatch.service.store import reports
 from logitwatch.service.store import stats as store_stats
-from logitwatch.service.store.compact import Compactor, compact_all
+from logitwatch.service.store.compact import Compactor, compact_all, flush_after
 from logitwatch.service.store.db import make_engine, make_sessionmaker, upgrade
 from logitwatch.service.store.models import Chunk, Report
 
@@ -162,25 +162,32 @@ def test_the_compactor_flushes_a_run_with_enough_reports_and_those_left_at_start
         while count(Report, r.run_id) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert count(Report, r.run_id) == 0
-        # A run with FLUSH_REPORTS reports is flushed without waiting for quiet.
-        for i in range(reports.FLUSH_REPORTS):
-            with sessions() as s:
-                b = Batch("c", i, 0, _report(i, float(i)))
-                r = store.ingest_batch(s, run=run_name, batch=b)
-                s.commit()
-            assert r.report
-            compactor.touch_report(r.run_id)
-        deadline = time.monotonic() + 20
-        while count(Report, r.run_id) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert count(Report, r.run_id) == 0
+        # A run is flushed without waiting for quiet, every flush_after(run) reports.
+        step, sizes = 0, []
+        for _ in range(2):
+            while True:
+                with sessions() as s:
+                    b = Batch("c", step, 0, _report(step, float(step)))
+                    r = store.ingest_batch(s, run=run_name, batch=b)
+                    s.commit()
+                assert r.report
+                step += 1
+                compactor.touch_report(r.run_id)
+                if step - sum(sizes) == flush_after(r.run_id):
+                    break
+            sizes.append(step - sum(sizes))
+            deadline = time.monotonic() + 20
+            while count(Report, r.run_id) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert count(Report, r.run_id) == 0
     finally:
         compactor.close()
+    assert reports.FLUSH_REPORTS // 2 <= sizes[0] <= reports.FLUSH_REPORTS
     (got,) = store.read_points(sessions(), run=run_name, metric="loss").series
-    assert got.steps.tolist() == list(range(reports.FLUSH_REPORTS))
+    assert got.steps.tolist() == list(range(step))
     with sessions() as s:
         chunks = s.execute(select(Chunk.n).where(Chunk.series_id == got.series_id)).scalars()
-        assert list(chunks) == [reports.FLUSH_REPORTS]
+        assert list(chunks) == sizes
 
 
 def test_storage_stats_count_the_points_of_reports(sessions, run_name):

@@ -8,12 +8,14 @@ from datetime import timedelta
 
 import pytest
 from helpers.feed import Feeder, S, alerts
+from sqlalchemy import select
 
+from logitwatch.service.rules import absence
 from logitwatch.service.rules.engine import RuleEngine
 from logitwatch.service.rules.model import parse_rules
 from logitwatch.service.rules.user import put_user_rules
 from logitwatch.service.store.db import WRITE, make_engine, make_sessionmaker
-from logitwatch.service.store.models import utcnow
+from logitwatch.service.store.models import Run, utcnow
 
 
 @pytest.fixture
@@ -235,6 +237,34 @@ def test_run_silent_fires_after_the_configured_time_and_resolves_on_data(writer,
     f.send(S("loss", [4], [1.0]))
     (a,) = alerts(writer, run_name)
     assert a["state"] == "resolved"
+
+
+def test_the_absent_check_writes_only_the_runs_it_may_change(writer, run_name, monkeypatch):
+    """A read picks the runs whose absent alerts may change; only those are read again and
+    written: none while the run reports, then the silent run, then its open alert (resolved
+    past the horizon)."""
+    checked: list[int] = []
+    check = absence._check
+
+    def spy(engine, sm, run_ids, now):
+        checked.extend(run_ids)
+        return check(engine, sm, run_ids, now)
+
+    monkeypatch.setattr(absence, "_check", spy)
+    engine = RuleEngine(writer, absent_horizon_s=3600.0)
+    f = Feeder(writer, engine, run_name)
+    f.send(S("loss", [1, 2, 3], [1.0] * 3))
+    with writer() as s:
+        run_id = s.scalar(select(Run.id).where(Run.name == run_name))
+    engine.check_absent(now=utcnow() + timedelta(seconds=60))
+    assert run_id not in checked and alerts(writer, run_name) == []
+    engine.check_absent(now=utcnow() + timedelta(seconds=601))
+    assert run_id in checked
+    assert [a["state"] for a in alerts(writer, run_name)] == ["firing"]
+    checked.clear()
+    engine.check_absent(now=utcnow() + timedelta(seconds=3700))
+    assert run_id in checked
+    assert [a["state"] for a in alerts(writer, run_name)] == ["resolved"]
 
 
 def test_a_run_that_reached_its_declared_steps_is_finished_not_silent(writer, run_name):
