@@ -257,6 +257,33 @@ def test_compact_many_skips_a_series_compacted_meanwhile_and_merges_the_rest(
             assert s.scalar(select(func.count()).where(Chunk.series_id == sid)) == 1
 
 
+def test_paced_work_rests_in_proportion_to_each_group_and_keeps_every_point(
+    sessions, run_name, monkeypatch
+):
+    """Under load the Compactor's merges and flushes rest ``pace`` times as long as each
+    group of work took (so requests keep most of the GIL and the writer lock)."""
+    monkeypatch.setattr(compact_module, "GROUP", 2)
+    ids = []
+    for i in range(3):
+        series = [series_from_columns(m, {}, [i], [float(i)]) for m in ("a", "b", "c")]
+        ids = ingest(sessions, run_name, one(series, seq=i)).series_ids
+    clock, rests = [0.0], []
+    monkeypatch.setattr(compact_module.time, "perf_counter", lambda: clock[0])
+
+    def plans(*args):  # each group's reads and merges take 10 (fake) seconds
+        clock[0] += 10.0
+        return real_plans(*args)
+
+    real_plans = compact_module._plans
+    monkeypatch.setattr(compact_module, "_plans", plans)
+    monkeypatch.setattr(compact_module.time, "sleep", rests.append)
+    merged = compact_many(sessions, [(sid, 0) for sid in ids], min_chunks=2, pace=3.0)
+    assert merged == 9 and rests == [30.0, 30.0]  # two groups (2 + 1 series), each rested
+    for metric in ("a", "b", "c"):
+        (got,) = read(sessions, run_name, metric).series
+        assert got.steps.tolist() == [0, 1, 2]
+
+
 def test_fresh_only_leaves_merged_chunks_alone(sessions, run_name):
     def add(i):
         s = series_from_columns("lr", {}, range(i * 10, i * 10 + 10), [float(i)] * 10)
