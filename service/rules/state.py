@@ -17,8 +17,9 @@ differs from what is stored. Steps that leave a series' memory unchanged advance
 ``last_step`` in the cache only: a late batch that repeats them cannot change that memory
 either, so nothing is lost when it is not stored.
 
-Growth windows live in one row per (run, rule) (windows.py, key ``#rule``); a series row read
-afresh takes its segment and last step from those entries when they are later than its own.
+Growth windows live in one row per (run, rule) (windows.py, key ``#rule``), their series keys
+in another (``##rule``, written only when an entry is added); a series row read afresh takes
+its segment and last step from those entries when they are later than its own.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from logitwatch.service.rules.windows import (
     GrowthWindows,
     block_key,
     from_b64,
+    keys_key,
     to_b64,
 )
 from logitwatch.service.store.deferred import defer, pg_cursor
@@ -224,10 +226,12 @@ class StateRows:
             if held is not None and held.epoch == self.epoch:
                 self.rows, self.blocks = held.rows, held.blocks
             fresh = sorted({k for k in keys if k != RUN_KEY and k not in self.rows})
-            missing = fresh + sorted({block_key(b) for b in blocks if b not in self.blocks})
+            absent = sorted(b for b in blocks if b not in self.blocks)
+            missing = fresh + [block_key(b) for b in absent] + [keys_key(b) for b in absent]
             if not missing:
                 return
             ph = "%s" if pg else "?"
+            stored: dict[str, Any] = {}
             for i in range(0, len(missing), 500):
                 part = missing[i : i + 500]
                 cur.execute(
@@ -235,9 +239,14 @@ class StateRows:
                 )
                 for key, seg, last, state in cur.fetchall():
                     if key.startswith(PREFIX):
-                        self.blocks[key[len(PREFIX) :]] = GrowthWindows.decode(state)
+                        stored[key] = state
                     else:
                         self.rows[key] = _row(seg, last, state)
+            for b in absent:
+                if block_key(b) in stored:
+                    self.blocks[b] = GrowthWindows.decode(
+                        stored[block_key(b)], stored.get(keys_key(b))
+                    )
         finally:
             cur.close()
         for b in blocks:
@@ -300,6 +309,13 @@ class StateRows:
                     new.append((self.run_id, key, 0, -1, state, now))
                 else:
                     old.append((0, -1, state, now, self.run_id, key))
+                keys = b.keys_row()
+                if keys is not None:
+                    if b.keys_stored < 0:
+                        new.append((self.run_id, keys_key(name), 0, -1, keys, now))
+                    else:
+                        old.append((0, -1, keys, now, self.run_id, keys_key(name)))
+                    b.keys_stored = len(b.keys)
                 b.new, b.dirty = False, False
         run = self.get(RUN_KEY)
         run_json = _dumps(run.state)

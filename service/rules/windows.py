@@ -1,5 +1,6 @@
 """One growth rule's windows over all of a run's series, as arrays: one rule_state row per
-(run, rule) instead of one JSON list per series, updated for a whole batch in a few numpy calls.
+(run, rule) instead of one JSON list per series, updated for a whole batch in a few numpy calls
+(and a second row with the series' keys, written only when an entry is added).
 
 A fleet run posts one step of ~200 series a second, 144 of them attention logit maxima that
 two growth rules watch: each step moves every one of their windows. Kept per series, that was
@@ -25,7 +26,17 @@ import numpy as np
 
 from logitwatch.service.rules.model import Growth
 
-__all__ = ["FLOAT", "INT", "PREFIX", "GrowthWindows", "block_key", "from_b64", "to_b64"]
+__all__ = [
+    "FLOAT",
+    "INT",
+    "KEYS_PREFIX",
+    "PREFIX",
+    "GrowthWindows",
+    "block_key",
+    "from_b64",
+    "keys_key",
+    "to_b64",
+]
 
 #: rule_state keys of the blocks: a series key starts with a metric name ([a-z]), never "#".
 PREFIX = "#"
@@ -39,8 +50,18 @@ INT = np.dtype("<i8")
 FLOAT = np.dtype("<f8")
 
 
+#: rule_state keys of the blocks' series keys, a row of their own: entries are only added,
+#: so the keys (a third of a fleet block) are written when an entry comes, not every step.
+#: A rule's name is [a-z0-9_.-]: "##" + name is never a block's key.
+KEYS_PREFIX = PREFIX * 2
+
+
 def block_key(rule: str) -> str:
     return PREFIX + rule
+
+
+def keys_key(rule: str) -> str:
+    return KEYS_PREFIX + rule
 
 
 def to_b64(a: np.ndarray, dtype: np.dtype) -> str:
@@ -62,7 +83,7 @@ class GrowthWindows:
         "frm",
         "index",
         "keys",
-        "keys_json",
+        "keys_stored",
         "last",
         "memo",
         "new",
@@ -85,7 +106,8 @@ class GrowthWindows:
         #: Not stored yet; changed since stored.
         self.new, self.dirty = True, False
         self.memo: Any = None
-        self.keys_json: tuple[int, str] | None = None
+        #: How many keys the keys row holds (-1: there is none yet).
+        self.keys_stored = -1
 
     # --- entries ----------------------------------------------------------------------
 
@@ -410,31 +432,49 @@ class GrowthWindows:
     # --- storage ----------------------------------------------------------------------
 
     def encode(self) -> str:
-        """The JSON stored: keys, and each array as base64 (points packed entry after entry)."""
+        """The block's JSON: its number of entries, and each array as base64 (points packed
+        entry after entry) or one number (_packed). The keys go in a row of their own
+        (keys_row)."""
         valid = np.arange(self.ws.shape[1]) < self.cnt[:, None]
-        if self.keys_json is None or self.keys_json[0] != len(self.keys):
-            self.keys_json = (len(self.keys), json.dumps(self.keys))  # keys are only added
         arrays = (
-            ("seg", to_b64(self.seg, INT)),
-            ("last", to_b64(self.last, INT)),
-            ("cnt", to_b64(self.cnt, INT)),
-            ("from", to_b64(self.frm, INT)),
-            ("settled", to_b64(self.settled, np.dtype("u1"))),
-            ("ws", to_b64(self.ws[valid], INT)),
-            ("w", to_b64(self.w[valid], FLOAT)),
+            ("seg", _packed(self.seg, INT)),
+            ("last", _packed(self.last, INT)),
+            ("cnt", _packed(self.cnt, INT)),
+            ("from", _packed(self.frm, INT)),
+            ("settled", _packed(self.settled, np.dtype("u1"))),
+            ("ws", f'"{to_b64(self.ws[valid], INT)}"'),
+            ("w", f'"{to_b64(self.w[valid], FLOAT)}"'),
         )
         # base64 needs no JSON escaping
-        return "".join(['{"keys":', self.keys_json[1], *[f',"{k}":"{v}"' for k, v in arrays], "}"])
+        return "".join([f'{{"n":{len(self.keys)}', *[f',"{k}":{v}' for k, v in arrays], "}"])
+
+    def keys_row(self) -> str | None:
+        """The keys row's JSON when it lacks entries added since it was stored, else None."""
+        if len(self.keys) == self.keys_stored:
+            return None
+        return json.dumps(self.keys)
 
     @classmethod
-    def decode(cls, state: Any) -> GrowthWindows:
+    def decode(cls, state: Any, keys: Any = None) -> GrowthWindows:
+        """The block stored as ``state``, with its keys row ``keys`` (a block stored before
+        the keys had a row of their own holds them; its next save writes the row)."""
         d = json.loads(state) if isinstance(state, str) else state
         out = cls()
-        out.keys = list(d["keys"])
+        if "keys" in d:
+            out.keys = list(d["keys"])
+        else:
+            if keys is None:
+                raise ValueError("a growth block without its keys row")
+            out.keys = list(json.loads(keys) if isinstance(keys, str) else keys)
+            if len(out.keys) < d["n"]:
+                raise ValueError(f"a growth block of {d['n']} entries with {len(out.keys)} keys")
+            out.keys_stored = len(out.keys)
+            del out.keys[d["n"] :]
         out.index = {k: i for i, k in enumerate(out.keys)}
-        out.seg, out.last = from_b64(d["seg"], INT), from_b64(d["last"], INT)
-        out.cnt, out.frm = from_b64(d["cnt"], INT), from_b64(d["from"], INT)
-        out.settled = from_b64(d["settled"], np.dtype("u1")).astype(bool)
+        n = len(out.keys)
+        out.seg, out.last = _unpacked(d["seg"], INT, n), _unpacked(d["last"], INT, n)
+        out.cnt, out.frm = _unpacked(d["cnt"], INT, n), _unpacked(d["from"], INT, n)
+        out.settled = _unpacked(d["settled"], np.dtype("u1"), n).astype(bool)
         width = max(int(out.cnt.max()) if len(out.cnt) else 0, 4)
         out.ws = np.zeros((len(out.keys), width), np.int64)
         out.w = np.zeros((len(out.keys), width), np.float64)
@@ -442,6 +482,22 @@ class GrowthWindows:
         out.ws[valid], out.w[valid] = from_b64(d["ws"], INT), from_b64(d["w"], FLOAT)
         out.new = False
         return out
+
+
+def _packed(a: np.ndarray, dtype: np.dtype) -> str:
+    """A per-entry array as JSON: one number when every entry holds it (a fleet's entries
+    mostly share their segment, last step, count and settledness: 6 of a 144-entry block's
+    14 KB), else a base64 string."""
+    if len(a) and (a == a[0]).all():
+        return str(int(a[0]))
+    return f'"{to_b64(a, dtype)}"'
+
+
+def _unpacked(v: int | str, dtype: np.dtype, n: int) -> np.ndarray:
+    """What _packed stored, as an array of ``n`` entries."""
+    if isinstance(v, int):
+        return np.full(n, v, dtype=dtype.newbyteorder("="))
+    return from_b64(v, dtype)
 
 
 def _verdicts(

@@ -18,7 +18,8 @@ from logitwatch.service.rules.conditions import RunContext, _growth_quiet, _medi
 from logitwatch.service.rules.engine import RuleEngine
 from logitwatch.service.rules.model import parse_rules
 from logitwatch.service.rules.state import _pack, _unpack
-from logitwatch.service.rules.windows import GrowthWindows
+from logitwatch.service.rules.model import Growth
+from logitwatch.service.rules.windows import INT, GrowthWindows, to_b64
 from logitwatch.service.store import ingest_batch
 from logitwatch.service.store.db import WRITE, make_engine, make_sessionmaker
 
@@ -54,7 +55,7 @@ def test_pushing_a_point_per_series_moves_each_window_as_growth_does(series, rat
             got = b.take(b.index[keys[i]])
             assert got == {k: v for k, v in dicts[i].items() if k in ("ws", "w")}
             assert b.put(b.index[keys[i]], got, 0, t * gap)
-    again = GrowthWindows.decode(b.encode())
+    again = GrowthWindows.decode(b.encode(), b.keys_row())
     for i, k in enumerate(keys):
         assert again.take(again.index[k]) == {k2: v for k2, v in dicts[i].items()}
 
@@ -157,6 +158,45 @@ def test_growth_windows_shared_by_processes_and_rolled_back(sms, run_name):
         assert _states(sms[0], f"{run_name}-{other}") == _states(sms[0], f"{run_name}-one")
 
 
+def test_blocks_stored_with_their_keys_inside_carry_on_and_get_a_keys_row(sms, run_name):
+    """A block stored by the last round (its keys inside, no keys row) is judged on from as
+    the same run never stored that way, and its next save writes the keys row."""
+    engine = RuleEngine(sms[0])
+    for step in range(120):
+        batch = _batch(step + 1, step, _logits(step))
+        _send(sms[0], engine, f"{run_name}-one", batch)
+        _send(sms[0], engine, f"{run_name}-old", batch)
+        if step == 59:  # the old run's blocks as the last round stored them
+            with sms[0]() as s:
+                rows = s.execute(
+                    text("SELECT r.id, series_key, state FROM rule_state JOIN runs r"
+                         " ON r.id = run_id WHERE r.name = :n AND series_key LIKE '#%'"),
+                    {"n": f"{run_name}-old"},
+                ).all()  # fmt: skip
+                got = {k: json.loads(v) if isinstance(v, str) else v for _, k, v in rows}
+                run_id = rows[0][0]
+                for key, block in got.items():
+                    if key.startswith("##"):
+                        continue
+                    old = {k: v for k, v in block.items() if k != "n"}
+                    old["keys"] = got["#" + key]
+                    s.execute(text("UPDATE rule_state SET state = :st WHERE run_id = :r AND"
+                                   " series_key = :k"),
+                              {"st": json.dumps(old), "r": run_id, "k": key})  # fmt: skip
+                s.execute(text("DELETE FROM rule_state WHERE run_id = :r AND series_key LIKE"
+                               " '##%'"), {"r": run_id})  # fmt: skip
+                s.execute(text("UPDATE rule_state SET last_step = last_step + 1"
+                               " WHERE run_id = :r AND series_key = ''"), {"r": run_id})  # fmt: skip
+                s.commit()
+            engine = RuleEngine(sms[0])  # nothing cached: both runs read afresh
+    assert _judged(sms[0], f"{run_name}-old") == _judged(sms[0], f"{run_name}-one")
+    states = _states(sms[0], f"{run_name}-old")
+    assert states == _states(sms[0], f"{run_name}-one")
+    blocks = [k for k in states if k.startswith("#") and not k.startswith("##")]
+    assert blocks
+    assert all("keys" not in states[k] and len(states["#" + k]) == states[k]["n"] for k in blocks)
+
+
 def test_windows_stored_per_series_by_an_earlier_version_carry_on(sms, run_name):
     """A series row holding its growth window as lists (as stored before the blocks) is
     judged on from that window, and the window moves into the block."""
@@ -196,3 +236,35 @@ def test_windows_stored_per_series_by_an_earlier_version_carry_on(sms, run_name)
 @given(st.lists(st.floats(-1e6, 1e6) | st.sampled_from([0.0, -0.0, 1.5]), min_size=1, max_size=60))
 def test_the_spike_rules_median_is_statistics_median(xs):
     assert _median(np.array(xs)) == statistics.median(xs)
+
+
+def test_entries_that_agree_are_stored_as_one_number_and_old_blocks_still_load():
+    b = GrowthWindows()
+    keys = [f"m{{i={i}}}" for i in range(3)]
+    pos = b.slots(keys, np.arange(3), 2, None)
+    b.push(
+        Growth(kind="growth", ratio=2.0, over_steps=50), pos, np.full(3, 7, np.int64), np.ones(3), 2
+    )
+    b.cnt[2] = 0  # one entry empties: its count differs
+    d = json.loads(b.encode())
+    assert (d["seg"], d["last"], d["from"], d["settled"]) == (2, 7, -1, 0)
+    assert isinstance(d["cnt"], str)  # not all equal: an array
+    # as the last round stored it: the keys inside, every array as base64
+    old = {k: v for k, v in d.items() if k != "n"} | {"keys": keys}
+    for k, a, t in (("seg", b.seg, INT), ("last", b.last, INT), ("from", b.frm, INT),
+                    ("settled", b.settled, np.dtype("u1"))):  # fmt: skip
+        old[k] = to_b64(a, t)
+    names = ("seg", "last", "cnt", "frm", "settled")
+    want = {name: getattr(b, name).tolist() for name in names}
+    window = b.take(b.index[keys[0]])
+    assert window == {"ws": [7], "w": [1.0]}
+    keys_row = b.keys_row()
+    assert json.loads(keys_row) == keys
+    b.keys_stored = 3  # as saved: the row is rewritten only when an entry is added
+    assert b.keys_row() is None
+    b.slots(keys + ["m{i=3}"], np.array([3]), 2, None)
+    assert json.loads(b.keys_row()) == [*keys, "m{i=3}"]
+    for stored, keys_row in ((json.dumps(d), keys_row), (json.dumps(old), None)):
+        again = GrowthWindows.decode(stored, keys_row)
+        assert {name: getattr(again, name).tolist() for name in names} == want
+        assert again.take(again.index[keys[0]]) == window
