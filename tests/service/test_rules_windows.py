@@ -16,9 +16,8 @@ from sqlalchemy import text
 from logitwatch.protocol import Batch
 from logitwatch.service.rules.conditions import RunContext, _growth_quiet, _median, evaluate
 from logitwatch.service.rules.engine import RuleEngine
-from logitwatch.service.rules.model import parse_rules
+from logitwatch.service.rules.model import Growth, parse_rules
 from logitwatch.service.rules.state import _pack, _unpack
-from logitwatch.service.rules.model import Growth
 from logitwatch.service.rules.windows import INT, GrowthWindows, to_b64
 from logitwatch.service.store import ingest_batch
 from logitwatch.service.store.db import WRITE, make_engine, make_sessionmaker
@@ -258,13 +257,13 @@ def test_entries_that_agree_are_stored_as_one_number_and_old_blocks_still_load()
     want = {name: getattr(b, name).tolist() for name in names}
     window = b.take(b.index[keys[0]])
     assert window == {"ws": [7], "w": [1.0]}
-    keys_row = b.keys_row()
-    assert json.loads(keys_row) == keys
+    saved_keys = b.keys_row()
+    assert json.loads(saved_keys) == keys
     b.keys_stored = 3  # as saved: the row is rewritten only when an entry is added
     assert b.keys_row() is None
-    b.slots(keys + ["m{i=3}"], np.array([3]), 2, None)
+    b.slots([*keys, "m{i=3}"], np.array([3]), 2, None)
     assert json.loads(b.keys_row()) == [*keys, "m{i=3}"]
-    for stored, keys_row in ((json.dumps(d), keys_row), (json.dumps(old), None)):
+    for stored, keys_row in ((json.dumps(d), saved_keys), (json.dumps(old), None)):
         again = GrowthWindows.decode(stored, keys_row)
         assert {name: getattr(again, name).tolist() for name in names} == want
         assert again.take(again.index[keys[0]]) == window
