@@ -391,34 +391,48 @@ class GroupCommit:
                 continue
             work.sort(key=lambda item: item[0])
             work = [(job, f) for _, job, f in work if f.set_running_or_notify_cancel()]
-            try:
-                self._commit(work)
-            except Exception:
-                # Alone, each job either commits or carries its own error back.
-                for item in work:
-                    try:
-                        self._commit([item])
-                    except Exception as exc:
-                        item[1].set_exception(exc)
+            for (_, future), (ok, answer) in zip(work, self.run([j for j, _ in work]), strict=True):
+                if ok:
+                    future.set_result(answer)
+                else:
+                    future.set_exception(answer)
 
-    def _commit(self, work: list[tuple[Job, Future]]) -> None:
-        """Run `work` in one transaction and settle its futures after the commit; a
+    def run(self, jobs: list[Job]) -> list[tuple[bool, Any]]:
+        """Run ``jobs`` (in this order) in one transaction, on the calling thread: each
+        one's (True, answer) once it committed, or, when the group failed, each alone:
+        (True, answer) or (False, its exception). What the committer's thread does with a
+        group; an event loop that stores small batches itself (api/ingest.py) calls it."""
+        try:
+            return [(True, answer) for answer in self._commit(jobs)]
+        except Exception:
+            out: list[tuple[bool, Any]] = []
+            for job in jobs:  # alone, each job either commits or carries its own error back
+                try:
+                    out.append((True, self._commit([job])[0]))
+                except Exception as exc:
+                    out.append((False, exc))
+            return out
+
+    def close_session(self) -> None:
+        """Drop the kept session (GroupCommit.run's callers, at their end)."""
+        self._held.close()
+
+    def _commit(self, jobs: list[Job]) -> list[Any]:
+        """Run ``jobs`` in one transaction and return their answers after the commit; a
         transaction PostgreSQL aborted to break a deadlock or a serialization conflict
         (nothing of it stored) runs again, up to CONFLICT_TRIES times in all."""
         for attempt in range(1, CONFLICT_TRIES + 1):
             try:
                 with self._held() as session:
-                    jobs = [job for job, _ in work]
                     self._begin(session, jobs)
                     answers = self._finish(session, [job(session) for job in jobs])
                     session.commit()
-                break
+                return answers
             except Exception as exc:
                 if attempt == CONFLICT_TRIES or not is_conflict(exc):
                     raise
                 time.sleep(random.uniform(0, 0.01 * attempt))  # the other one goes first
-        for (_, future), answer in zip(work, answers, strict=True):
-            future.set_result(answer)
+        raise AssertionError("unreachable")
 
 
 #: How many times GroupCommit runs a transaction that PostgreSQL aborted for a conflict.

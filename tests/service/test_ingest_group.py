@@ -8,6 +8,7 @@ and a rolled-back batch leaves no trace in the cache.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import threading
@@ -308,3 +309,50 @@ def test_a_connection_lost_between_groups_is_replaced(group, sessions, run_name)
             {"r": run_name},
         ).scalar_one()
     assert n == 3
+
+
+def test_on_sqlite_the_loop_stores_small_batches_a_group_an_iteration(db_url, run_name):
+    """SQLite: the small batches whose handlers the event loop ran together are stored by
+    the loop in one transaction; a failing one gets its error and the others are stored;
+    a big batch goes to the committer's thread."""
+    engine = make_engine(db_url)
+    writer = Writer(engine, make_sessionmaker(engine))
+    rules = RuleEngine(writer.sessionmaker)
+    ingest = Ingest(writer, rules, Compactor(writer.sessionmaker, writer.lock))
+    if ingest.postgres:
+        assert ingest._on_loop is None  # PostgreSQL: every group on the committer's thread
+        return
+    settings = load_settings(db_url=db_url, max_series_per_run=3)
+    groups: list[tuple[str, int]] = []
+    for where, group in (("loop", ingest._on_loop._group), ("thread", ingest.group)):
+        run = group.run
+        group.run = lambda jobs, run=run, where=where: (
+            groups.append((where, len(jobs))) or run(jobs)
+        )
+
+    def store(run: str, batch: Batch, small: bool = True):
+        return ingest.store(settings, run, batch, prepare_batch(batch, postgres=False), small)
+
+    wide = Batch("w", 1, 0, [S("attn.logit_max", [0], [1.0], layer=i) for i in range(5)])
+
+    async def main():
+        first = await asyncio.gather(
+            store(f"{run_name}-a", _batch(1, 0, 2.0)),
+            store(f"{run_name}-b", _batch(1, 0, 2.0)),
+            store(f"{run_name}-wide", wide),
+            store(f"{run_name}-c", _batch(1, 0, 2.0)),
+            return_exceptions=True,
+        )
+        big = await store(f"{run_name}-a", _batch(2, 1, 2.0), small=False)
+        return first, big
+
+    ingest.start()
+    try:
+        first, big = asyncio.run(main())
+    finally:
+        ingest.close()
+        engine.dispose()
+    assert [a["accepted"] for a in (first[0], first[1], first[3], big)] == [2, 2, 2, 2]
+    assert isinstance(first[2], LimitError)
+    # One group of the four (failed: each alone), then the big batch on the thread.
+    assert groups == [("loop", 4), ("thread", 1)]

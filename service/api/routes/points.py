@@ -93,11 +93,12 @@ async def post_points(run: str, request: Request) -> dict:
     ingest = await get_ingest(request)
     content_type = request.headers.get("content-type")
     # Decoding and packing need no lock: small bodies here, big ones off the event loop.
-    if len(body) <= _INLINE_BYTES:
+    small = len(body) <= _INLINE_BYTES
+    if small:
         batch, prepared = ingest.layouts.decode(run, body, content_type, ingest.postgres, _decode)
     else:
         batch, prepared = await run_in_threadpool(_decode, body, content_type, ingest.postgres)
-    answer = await ingest.store(settings, run, batch, prepared)
+    answer = await ingest.store(settings, run, batch, prepared, small=small)
     (await get_metrics(request)).observe_batch(answer["accepted"], duplicate=answer["duplicate"])
     return answer
 
