@@ -356,3 +356,44 @@ def test_on_sqlite_the_loop_stores_small_batches_a_group_an_iteration(db_url, ru
     assert isinstance(first[2], LimitError)
     # One group of the four (failed: each alone), then the big batch on the thread.
     assert groups == [("loop", 4), ("thread", 1)]
+
+
+def test_the_loop_hands_its_group_to_the_thread_while_the_lock_is_held(db_url, run_name):
+    """SQLite: while another writer holds the lock longer than LOOP_WAIT_S (a deep
+    compaction), the loop hands its group to the committer's thread, which stores it once
+    the lock is free."""
+    engine = make_engine(db_url)
+    writer = Writer(engine, make_sessionmaker(engine))
+    rules = RuleEngine(writer.sessionmaker)
+    ingest = Ingest(writer, rules, Compactor(writer.sessionmaker, writer.lock))
+    if ingest.postgres:
+        return  # no writer lock: PostgreSQL writers run side by side
+    settings = load_settings(db_url=db_url)
+    groups: list[str] = []
+    for where, group in (("loop", ingest._on_loop._group), ("thread", ingest.group)):
+        run = group.run
+        group.run = lambda jobs, run=run, where=where: groups.append(where) or run(jobs)
+
+    def store(run: str, seq: int):
+        batch = _batch(seq, seq - 1, 2.0)
+        return ingest.store(settings, run, batch, prepare_batch(batch, postgres=False), True)
+
+    async def main():
+        writer.lock.acquire()
+        tasks = [asyncio.create_task(store(f"{run_name}-{x}", 1)) for x in "ab"]
+        for _ in range(5):  # the loop runs its group's turn: handed over after LOOP_WAIT_S
+            await asyncio.sleep(0)
+        assert groups == [] and not any(t.done() for t in tasks)
+        writer.lock.release()
+        first = await asyncio.gather(*tasks)
+        later = await store(f"{run_name}-a", 2)  # the lock is free: on the loop again
+        return first, later
+
+    ingest.start()
+    try:
+        first, later = asyncio.run(main())
+    finally:
+        ingest.close()
+        engine.dispose()
+    assert [a["accepted"] for a in [*first, later]] == [2, 2, 2]
+    assert groups[0] == "thread" and groups[-1] == "loop"
