@@ -96,18 +96,18 @@ class _LoopGroup:
     one group. On SQLite the writer is one at a time anyway, and handing each group to a
     thread and its answers back cost more than the work: two threads taking turns at the
     GIL, a wake-up each way, the caches of one thrashed by the other. In one process
-    without HTTP (200 runs, 8 clients): 1.44 -> 1.01 ms of CPU a request, 745 -> 1,020
-    requests/s, measured. A group holds at most ``max_jobs`` (the loop answers nothing while
+    without HTTP (200 runs, 8 clients, alternated three times each): 1.33-1.44 -> 0.95-1.06
+    ms of CPU a request, 747-809 -> 972-1,086 requests/s, measured. A group holds at most ``max_jobs`` (the loop answers nothing while
     it runs); the rest go in the next iteration. The loop waits at most LOOP_WAIT_S for the
     writer lock: while another writer holds it longer (a deep compaction), the group goes
-    to the committer's thread. Big batches, decoded off the loop, go there too, so
-    the loop never stores one.
+    to the committer's thread. Big batches, decoded off the loop, go there too, so the loop
+    never stores one.
     """
 
     def __init__(self, group: GroupCommit, thread: GroupCommit, lock: Any, max_jobs: int = 64):
         self._group = group
         #: The committer's thread, and the writer lock: a group the loop would wait for
-        #: (the compactor or the checkpointer holds the lock) goes to the thread instead.
+        #: longer than LOOP_WAIT_S (another writer holds the lock) goes to the thread.
         self._thread = thread
         self._lock = lock
         self._max_jobs = max_jobs
