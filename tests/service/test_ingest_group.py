@@ -13,6 +13,7 @@ import gc
 import json
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from helpers.feed import S, alerts
@@ -314,24 +315,43 @@ def test_a_connection_lost_between_groups_is_replaced(group, sessions, run_name)
     assert n == 3
 
 
+def _spied_ingest(db_url: str) -> tuple[Ingest, list[str], Any]:
+    """An Ingest (not started) whose loop and thread groups record where each group ran and
+    how many jobs it held, and its engine."""
+    engine = make_engine(db_url)
+    writer = Writer(engine, make_sessionmaker(engine))
+    compactor = Compactor(writer.sessionmaker, writer.lock)
+    ingest = Ingest(writer, RuleEngine(writer.sessionmaker), compactor)
+    groups: list[str] = []
+    if ingest._on_loop is not None:
+        for where, group in (("loop", ingest._on_loop._group), ("thread", ingest.group)):
+            run = group.run
+            group.run = lambda jobs, run=run, where=where: (
+                groups.append(f"{where} {len(jobs)}") or run(jobs)
+            )
+    return ingest, groups, engine
+
+
+def _serve(ingest: Ingest, engine: Any, main: Any) -> Any:
+    """asyncio.run(main()) with the ingest started, closed after."""
+    ingest.start()
+    try:
+        return asyncio.run(main())
+    finally:
+        ingest.close()
+        engine.dispose()
+
+
 def test_on_sqlite_the_loop_stores_small_batches_a_group_an_iteration(db_url, run_name):
     """SQLite: the small batches whose handlers the event loop ran together are stored by
     the loop in one transaction; a failing one gets its error and the others are stored;
     a big batch goes to the committer's thread."""
-    engine = make_engine(db_url)
-    writer = Writer(engine, make_sessionmaker(engine))
-    rules = RuleEngine(writer.sessionmaker)
-    ingest = Ingest(writer, rules, Compactor(writer.sessionmaker, writer.lock))
+    ingest, groups, engine = _spied_ingest(db_url)
     if ingest.postgres:
         assert ingest._on_loop is None  # PostgreSQL: every group on the committer's thread
+        engine.dispose()
         return
     settings = load_settings(db_url=db_url, max_series_per_run=3)
-    groups: list[tuple[str, int]] = []
-    for where, group in (("loop", ingest._on_loop._group), ("thread", ingest.group)):
-        run = group.run
-        group.run = lambda jobs, run=run, where=where: (
-            groups.append((where, len(jobs))) or run(jobs)
-        )
 
     def store(run: str, batch: Batch, small: bool = True):
         return ingest.store(settings, run, batch, prepare_batch(batch, postgres=False), small)
@@ -349,54 +369,40 @@ def test_on_sqlite_the_loop_stores_small_batches_a_group_an_iteration(db_url, ru
         big = await store(f"{run_name}-a", _batch(2, 1, 2.0), small=False)
         return first, big
 
-    ingest.start()
-    try:
-        first, big = asyncio.run(main())
-    finally:
-        ingest.close()
-        engine.dispose()
+    first, big = _serve(ingest, engine, main)
     assert [a["accepted"] for a in (first[0], first[1], first[3], big)] == [2, 2, 2, 2]
     assert isinstance(first[2], LimitError)
     # One group of the four (failed: each alone), then the big batch on the thread.
-    assert groups == [("loop", 4), ("thread", 1)]
+    assert groups == ["loop 4", "thread 1"]
 
 
 def test_the_loop_hands_its_group_to_the_thread_while_the_lock_is_held(db_url, run_name):
     """SQLite: while another writer holds the lock longer than LOOP_WAIT_S (a deep
     compaction), the loop hands its group to the committer's thread, which stores it once
     the lock is free."""
-    engine = make_engine(db_url)
-    writer = Writer(engine, make_sessionmaker(engine))
-    rules = RuleEngine(writer.sessionmaker)
-    ingest = Ingest(writer, rules, Compactor(writer.sessionmaker, writer.lock))
+    ingest, groups, engine = _spied_ingest(db_url)
     if ingest.postgres:
+        engine.dispose()
         return  # no writer lock: PostgreSQL writers run side by side
     settings = load_settings(db_url=db_url)
-    groups: list[str] = []
-    for where, group in (("loop", ingest._on_loop._group), ("thread", ingest.group)):
-        run = group.run
-        group.run = lambda jobs, run=run, where=where: groups.append(where) or run(jobs)
+    lock = ingest._on_loop._lock
 
     def store(run: str, seq: int):
         batch = _batch(seq, seq - 1, 2.0)
         return ingest.store(settings, run, batch, prepare_batch(batch, postgres=False), True)
 
     async def main():
-        writer.lock.acquire()
+        lock.acquire()
         tasks = [asyncio.create_task(store(f"{run_name}-{x}", 1)) for x in "ab"]
         for _ in range(5):  # the loop runs its group's turn: handed over after LOOP_WAIT_S
             await asyncio.sleep(0)
-        assert "loop" not in groups and not any(t.done() for t in tasks)
-        writer.lock.release()
+        assert not [g for g in groups if g.startswith("loop")]
+        assert not any(t.done() for t in tasks)
+        lock.release()
         first = await asyncio.gather(*tasks)
         later = await store(f"{run_name}-a", 2)  # the lock is free: on the loop again
         return first, later
 
-    ingest.start()
-    try:
-        first, later = asyncio.run(main())
-    finally:
-        ingest.close()
-        engine.dispose()
+    first, later = _serve(ingest, engine, main)
     assert [a["accepted"] for a in [*first, later]] == [2, 2, 2]
-    assert groups[0] == "thread" and groups[-1] == "loop"
+    assert groups[0].startswith("thread") and groups[-1] == "loop 1"
