@@ -17,9 +17,9 @@ from logitwatch.service.rules.alertmanager import alertmanager_sender
 from logitwatch.service.rules.engine import RuleEngine
 from logitwatch.service.rules.notify import Notifier
 from logitwatch.service.settings import Settings, load_settings
+from logitwatch.service.store.checkpoint import Checkpointer
 from logitwatch.service.store.compact import Compactor
 from logitwatch.service.store.db import (
-    Checkpointer,
     Writer,
     make_engine,
     make_sessionmaker,

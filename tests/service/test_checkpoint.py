@@ -9,7 +9,8 @@ import time
 
 from sqlalchemy import text
 
-from logitwatch.service.store.db import Checkpointer, Writer, make_engine, make_sessionmaker
+from logitwatch.service.store.checkpoint import Checkpointer
+from logitwatch.service.store.db import Writer, make_engine, make_sessionmaker
 
 
 class _Counted:
