@@ -8,7 +8,8 @@ Each setup starts ``logitwatch serve`` (a fresh SQLite file, or a fresh PostgreS
 127.0.0.1:5432, dropped after; ``--processes 2`` of PostgreSQL splits the runs between two
 service processes) and measures, from this one process (asyncio, keep-alive connections,
 requests built before the clock starts: a template batch per run, encoded once with
-logitwatch.protocol, whose step, time, loss and seq bytes are patched in place):
+logitwatch.protocol, whose step, time, values and seq bytes are patched in place; the
+values are each series' healthy level with step-to-step noise, NOISE):
 
 - capacity: --connections clients post back to back for --capacity-s; requests/s, points/s
   and the server's CPU per request (utime + stime from /proc/PID/stat);
@@ -17,7 +18,8 @@ logitwatch.protocol, whose step, time, loss and seq bytes are patched in place):
   (and p99 from step STEADY_AFTER_S on, past the runs' first reports),
   points sent and stored (read back from the database), and for every 50th run a NaN loss
   half-way: the delay until the ``nonfinite`` alert is visible through GET /api/v1/alerts and
-  until an ingest answer of that run carries it;
+  until an ingest answer of that run carries it; and every alert of a run that sent no NaN
+  (a false alarm on a healthy run: there must be none);
 - the real agent: --agent-runs HttpSink senders (agent/transport) at one step a second, among
   the fleet; points sent and stored, what their spools hold at close (then delivered with
   ``logitwatch sync`` and counted again), latency as the sender sees it;
@@ -89,23 +91,53 @@ def report_series(n: int, layers: int = 12, heads: int = 12) -> list[tuple[str, 
 _SEQ = 2**62 - 12_345  # msgpack writes it as uint64 (0xcf + 8 bytes big-endian)
 _STEP = 0x1234_5678_9ABC_DEF  # little-endian int64 inside each series' packed steps
 _TIME = 1_234_567.890_123_456_7
-_LOSS = 2.718_281_828_459_045_3
+_VALUE = 1.234_567_890_123e300  # series i's value is _VALUE + i * _VALUE_GAP: one pattern each
+_VALUE_GAP = 1e288
+
+#: Each metric's step-to-step noise, relative to its level. A report of a healthy run is not
+#: the same numbers every step: the growth rules' windows and the spike rules' statistics
+#: move with them (constant values kept every window at one point, and cost a third less
+#: server CPU than these, measured).
+NOISE = {"loss": 0.01, "loss.ce": 0.01, "lr": 0.0, "logits.max_abs": 0.02, "logz.mean": 0.01,
+         "grad.norm": 0.1, "param.norm": 0.0005, "throughput.tokens_per_s": 0.02,
+         "attn.entropy_min": 0.02, "act.rms": 0.01, "update.ratio": 0.1,
+         "attn.logit_max": 0.03}  # fmt: skip
+#: Series the agent takes from the host as Python floats; it computes every other one on the
+#: device and reads it back from a float32 buffer, so those values are float32 numbers.
+HOST = frozenset(("lr", "throughput.tokens_per_s"))
 
 
 class Template:
-    """One run's report, encoded once; ``body(seq, step, time, loss)`` patches a copy."""
+    """One run's report, encoded once; ``body(seq, step, time, values)`` patches a copy.
+
+    ``levels(seed)``: each series' healthy level (heads and layers differ, by up to ±30 %);
+    ``values(levels, rng)``: one step's values around them (NOISE), float32 numbers where
+    the agent's are (HOST)."""
 
     def __init__(self, client: str, series: int) -> None:
         rows = report_series(series)
         batch = Batch(client, _SEQ, 0, [
-            Series(m, lab, array("q", [_STEP]), array("d", [_LOSS if i == 0 else v]),
-                   array("d", [_TIME])) for i, (m, lab, v) in enumerate(rows)])  # fmt: skip
+            Series(m, lab, array("q", [_STEP]), array("d", [_VALUE + i * _VALUE_GAP]),
+                   array("d", [_TIME])) for i, (m, lab, _) in enumerate(rows)])  # fmt: skip
         self.raw = np.frombuffer(encode_batch(batch), dtype=np.uint8)
         self.points = len(rows)
+        self._base = np.array([v for _, _, v in rows])
+        self._noise = np.array([NOISE.get(m, 0.02) for m, _, _ in rows])
+        self._device = np.array([m not in HOST for m, _, _ in rows])
         self._seq = self._find(b"\xcf" + struct.pack(">Q", _SEQ), 1)[0] + 1
         self._steps = self._rows(struct.pack("<q", _STEP), len(rows))
         self._times = self._rows(struct.pack("<d", _TIME), len(rows))
-        self._loss = self._find(struct.pack("<d", _LOSS), 1)[0]
+        self._values = np.concatenate([
+            self._rows(struct.pack("<d", _VALUE + i * _VALUE_GAP), 1) for i in range(len(rows))])  # fmt: skip
+
+    def levels(self, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        spread = np.where(self._noise > 0, rng.uniform(0.7, 1.3, len(self._base)), 1.0)
+        return self._base * spread
+
+    def values(self, levels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        v = levels * (1.0 + self._noise * rng.standard_normal(len(levels)))
+        return np.where(self._device, v.astype(np.float32), v)
 
     def _find(self, pattern: bytes, count: int) -> list[int]:
         data, at, found = self.raw.tobytes(), 0, []
@@ -119,12 +151,12 @@ class Template:
     def _rows(self, pattern: bytes, count: int) -> np.ndarray:
         return np.array(self._find(pattern, count))[:, None] + np.arange(8)
 
-    def body(self, seq: int, step: int, t: float, loss: float) -> bytes:
+    def body(self, seq: int, step: int, t: float, values: np.ndarray) -> bytes:
         buf = self.raw.copy()
         buf[self._seq : self._seq + 8] = np.frombuffer(struct.pack(">Q", seq), np.uint8)
         buf[self._steps] = np.frombuffer(struct.pack("<q", step), np.uint8)
         buf[self._times] = np.frombuffer(struct.pack("<d", t), np.uint8)
-        buf[self._loss : self._loss + 8] = np.frombuffer(struct.pack("<d", loss), np.uint8)
+        buf[self._values] = np.ascontiguousarray(values, "<f8").view(np.uint8).reshape(-1, 8)
         return buf.tobytes()
 
 
@@ -277,13 +309,16 @@ async def capacity(urls: list[str], pids: list[int], connections: int, seconds: 
                    series: int) -> dict:  # fmt: skip
     """Back-to-back posts from `connections` clients: what the service can take."""
     templates = [Template(f"cap-{i}", series) for i in range(connections)]
+    levels = [t.levels(i) for i, t in enumerate(templates)]
+    rng = np.random.default_rng(0)
     conns = [Conn(urls[i % len(urls)]) for i in range(connections)]
     steps = [0] * connections
     latencies: list[float] = []
     codes: dict[int, int] = {}
 
     async def post(i: int) -> None:
-        body = templates[i].body(steps[i], steps[i], time.time(), 3.0 - steps[i] * 1e-4)
+        values = templates[i].values(levels[i], rng)
+        body = templates[i].body(steps[i], steps[i], time.time(), values)
         t0 = time.perf_counter()
         try:
             status, _ = await conns[i].request("POST", f"/api/v1/runs/cap-{i}/points", body)
@@ -328,6 +363,9 @@ class FleetResult:
     nan_sent: dict[int, float] = field(default_factory=dict)
     in_answer: dict[int, float] = field(default_factory=dict)
     in_api: dict[int, float] = field(default_factory=dict)
+    #: (run, rule) of every alert the API showed on a run that never sent a NaN: healthy
+    #: runs, so each one is a false alarm.
+    false_alarms: set[tuple[int, str]] = field(default_factory=set)
     wall_s: float = 0.0  # first send to last answer
     skipped: int = 0  # points of steps not sent: their run was over BEHIND_S behind
 
@@ -335,6 +373,8 @@ class FleetResult:
 async def fleet(urls: list[str], runs: int, series: int, seconds: int) -> FleetResult:
     """`runs` runs, one report a second each, staggered over the second."""
     templates = [Template(f"fleet-{r}", series) for r in range(runs)]
+    levels = [t.levels(r) for r, t in enumerate(templates)]
+    rng = np.random.default_rng(1)
     nan_runs, nan_step = set(range(0, runs, NAN_EVERY)), seconds // 2
     out = FleetResult()
     start = time.monotonic() + 1.0
@@ -349,7 +389,10 @@ async def fleet(urls: list[str], runs: int, series: int, seconds: int) -> FleetR
             if time.monotonic() - due > BEHIND_S and not nan:
                 out.skipped += templates[r].points
                 continue
-            body = templates[r].body(step, step, time.time(), float("nan") if nan else 3.0)
+            values = templates[r].values(levels[r], rng)
+            if nan:
+                values[0] = float("nan")  # the loss
+            body = templates[r].body(step, step, time.time(), values)
             if nan:
                 out.nan_sent[r] = due
             out.sent += templates[r].points
@@ -384,6 +427,8 @@ async def fleet(urls: list[str], runs: int, series: int, seconds: int) -> FleetR
                     r = int(a["run"].split("-")[1]) if a["run"].startswith("fleet-") else -1
                     if a["rule"] == "nonfinite" and r in out.nan_sent and r not in out.in_api:
                         out.in_api[r] = now - out.nan_sent[r]
+                    elif r >= 0 and r not in nan_runs:
+                        out.false_alarms.add((r, a["rule"]))
             if done.is_set() and time.monotonic() > start + seconds + 30:
                 break  # an alert that never came: reported as missing
             await asyncio.sleep(0.1)
@@ -485,7 +530,7 @@ def run_setup(kind: str, processes: int, args, console: Console) -> dict:
         "nan_runs": len(fl.nan_sent), "api_p50": _pct(api, 0.5), "api_max": max(api, default=float("nan")),
         "api_seen": len(api), "answer_p50": _pct(answer, 0.5),
         "answer_max": max(answer, default=float("nan")), "answer_seen": len(answer),
-        "agent": ag, "rss_mb": rss,
+        "agent": ag, "rss_mb": rss, "false_alarms": len(fl.false_alarms),
     }  # fmt: skip
 
 
@@ -524,6 +569,7 @@ def report(results: list[dict], args, console: Console) -> bool:
     row("NaN→alert, answer, max s", [_f(r["answer_max"], 2) for r in results], "≤ 1")
     row("NaN runs seen: API", [f"{r['api_seen']}/{r['nan_runs']}" for r in results], "all")
     row("NaN runs seen: answer", [f"{r['answer_seen']}/{r['nan_runs']}" for r in results], "all")
+    row("alerts on healthy runs", [f"{r['false_alarms']:,}" for r in results], "0")
     row("errors", [f"{r['errors'] + r['cap']['errors']:,}" for r in results], "0")
     row("agent points sent", [f"{a['sent']:,}" for a in agents])
     row("agent points stored live", [f"{a['stored_live']:,}" for a in agents], "= sent")
@@ -534,11 +580,11 @@ def report(results: list[dict], args, console: Console) -> bool:
     row("service peak RSS MB", [_f(r["rss_mb"]) for r in results])
     console.print(table)
     ok = all(r["sent"] == r["stored"] and r["agent"]["sent"] == r["agent"]["stored"]
-             and not r["errors"] for r in results)  # fmt: skip
+             and not r["errors"] and not r["false_alarms"] for r in results)  # fmt: skip
     live = all(not r["skipped"] and r["api_seen"] == r["answer_seen"] == r["nan_runs"]
                and r["agent"]["stored_live"] == r["agent"]["sent"] for r in results)  # fmt: skip
-    console.print("OK: every point sent was stored, no errors" if ok
-                  else "FAILED: points missing or requests failed")  # fmt: skip
+    console.print("OK: every point sent was stored, no errors, no false alarms" if ok
+                  else "FAILED: points missing, requests failed or healthy runs alerted")  # fmt: skip
     if not live:
         console.print("BEHIND: not held live (a fleet over 30 s behind, an agent left points in "
                       "its spool, or a NaN's alert never came)")  # fmt: skip

@@ -331,14 +331,42 @@ def test_load_report(benchmarks):
               "sent": 12_000_000, "stored": 11_999_800,
               "skipped": 1_234_000, "fleet_cpu_ms": 1.2345, "errors": 0, "nan_runs": 20,
               "api_p50": 0.35, "api_max": 1.25, "api_seen": 20, "answer_p50": 0.3,
-              "answer_max": math.nan, "answer_seen": 0, "agent": agent, "rss_mb": 281.4}  # fmt: skip
+              "answer_max": math.nan, "answer_seen": 0, "agent": agent, "rss_mb": 281.4,
+              "false_alarms": 12_345}  # fmt: skip
     results = [result, {**result, "label": "PostgreSQL"}, {**result, "label": "PostgreSQL ×2"}]
     console = Console(width=WIDTH, record=True, file=io.StringIO())
     assert not load.report(results, SimpleNamespace(series=200), console)  # points missing
     text = console.export_text()
     check(text, ["measure", "SQLite", "PostgreSQL", "PostgreSQL ×2", "target"],
           ["2,346", "469,120", "0.91", "15,455.6", "1,234,567.8", "98,765.4", "12,000,000", "11,999,800",
-           "1,234,000", "1.25", "0/20", "400,000", "21,000", "15", "FAILED:", "BEHIND:"])  # fmt: skip
+           "1,234,000", "1.25", "0/20", "400,000", "21,000", "15", "12,345", "FAILED:",
+           "BEHIND:"])  # fmt: skip
+    assert "alerts on healthy runs" in text
+
+
+def test_load_template_patches_each_request(benchmarks):
+    """The fleet's requests carry their own seq, step, time and values (noisy levels)."""
+    import numpy as np
+
+    from logitwatch.protocol import decode_batch
+
+    load = benchmarks("load")
+    template = load.Template("fleet-3", 200)
+    levels = template.levels(3)
+    rng = np.random.default_rng(0)
+    first, second = template.values(levels, rng), template.values(levels, rng)
+    assert not np.array_equal(first, second)  # a healthy run's values move step to step
+    assert np.all(np.abs(first / levels - 1) < 0.6)  # around the levels
+    device = np.array([m not in load.HOST for m, _, _ in load.report_series(200)])
+    assert np.array_equal(first[device], first[device].astype(np.float32))  # as the agent's
+    first[0] = float("nan")
+    batch = decode_batch(template.body(41, 40, 1234.5, first), "application/msgpack")
+    assert (batch.client, batch.seq, len(batch.series)) == ("fleet-3", 41, 200)
+    assert [s.steps[0] for s in batch.series] == [40] * 200
+    assert [s.times[0] for s in batch.series] == [1234.5] * 200
+    got = np.array([s.values[0] for s in batch.series])
+    assert np.isnan(got[0]) and batch.series[0].metric == "loss"
+    assert np.array_equal(got[1:], first[1:])
 
 
 def test_read_table(benchmarks):

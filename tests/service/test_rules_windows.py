@@ -18,7 +18,7 @@ from logitwatch.service.rules.conditions import RunContext, _growth_quiet, _medi
 from logitwatch.service.rules.engine import RuleEngine
 from logitwatch.service.rules.model import Growth, parse_rules
 from logitwatch.service.rules.state import _pack, _unpack
-from logitwatch.service.rules.windows import INT, GrowthWindows, to_b64
+from logitwatch.service.rules.windows import FLOAT, INT, GrowthWindows, to_b64
 from logitwatch.service.store import ingest_batch
 from logitwatch.service.store.db import WRITE, make_engine, make_sessionmaker
 
@@ -247,11 +247,13 @@ def test_entries_that_agree_are_stored_as_one_number_and_old_blocks_still_load()
     b.cnt[2] = 0  # one entry empties: its count differs
     d = json.loads(b.encode())
     assert (d["seg"], d["last"], d["from"], d["settled"]) == (2, 7, -1, 0)
-    assert isinstance(d["cnt"], str)  # not all equal: an array
-    # as the last round stored it: the keys inside, every array as base64
-    old = {k: v for k, v in d.items() if k != "n"} | {"keys": keys}
-    for k, a, t in (("seg", b.seg, INT), ("last", b.last, INT), ("from", b.frm, INT),
-                    ("settled", b.settled, np.dtype("u1"))):  # fmt: skip
+    assert isinstance(d["cnt1"], str)  # not all equal: an array (of bytes)
+    # as an earlier version stored it: the keys inside, every array as base64 of int64 or
+    # float64, the window points' steps as they are
+    valid = np.arange(b.ws.shape[1]) < b.cnt[:, None]
+    old = {"keys": keys, "ws": to_b64(b.ws[valid], INT), "w": to_b64(b.w[valid], FLOAT)}
+    for k, a, t in (("seg", b.seg, INT), ("last", b.last, INT), ("cnt", b.cnt, INT),
+                    ("from", b.frm, INT), ("settled", b.settled, np.dtype("u1"))):  # fmt: skip
         old[k] = to_b64(a, t)
     names = ("seg", "last", "cnt", "frm", "settled")
     want = {name: getattr(b, name).tolist() for name in names}
@@ -267,3 +269,32 @@ def test_entries_that_agree_are_stored_as_one_number_and_old_blocks_still_load()
         again = GrowthWindows.decode(stored, keys_row)
         assert {name: getattr(again, name).tolist() for name in names} == want
         assert again.take(again.index[keys[0]]) == window
+
+
+@pytest.mark.parametrize(
+    ("behind", "field"),  # how far the last entry's last step is past its window's last point
+    [(251, "ws1"), (252, "ws2"), (65_531, "ws2"), (65_532, "ws4"), (-1, "ws")],
+)
+@pytest.mark.parametrize(
+    ("values", "wfield"),
+    [([1.5, 0.25, 2.0**127], "w4"), ([1.5, 0.1, 3.0], "w"), ([1.5, 2.0, 1e300], "w")],
+)
+def test_window_points_are_stored_as_small_as_they_come_back_exactly(behind, field, values, wfield):
+    """Each point's step as its distance behind its entry's last step, in the fewest bytes
+    that hold every one (the steps themselves when one is ahead of it), and the values as
+    float32 only when each one is a float32."""
+    b = GrowthWindows()
+    keys, steps = ["a{}", "b{}", "c{}"], [5, 9, 300]
+    pos = b.slots(keys, np.arange(3), 0, None)
+    for i, (step, value) in enumerate(zip(steps, values, strict=True)):
+        last = step + (behind if i == 2 else 0)
+        assert b.put(int(pos[i]), {"ws": [step - 4, step], "w": [value / 2, value]}, 0, last)
+    d = json.loads(b.encode())
+    assert field in d and wfield in d
+    assert not ({"ws", "ws1", "ws2", "ws4"} - {field}) & d.keys()
+    assert not ({"w", "w4"} - {wfield}) & d.keys()
+    again = GrowthWindows.decode(json.dumps(d), b.keys_row())
+    for k, step, value in zip(keys, steps, values, strict=True):
+        got = again.take(again.index[k])
+        assert got == {"ws": [step - 4, step], "w": [value / 2, value]}
+        assert all(type(x) is int for x in got["ws"]) and all(type(x) is float for x in got["w"])
