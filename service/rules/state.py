@@ -199,6 +199,14 @@ class StateRows:
             return template.format(p="%s", state="CAST(%s AS JSONB)", **kw)
         return template.format(p="?", state="?", **kw)
 
+    def _fetch(self, sql: str, params: tuple) -> list[tuple]:
+        cur = self._cursor()
+        try:
+            cur.execute(sql, params)
+            return cur.fetchall()
+        finally:
+            cur.close()
+
     def _cursor(self):
         if is_pg(self.session):
             return pg_cursor(self.session)  # after the statements deferred before it
@@ -209,35 +217,32 @@ class StateRows:
         `blocks` (growth rules' windows) the cache lacks. ``run_row``: the run's own row
         (last_step, state), or None, when the caller read it already (RUN_BY_NAME_PG)."""
         pg = is_pg(self.session)
-        cur = self._cursor()
-        try:
-            if run_row is UNREAD:
-                # FOR UPDATE: the absent checker writes this row too (and skips it while
-                # locked).
-                cur.execute(self._sql(_RUN) + (" FOR UPDATE" if pg else ""), (self.run_id,))
-                run_row = cur.fetchone()
-            found = run_row
-            if found is None:
-                self.epoch = 0
-            else:
-                self.epoch, state = found
-                self._run_row = _row(self.segment, -1, state)
-            held = _take_cached(self.session, self.run_id)
-            if held is not None and held.epoch == self.epoch:
-                self.rows, self.blocks = held.rows, held.blocks
-            fresh = sorted({k for k in keys if k != RUN_KEY and k not in self.rows})
-            absent = sorted(b for b in blocks if b not in self.blocks)
-            missing = fresh + [block_key(b) for b in absent] + [keys_key(b) for b in absent]
-            if not missing:
-                return
+        if run_row is UNREAD:
+            # FOR UPDATE: the absent checker writes this row too (and skips it while locked).
+            run_row = self._fetch(self._sql(_RUN) + (" FOR UPDATE" if pg else ""), (self.run_id,))
+            run_row = run_row[0] if run_row else None
+        found = run_row
+        if found is None:
+            self.epoch = 0
+        else:
+            self.epoch, state = found
+            self._run_row = _row(self.segment, -1, state)
+        held = _take_cached(self.session, self.run_id)
+        if held is not None and held.epoch == self.epoch:
+            self.rows, self.blocks = held.rows, held.blocks
+        fresh = sorted({k for k in keys if k != RUN_KEY and k not in self.rows})
+        absent = sorted(b for b in blocks if b not in self.blocks)
+        missing = fresh + [block_key(b) for b in absent] + [keys_key(b) for b in absent]
+        if missing:
+            # Only now a cursor: on PostgreSQL it sends the statements deferred so far, and
+            # a run whose rows are all cached (the usual report) sends nothing, so a group's
+            # writes go in one pipeline, not one per report.
             ph = "%s" if pg else "?"
             stored: dict[str, Any] = {}
             for i in range(0, len(missing), 500):
                 part = missing[i : i + 500]
-                cur.execute(
-                    self._sql(_LOAD_KEYS, keys=", ".join([ph] * len(part))), (self.run_id, *part)
-                )
-                for key, seg, last, state in cur.fetchall():
+                sql = self._sql(_LOAD_KEYS, keys=", ".join([ph] * len(part)))
+                for key, seg, last, state in self._fetch(sql, (self.run_id, *part)):
                     if key.startswith(PREFIX):
                         stored[key] = state
                     else:
@@ -247,8 +252,6 @@ class StateRows:
                     self.blocks[b] = GrowthWindows.decode(
                         stored[block_key(b)], stored.get(keys_key(b))
                     )
-        finally:
-            cur.close()
         for b in blocks:
             self.blocks.setdefault(b, GrowthWindows())
         for key in fresh:
