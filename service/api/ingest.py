@@ -20,6 +20,7 @@ from logitwatch.protocol import Batch
 from logitwatch.service.api.layouts import Layouts
 from logitwatch.service.rules.alerts import with_links
 from logitwatch.service.rules.engine import RuleEngine, lock_statements
+from logitwatch.service.rules.user import version_of, version_statement
 from logitwatch.service.settings import Settings
 from logitwatch.service.store import IngestResult, Prepared, check_run_quota
 from logitwatch.service.store.compact import Compactor
@@ -222,7 +223,8 @@ class Ingest:
         in the jobs' order (by run name), so the run rows are locked in the order the jobs
         would lock them. A later job of a run goes the plain way, its reads after what the
         earlier one writes; so do a run this process has no id of yet (a new run) and every
-        job after it, whose run rows must not be locked before the new run's."""
+        job after it, whose run rows must not be locked before the new run's. The user
+        rules' version, which the rule engine reads once a transaction, goes with them."""
         for job in jobs:
             job.ahead = None
         if not self.postgres:
@@ -243,9 +245,10 @@ class Ingest:
                 statements += lock_statements(job.run)
         if not plan:
             return
-        rows = pg_rows(session, *statements)
+        rows = pg_rows(session, *statements, version_statement())
         for job, at, first in plan:
             job.ahead = (bool(rows[at + 1]), (rows[at + 2], rows[at + 3]) if first else None)
+        self._rules.saw_version(session, version_of(rows[-1]))
 
     def _finish(self, session: Session, done: list[_Done]) -> list[_Done]:
         """Every answer's firing alerts, with one query for the whole group."""

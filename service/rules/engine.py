@@ -92,14 +92,20 @@ class RuleEngine:
         version = session.info.get(_VERSION_SEEN)
         if version is None or session.info.get(_VERSION_TX) is not session.get_transaction():
             version = user_rules_version(session)
-            session.info[_VERSION_SEEN] = version
-            session.info[_VERSION_TX] = session.get_transaction()
+            self.saw_version(session, version)
         if version != self._version:
             _, user, _ = get_user_rules(session)
             with self._lock:
                 self._rules = effective_rules(self._builtin, user)
                 self._version = version
         return self._rules
+
+    @staticmethod
+    def saw_version(session: Session, version: int) -> None:
+        """The user rules' version as this transaction read it (``rules`` reads it itself
+        unless told here: api/ingest.py sends it ahead with a group's other reads)."""
+        session.info[_VERSION_SEEN] = version
+        session.info[_VERSION_TX] = session.get_transaction()
 
     def context(self, config: Any) -> RunContext:
         """The run's RunContext, kept per distinct config (its JSON text on SQLite)."""

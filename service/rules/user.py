@@ -18,9 +18,21 @@ __all__ = [
     "install_rules_file",
     "put_user_rules",
     "user_rules_version",
+    "version_of",
+    "version_statement",
 ]
 
 _ROW = 1
+
+
+def version_statement() -> tuple[str, tuple]:
+    """PostgreSQL: user_rules_version's read, to send ahead with other statements; its rows
+    give the version as ``version_of`` reads them."""
+    return _VERSION.format("%s"), (_ROW,)
+
+
+def version_of(rows: list) -> int:
+    return (rows[0][0] if rows else 0) or 0
 
 
 def user_rules_version(session: Session) -> int:
@@ -28,8 +40,8 @@ def user_rules_version(session: Session) -> int:
     one driver-level statement (SQLAlchemy's Core select cost ~0.3 ms of Python), after the
     session's own pending changes are flushed, as an ORM query would."""
     session.flush()
-    found = driver_rows(session, (_VERSION.format("%s"), (_ROW,)), (_VERSION.format("?"), (_ROW,)))
-    return (found[0][0] if found else 0) or 0
+    found = driver_rows(session, version_statement(), (_VERSION.format("?"), (_ROW,)))
+    return version_of(found)
 
 
 _VERSION = "SELECT version FROM user_rules WHERE id = {}"

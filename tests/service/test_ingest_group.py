@@ -406,3 +406,60 @@ def test_the_loop_hands_its_group_to_the_thread_while_the_lock_is_held(db_url, r
     first, later = _serve(ingest, engine, main)
     assert [a["accepted"] for a in [*first, later]] == [2, 2, 2]
     assert groups[0].startswith("thread") and groups[-1] == "loop 1"
+
+
+def test_a_postgresql_group_of_known_runs_takes_two_round_trips(pg_url, run_name, monkeypatch):
+    """On PostgreSQL a group of reports from runs the process knows reads everything it
+    needs in one round trip (the batches' records, the runs' locks and rule-state rows, the
+    user rules' version) and sends its writes with the firing-alerts query in a second: a
+    report's rule state, when cached, is not read, so nothing flushes the writes between
+    jobs. The user rules read ahead are the ones in force: a rule another process puts is
+    judged from the next group on."""
+    from logitwatch.service.rules.model import parse_rules
+    from logitwatch.service.rules.user import put_user_rules
+    from logitwatch.service.store import deferred
+
+    engine = make_engine(pg_url)
+    writer = Writer(engine, make_sessionmaker(engine))
+    rules = RuleEngine(writer.sessionmaker)
+    ingest = Ingest(writer, rules, Compactor(writer.sessionmaker, writer.lock))
+    settings = load_settings(db_url=pg_url)
+    runs = [f"{run_name}-{i}" for i in range(4)]
+
+    def group(step: int) -> list:
+        jobs = []
+        for run in runs:  # a report: one step of a few series, stored as one row
+            heads = [S("attn.logit_max", [step], [10.0], layer="0", head=str(h)) for h in range(8)]
+            batch = Batch("c", step + 1, 0, [S("loss", [step], [2.0]), *heads])
+            jobs.append(_Job(rules, settings, run, batch, prepare_batch(batch, postgres=True)))
+        out = ingest.group.run(jobs)
+        assert all(ok for ok, _ in out), out
+        return [answer for _, answer in out]
+
+    sends = []
+    original = deferred._send
+    monkeypatch.setattr(
+        deferred, "_send", lambda *a, **k: (sends.append(len(a[1])), original(*a, **k))[1]
+    )
+    other = make_engine(pg_url)
+    try:
+        group(0)  # new runs: made and read the plain way
+        group(1)
+        sends.clear()
+        group(2)
+        assert len(sends) == 2  # the reads ahead, then every job's writes at once
+        assert sends[1] >= 2 * len(runs)  # (each report's row, its rule state, ...)
+        seen = {"name": "loss-seen", "metric": "loss", "for_steps": 1,
+                "condition": {"kind": "threshold", "op": ">", "value": 1.0}}  # fmt: skip
+        with _writer_sm(other)() as s:  # another process puts a rule
+            put_user_rules(s, rules=parse_rules([seen]))
+            s.commit()
+        answers = group(3)
+        assert all("loss-seen" in {a["rule"] for a in d.alerts} for d in answers)
+    finally:
+        with _writer_sm(other)() as s:
+            put_user_rules(s, rules=[])
+            s.commit()
+        other.dispose()
+        ingest.close()
+        engine.dispose()
