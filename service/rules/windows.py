@@ -513,7 +513,7 @@ def _points(ws: np.ndarray, w: np.ndarray, last: np.ndarray) -> list[tuple[str, 
     """The window points (steps ``ws``, |values| ``w``, each point's entry's ``last`` step)
     as JSON fields: steps as distances back from ``last`` in the fewest bytes that hold them,
     values as float32 when every one is a float32 (an agent's device metrics are), else
-    float64. A noisy fleet block is 40 % of its size stored whole (11.3 -> 4.6 KB), and
+    float64. A noisy fleet block is 3.3 KB so (11.3 KB stored whole, counts as bytes too), and
     the rows of the two growth rules were most of the pages a report wrote, measured."""
     out = []
     back = last - ws
