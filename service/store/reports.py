@@ -60,6 +60,7 @@ FLUSH_REPORTS = 32
 _R = Report.__table__.c
 _I8 = np.dtype("<i8")
 _F8 = np.dtype("<f8")
+_F4 = np.dtype("<f4")
 _EMPTY_F = np.empty(0, dtype=np.float64)
 
 _COLS = 'run_id, segment, step_min, step_max, n, series_ids, steps, "values", times'
@@ -96,11 +97,42 @@ def write(
     raw = session.connection().connection.driver_connection
     args = (
         sids.astype(_I8, copy=False).tobytes(),
-        steps.astype(_I8, copy=False).tobytes(),
-        values.astype(_F8, copy=False).tobytes(),
-        times.astype(_F8, copy=False).tobytes(),
+        _one_or_all(steps.astype(_I8, copy=False)),
+        _narrow(values.astype(_F8, copy=False)),
+        _one_or_all(times.astype(_F8, copy=False)),
     )
     raw.execute(_SQLITE_INSERT, (run_id, segment, lo, hi, len(sids), *args))
+
+
+# SQLite's rows hold what comes back exactly in fewer bytes where it can: a report's series
+# share their step and, from the agent, their time (one 8-byte value for all), and values
+# that are all float32 numbers (the agent's device metrics) take 4 bytes each. A fleet
+# report's row: 6.4 -> 2.4 KB. The column's length says which (n series: sids are 8n bytes).
+
+
+def _one_or_all(a: np.ndarray) -> bytes:
+    """8 bytes when every item of ``a`` (two or more) has the same 8 bytes, else all."""
+    bits = a.view(_I8)
+    if len(bits) > 1 and (bits == bits[0]).all():
+        return a[:1].tobytes()
+    return a.tobytes()
+
+
+def _narrow(values: np.ndarray) -> bytes:
+    """float32 bytes when each value is a float32 number (NaN and inf included), else float64."""
+    with np.errstate(over="ignore"):
+        f4 = values.astype(_F4)
+    back = f4.astype(_F8)
+    if ((back == values) | (np.isnan(back) & np.isnan(values))).all():
+        return f4.tobytes()
+    return values.tobytes()
+
+
+def _wide(blob: bytes, n: int, dtype: np.dtype) -> np.ndarray:
+    """What _one_or_all stored for n items."""
+    if n > 1 and len(blob) == 8:
+        return np.full(n, np.frombuffer(blob, dtype=dtype)[0], dtype=dtype.newbyteorder("="))
+    return np.frombuffer(blob, dtype=dtype)
 
 
 def _arrays(pg: bool, sids, steps, values, times) -> tuple[np.ndarray, ...]:
@@ -112,12 +144,13 @@ def _arrays(pg: bool, sids, steps, values, times) -> tuple[np.ndarray, ...]:
             pg_array(values, "f8"),
             pg_array(times, "f8"),
         )
-    return (
-        np.frombuffer(sids, dtype=_I8),
-        np.frombuffer(steps, dtype=_I8),
-        np.frombuffer(values, dtype=_F8),
-        np.frombuffer(times, dtype=_F8) if times else _EMPTY_F,
-    )
+    ids = np.frombuffer(sids, dtype=_I8)
+    n = len(ids)
+    if len(values) == 4 * n:
+        floats = np.frombuffer(values, dtype=_F4).astype(np.float64)
+    else:
+        floats = np.frombuffer(values, dtype=_F8)
+    return (ids, _wide(steps, n, _I8), floats, _wide(times, n, _F8) if times else _EMPTY_F)
 
 
 def _payload(pg: bool) -> list:

@@ -306,3 +306,49 @@ def test_a_read_shows_a_batch_committed_during_it_whole_or_not_at_all(
     r = client.get(f"/api/v1/runs/{run_name}/metrics/attn.entropy_min", params={"layer": "3"})
     (series,) = r.json()["series"]
     assert dict(zip(series["steps"], series["values"], strict=True)) == after
+
+
+@pytest.mark.parametrize(
+    ("values", "times", "sizes"),
+    [
+        # one step and one time for all, float32 values (NaN and inf too): 8, 4n and 8 bytes
+        ([1.5, -2.0, float("nan"), float("inf"), 2.0**100, 0.0, -0.0, 7.0], [5e8] * 8, (8, 32, 8)),
+        # a value float32 cannot hold: all of them as float64; times that differ: each one
+        ([1.5, 0.1, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], [5e8 + i for i in range(8)], (8, 64, 64)),
+        ([1.5, 2.0, 1e300, 4.0, 5.0, 6.0, 7.0, 8.0], [], (8, 64, 0)),  # no times
+    ],
+)
+def test_a_report_row_stores_what_its_series_share_once(sessions, run_name, values, times, sizes):
+    """SQLite: a report's series share their step (and from the agent their time): the row
+    holds it once, and values that are all float32 numbers in 4 bytes each; read back (as
+    reports, flushed into chunks) exactly as sent."""
+    series = [
+        series_from_columns("m", {"i": str(i)}, [7], [v], [times[i]] if times else [])
+        for i, v in enumerate(values)
+    ]
+    with sessions() as s:
+        (result,) = [store.ingest_batch(s, run=run_name, batch=Batch("c", 1, 0, series))]
+        s.commit()
+        assert result.report
+        if s.get_bind().dialect.name == "sqlite":
+            got = s.execute(
+                text('SELECT length(steps), length("values"), length(times) FROM reports')
+            ).one()
+            assert tuple(got) == sizes
+
+    def read() -> list:
+        with sessions() as s:
+            out = store.read_points(s, run=run_name, metric="m").series
+            return sorted(
+                (x.labels["i"], x.steps.tobytes(), x.values.tobytes(), x.times.tobytes())
+                for x in out
+            )
+
+    want = sorted(
+        (str(i), np.array([7]).tobytes(), np.array([v]).tobytes(),
+         np.array([times[i]]).tobytes() if times else b"")
+        for i, v in enumerate(values)
+    )  # fmt: skip
+    assert read() == want
+    compact_all(sessions, run=run_name, min_chunks=1_000_000)  # the report turned into chunks
+    assert read() == want

@@ -180,12 +180,17 @@ def _sqlite_to_chunks() -> None:
     for seg, sids, steps, values, times in rows:
         n = len(sids) // 8
         for k in range(n):
-            (sid,), (step,) = (
-                struct.unpack_from("<q", sids, 8 * k),
-                struct.unpack_from("<q", steps, 8 * k),
-            )
-            t = b"R" + times[8 * k : 8 * k + 8] if times else b""
-            chunks.append((sid, seg, step, step, 1, b"", b"R" + values[8 * k : 8 * k + 8], t))
+            # A later version stores a step or time all the series share once, and values
+            # that are all float32 numbers in 4 bytes each (reports._arrays).
+            (sid,) = struct.unpack_from("<q", sids, 8 * k)
+            (step,) = struct.unpack_from("<q", steps, 0 if len(steps) == 8 else 8 * k)
+            if len(values) == 4 * n:
+                value = struct.pack("<d", struct.unpack_from("<f", values, 4 * k)[0])
+            else:
+                value = values[8 * k : 8 * k + 8]
+            at = 0 if len(times) == 8 else 8 * k
+            t = b"R" + times[at : at + 8] if times else b""
+            chunks.append((sid, seg, step, step, 1, b"", b"R" + value, t))
     if chunks:
         bind.exec_driver_sql(
             'INSERT INTO chunks (series_id, segment, step_min, step_max, n, steps, "values", times)'
