@@ -9,7 +9,6 @@ writes them back as chunks on downgrade, and storage stats count them.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -22,7 +21,7 @@ from logitwatch.service import store
 from logitwatch.service.store import reports
 from logitwatch.service.store import stats as store_stats
 from logitwatch.service.store.compact import Compactor, compact_all, flush_after
-from logitwatch.service.store.db import make_engine, make_sessionmaker, upgrade
+from logitwatch.service.store.db import Writer, make_engine, make_sessionmaker, upgrade
 from logitwatch.service.store.models import Chunk, Report
 
 LABELS = [{"layer": str(i)} for i in range(10)]
@@ -151,11 +150,16 @@ def test_the_compactor_flushes_a_run_with_enough_reports_and_those_left_at_start
         with sessions() as s:
             return s.scalar(select(func.count()).select_from(model).where(model.run_id == run_id))
 
+    # Written as the service writes beside its compactor: through the process's writer
+    # (SQLite: BEGIN IMMEDIATE under the lock the compactor takes). A plain deferred
+    # transaction that reads first fails at its first write ("database is locked") when the
+    # compactor commits in between, as SQLite's WAL mode says it must.
+    writer = Writer(sessions.kw["bind"], sessions)
     # Reports left by an earlier process: flushed at the first deep idle.
-    with sessions() as s:
+    with writer() as s:
         r = store.ingest_batch(s, run=f"{run_name}-old", batch=Batch("c", 1, 0, _report(1, 1.0)))
         s.commit()
-    compactor = Compactor(sessions, threading.Lock(), idle_s=0.05, deep_idle_s=0.3)
+    compactor = Compactor(writer.sessionmaker, writer.lock, idle_s=0.05, deep_idle_s=0.3)
     compactor.start()
     try:
         deadline = time.monotonic() + 20
@@ -166,7 +170,7 @@ def test_the_compactor_flushes_a_run_with_enough_reports_and_those_left_at_start
         step, sizes = 0, []
         for _ in range(2):
             while True:
-                with sessions() as s:
+                with writer() as s:
                     b = Batch("c", step, 0, _report(step, float(step)))
                     r = store.ingest_batch(s, run=run_name, batch=b)
                     s.commit()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 import time
 
 import numpy as np
@@ -21,7 +20,7 @@ from logitwatch.service.store.compact import (
     compact_series,
     release_space,
 )
-from logitwatch.service.store.db import make_engine, make_sessionmaker, upgrade
+from logitwatch.service.store.db import Writer, make_engine, make_sessionmaker, upgrade
 from logitwatch.service.store.models import Chunk
 
 
@@ -173,12 +172,16 @@ def test_compaction_keeps_every_point_and_the_later_write(sessions, run_name):
 
 
 def test_compactor_thread_merges_once_ingest_pauses(sessions, run_name):
-    compactor = Compactor(sessions, threading.Lock(), idle_s=0.05, deep_idle_s=0.3)
+    # Ingest writes as the service's does beside its compactor: through the writer's sessions
+    # (SQLite: BEGIN IMMEDIATE, under the lock the compactor takes).
+    writer = Writer(sessions.kw["bind"], sessions)
+    compactor = Compactor(writer.sessionmaker, writer.lock, idle_s=0.05, deep_idle_s=0.3)
     compactor.start()
     try:
         for i in range(20):
             s = series_from_columns("lr", {"group": 0}, range(i * 5, i * 5 + 5), [0.1] * 5)
-            result = ingest(sessions, run_name, one([s], seq=i))
+            with writer.lock:
+                result = ingest(writer.sessionmaker, run_name, one([s], seq=i))
             compactor.touch(result.series_ids, 0)
         deadline = time.monotonic() + 20
         with sessions() as s:
