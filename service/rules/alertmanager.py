@@ -22,6 +22,7 @@ from logitwatch.service.store.db import WRITE
 from logitwatch.service.store.models import Run, utcnow
 from logitwatch.service.store.rule_tables import Alert, Delivery
 from logitwatch.service.store.sql import is_pg
+from logitwatch.service.store.worker import Worker
 
 __all__ = [
     "AlertmanagerSender",
@@ -166,7 +167,9 @@ class AlertmanagerSender:
         self.lease_s = timeout_s + 30.0
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker(
+            "logitwatch-alertmanager", self._loop, self._stop, self._wake, join_s=timeout_s + 5
+        )
 
     def schedule(self, alert: Alert) -> None:
         """Due now (in the caller's transaction): the alert went firing."""
@@ -176,20 +179,11 @@ class AlertmanagerSender:
     # --- the worker -------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is not None or self._sm is None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._loop, name="logitwatch-alertmanager", daemon=True
-        )
-        self._thread.start()
+        if self._sm is not None:
+            self._worker.start()
 
     def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.timeout_s + 5)
-            self._thread = None
+        self._worker.close()
 
     def _loop(self) -> None:
         with httpx.Client(timeout=self.timeout_s) as client:

@@ -46,6 +46,7 @@ from logitwatch.service.store.models import Run, utcnow
 from logitwatch.service.store.ondemand import OnDemand
 from logitwatch.service.store.rule_tables import Alert
 from logitwatch.service.store.sql import is_pg, labels_key
+from logitwatch.service.store.worker import Worker
 
 __all__ = ["RuleEngine", "lock_statements"]
 
@@ -78,7 +79,7 @@ class RuleEngine:
         self.absent_interval_s = absent_interval_s
         self.absent_horizon_s = absent_horizon_s
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._absent = Worker("logitwatch-absent", self._loop, self._stop)
         self._layouts: dict[tuple, vector.Layout | None] = {}
         self._contexts: dict[str, RunContext] = {}
 
@@ -253,17 +254,11 @@ class RuleEngine:
     def start(self) -> None:
         """Start the notifier and the absent checker (idempotent)."""
         self.notifier.start()
-        if self._thread is None and self._sm is not None:
-            self._thread = threading.Thread(
-                target=self._loop, name="logitwatch-absent", daemon=True
-            )
-            self._thread.start()
+        if self._sm is not None:
+            self._absent.start()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._absent.close()
         self.notifier.close()
 
     def _loop(self) -> None:

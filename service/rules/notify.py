@@ -23,6 +23,7 @@ from logitwatch.service.rules.alerts import dashboard_link
 from logitwatch.service.store.db import WRITE
 from logitwatch.service.store.models import utcnow
 from logitwatch.service.store.rule_tables import Alert, Delivery
+from logitwatch.service.store.worker import Worker
 
 __all__ = ["Notifier", "fired_step", "parse_webhook", "render_payload", "summary_line"]
 
@@ -122,7 +123,9 @@ class Notifier:
         self.alertmanager = alertmanager
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker(
+            "logitwatch-notify", self._loop, self._stop, self._wake, join_s=timeout_s + 5
+        )
 
     @property
     def enabled(self) -> bool:
@@ -159,17 +162,11 @@ class Notifier:
     def start(self) -> None:
         if self.alertmanager is not None:
             self.alertmanager.start()
-        if self._thread is not None or not self.targets or self._sm is None:
-            return
-        self._thread = threading.Thread(target=self._loop, name="logitwatch-notify", daemon=True)
-        self._thread.start()
+        if self.targets and self._sm is not None:
+            self._worker.start()
 
     def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.timeout_s + 5)
-            self._thread = None
+        self._worker.close()
         if self.alertmanager is not None:
             self.alertmanager.close()
 

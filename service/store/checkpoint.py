@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+from logitwatch.service.store.worker import Worker
+
 __all__ = ["Checkpointer"]
 
 _log = logging.getLogger(__name__)
@@ -45,21 +47,13 @@ class Checkpointer:
         self._interval_s = interval_s
         self._restart_pages = restart_pages
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("logitwatch-checkpoint", self._loop, self._stop)
 
     def start(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(
-                target=self._loop, name="logitwatch-checkpoint", daemon=True
-            )
-            self._thread.start()
+        self._worker.start()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._worker.close()
 
     def checkpoint(self, conn: sqlite3.Connection) -> tuple[int, int]:
         """One round: (pages in the log, pages copied) after it."""

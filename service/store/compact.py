@@ -49,6 +49,7 @@ from logitwatch.service.store.read import merge_parts
 from logitwatch.service.store.reports import FLUSH_REPORTS
 from logitwatch.service.store.sql import PgInt8Array, insert_chunks, is_pg, pg_arrays
 from logitwatch.service.store.summary import summarize
+from logitwatch.service.store.worker import Worker
 
 __all__ = [
     "MERGE_CHUNKS",
@@ -468,7 +469,7 @@ class Compactor:
         self._stop = threading.Event()
         self._last_ingest = 0.0
         self._due_since: float | None = None
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("logitwatch-compactor", self._loop, self._stop, self._wake)
 
     def touch(self, series_ids: Iterable[int], segment: int) -> None:
         """Ingest wrote one chunk for each of series_ids in segment."""
@@ -503,20 +504,13 @@ class Compactor:
             self._reports[run_id] = n
 
     def start(self) -> None:
-        if self._thread is None:
+        if not self._worker.running:
             # Quiet is counted from now: the first look at the database waits for deep_idle_s.
             self._last_ingest = time.monotonic()
-            self._thread = threading.Thread(
-                target=self._loop, name="logitwatch-compactor", daemon=True
-            )
-            self._thread.start()
+            self._worker.start()
 
     def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._worker.close()
 
     def _take(self) -> tuple[list[int], list[tuple[int, int]], bool]:
         """(runs whose reports to flush, keys to compact, deep): what it is time for."""

@@ -74,5 +74,5 @@ def test_the_thread_copies_the_log_into_the_database_file_and_stops(tmp_path):
         assert path.stat().st_size >= before + 200 * 4000
     finally:
         ck.close()
-    assert ck._thread is None
+    assert not ck._worker.running
     engine.dispose()
